@@ -1,0 +1,205 @@
+"""The ``flowmatch`` command line (a user-facing contract; see README).
+
+Bad input prints one line ``flowmatch: error: ...`` on stderr and exits with status 2;
+``--json`` output goes to stdout, human text to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from .config import TrainConfig
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Flow-matching generative models: train, sample, evaluate, plot.")
+
+_D = TrainConfig()
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _parse_nfes(text: str) -> list[int]:
+    try:
+        nfes = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--nfe: expected a comma-separated list of positive integers, got {text!r}") from None
+    if not nfes or any(k < 1 for k in nfes):
+        raise UserError(f"--nfe: expected a comma-separated list of positive integers, got {text!r}")
+    return nfes
+
+
+@app.command()
+def train(
+    data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, or a .npy/.csv/.pt file"),
+    n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
+    steps: int = typer.Option(_D.steps, help="optimizer steps"),
+    batch_size: int = typer.Option(_D.batch_size, help="batch size per process"),
+    lr: float = typer.Option(_D.lr, help="peak learning rate (AdamW)"),
+    weight_decay: float = typer.Option(_D.weight_decay),
+    warmup_steps: int = typer.Option(_D.warmup_steps, help="linear warm-up steps"),
+    schedule: str = typer.Option(_D.schedule, help="learning-rate schedule after warm-up: constant, cosine, linear"),
+    grad_clip: float | None = typer.Option(_D.grad_clip, help="clip the gradient norm (0 disables)"),
+    ema_decay: float = typer.Option(_D.ema_decay, help="EMA decay of the weights used for sampling"),
+    seed: int = typer.Option(_D.seed),
+    path: str = typer.Option(_D.path, help="probability path: linear, vp, cosine"),
+    sigma_min: float = typer.Option(_D.sigma_min, help="linear path: noise left at t = 1"),
+    coupling: str = typer.Option(_D.coupling, help="independent or ot (minibatch optimal transport)"),
+    time_dist: str = typer.Option(_D.time_dist, help="uniform or logit-normal"),
+    time_mean: float = typer.Option(_D.time_mean, help="logit-normal location"),
+    time_std: float = typer.Option(_D.time_std, help="logit-normal scale"),
+    model: str = typer.Option(_D.model, help="network: mlp"),
+    width: int = typer.Option(_D.width, help="hidden width"),
+    depth: int = typer.Option(_D.depth, help="hidden layers"),
+    log_every: int = typer.Option(_D.log_every),
+    checkpoint_every: int = typer.Option(_D.checkpoint_every, help="write a checkpoint every N steps"),
+    precision: str = typer.Option(_D.precision, help="fp32, bf16 or fp16 (CUDA only)"),
+    grad_accum: int = typer.Option(_D.grad_accum, help="gradient accumulation steps"),
+    plots: bool = typer.Option(True, help="write pictures at the end"),
+    out: Path | None = typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)"),
+    resume: bool = typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Train a flow-matching model and write a run directory."""
+    from .training import train as run_training
+
+    cfg = TrainConfig(
+        data=data, n_points=n_points, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
+        path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
+        time_std=time_std, model=model, width=width, depth=depth, log_every=log_every,
+        checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
+    )
+    if not resume:
+        cfg.validate()
+        cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
+        from .couplings import make_coupling
+
+        make_coupling(cfg.coupling)
+    run_dir = run_training(cfg, out=out, resume=resume, progress=progress)
+    _say(f"run written to {run_dir}")
+
+
+def _check_out(out: Path, suffixes: tuple[str, ...], option: str = "--out") -> None:
+    if out.suffix.lower() not in suffixes:
+        raise UserError(f"{option}: {out} has an unsupported extension; expected one of {', '.join(suffixes)}")
+    if not out.parent.exists():
+        raise UserError(f"{option}: folder {out.parent} does not exist")
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="run directory"),
+    out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
+    n: int = typer.Option(4000, help="number of samples"),
+    nfe: int = typer.Option(100, help="velocity evaluations (fixed-step solvers)"),
+    solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(65536, help="samples integrated at once (bounds memory)"),
+    tol: float = typer.Option(1e-5, help="adaptive solvers: atol = rtol"),
+    weights: str = typer.Option("ema", help="ema or model"),
+    progress: bool = typer.Option(True),
+):
+    """Draw samples from a trained run."""
+    import numpy as np
+
+    from .runs import atomic_path, load_run
+
+    _check_out(out, (".npy", ".png"))
+    if n < 1:
+        raise UserError(f"--n: expected a positive integer, got {n}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
+    r = load_run(run, weights=weights)
+    x = r.sample(n, nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, progress=progress, atol=tol, rtol=tol)
+    if out.suffix.lower() == ".npy":
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, x.numpy().astype(np.float32))
+    else:
+        from .plots import scatter
+
+        scatter(x, out, title=f"{solver}, NFE {nfe}")
+    _say(f"wrote {n} samples to {out}")
+
+
+@app.command("eval")
+def evaluate(
+    runs: list[Path] = typer.Argument(..., help="one or more run directories"),
+    nfe: str = typer.Option("1,2,4,8,16,100", help="comma-separated NFEs"),
+    n: int = typer.Option(4000, help="samples per measurement (and reference samples)"),
+    solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep"),
+    seed: int = typer.Option(0),
+    tol: float = typer.Option(1e-5, help="tolerance of the adaptive solver"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png"),
+):
+    """W2 against fresh data (and its floor) at several NFEs, dopri5's NFE, straightness."""
+    from .metrics import evaluate as run_eval
+    from .metrics import format_table
+    from .runs import load_run
+    from .solvers import check_method
+
+    nfes = _parse_nfes(nfe)
+    for k in nfes:
+        check_method(solver, k)
+    if n < 2:
+        raise UserError(f"--n: expected an integer >= 2, got {n}")
+    if plot is not None:
+        _check_out(plot, (".png",), "--plot")
+    loaded = [load_run(r) for r in runs]
+    results = {}
+    for r in loaded:
+        res = run_eval(r, nfes, n=n, seed=seed, solver=solver, tol=tol, progress=not json_out)
+        res["run"] = str(r.dir)
+        results[str(r.dir)] = res
+        if not json_out:
+            _say(f"{r.dir}:\n{format_table(res)}")
+    if plot is not None:
+        from .plots import quality_vs_nfe
+
+        quality_vs_nfe({Path(k).name: v for k, v in results.items()}, plot)
+        _say(f"wrote {plot}")
+    if json_out:
+        print(json.dumps(next(iter(results.values())) if len(results) == 1 else {"runs": list(results.values())}))
+
+
+@app.command()
+def plot(run: Path = typer.Argument(..., help="run directory")):
+    """(Re)draw a run's pictures into its directory."""
+    from .plots import plot_run
+    from .runs import read_config
+
+    read_config(run)
+    for p in plot_run(run):
+        _say(f"wrote {p}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app and return its exit status; bad input becomes one line and status 2."""
+    try:
+        rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
+    except UserError as e:
+        _say(f"flowmatch: error: {e}")
+        return 2
+    except typer.Abort:
+        _say("flowmatch: aborted")
+        return 130
+    except typer.TyperException as e:  # usage errors: unknown option, value of the wrong type
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        _say(f"flowmatch: error: {' '.join(message.split())}")
+        return int(getattr(e, "exit_code", 2) or 2)
+    except KeyboardInterrupt:
+        _say("flowmatch: interrupted")
+        return 130
+    return rc if isinstance(rc, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())

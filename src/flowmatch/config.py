@@ -1,0 +1,145 @@
+"""``TrainConfig``: every training setting, typed, filled by the command line, saved in
+``config.json`` and checked when read back (unknown keys and wrong types are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "checkerboard"
+    n_points: int | None = None
+    # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
+    steps: int = 8000
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    # the flow
+    path: str = "linear"
+    sigma_min: float = 0.0
+    coupling: str = "independent"
+    time_dist: str = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    # the network
+    model: str = "mlp"
+    width: int = 512
+    depth: int = 5
+    # labels (class-conditional data): probability of dropping a label for guidance
+    label_dropout: float = 0.1
+    # bookkeeping
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    precision: str = "fp32"
+    grad_accum: int = 1
+    processes: int = 1
+    plots: bool = True
+    lineage: dict = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        """Check ranges; raise :class:`UserError` naming the option."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "log_every": self.log_every,
+                    "checkpoint_every": self.checkpoint_every, "width": self.width, "depth": self.depth,
+                    "grad_accum": self.grad_accum, "processes": self.processes}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"--{name.replace('_', '-')}: expected a positive value, got {value}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps: expected a value >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay: expected a value >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"--grad-clip: expected a positive value, got {self.grad_clip}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay: expected a value in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_dropout < 1:
+            raise UserError(f"--label-dropout: expected a value in [0, 1), got {self.label_dropout}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule: unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"--precision: expected one of fp32, bf16, fp16, got {self.precision!r}")
+        return self
+
+    def build_path(self):
+        from .paths import make_path
+
+        return make_path(self.path, sigma_min=self.sigma_min) if self.path == "linear" else make_path(self.path)
+
+    def build_time_sampler(self):
+        from .timesteps import make_time_sampler
+
+        if self.time_dist == "logit-normal":
+            return make_time_sampler(self.time_dist, mean=self.time_mean, std=self.time_std)
+        return make_time_sampler(self.time_dist)
+
+    def model_spec(self) -> dict:
+        return {"name": self.model, "width": self.width, "depth": self.depth}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> TrainConfig:
+        """Rebuild from a dict, rejecting unknown keys and values of the wrong type."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: 'train' must be a JSON object")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(d) - set(hints))
+        if unknown:
+            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        for key, value in d.items():
+            if not _type_ok(value, hints[key]):
+                raise UserError(f"{where}: setting {key!r} should be {_type_name(hints[key])}, got {value!r}")
+        return cls(**d)
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up, then the schedule down to 0.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -1,0 +1,156 @@
+"""Where the data ``x1`` come from.
+
+A dataset is built from a small JSON-able *spec* (saved in ``config.json``) and offers:
+
+- ``sample(n, generator) -> Batch``: a training batch in model space (normalised);
+- ``reference(n, generator)``: fresh samples in the data's own units, for evaluation;
+- ``encode``/``decode``: data units <-> model space (identity for the 2-D toys).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .arrays import ARRAY_SUFFIXES, load_array
+from .toy2d import TOY2D
+
+
+@dataclass
+class Batch:
+    """A training batch: data ``x1``; noise ``x0`` when the data come paired (reflow); labels."""
+
+    x1: torch.Tensor
+    x0: torch.Tensor | None = None
+    label: torch.Tensor | None = None
+
+
+class Dataset:
+    """Base class. ``shape`` is one sample's shape; ``num_classes`` is 0 for unlabelled data."""
+
+    shape: tuple = ()
+    num_classes: int = 0
+    spec: dict = {}
+
+    def __init__(self):
+        self.mean = torch.zeros(())
+        self.std = torch.ones(())
+
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def reference(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.device) + self.mean.to(x.device)
+
+    def to(self, device) -> Dataset:
+        return self
+
+
+class ToyDataset(Dataset):
+    """A 2-D toy distribution; with ``n_points`` a fixed finite set drawn once with ``seed``."""
+
+    shape = (2,)
+
+    def __init__(self, name: str, n_points: int | None = None, seed: int = 0):
+        super().__init__()
+        if name not in TOY2D:
+            raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
+        if n_points is not None and n_points < 2:
+            raise UserError(f"--n-points: expected an integer >= 2, got {n_points}")
+        self.name, self.n_points, self.seed = name, n_points, int(seed)
+        self.sampler = TOY2D[name]
+        self.points = None
+        if n_points is not None:
+            self.points = self.sampler(n_points, torch.Generator().manual_seed(self.seed))
+        self.spec = {"name": name, "n_points": n_points, "seed": self.seed}
+
+    def to(self, device):
+        if self.points is not None:
+            self.points = self.points.to(device)
+        return self
+
+    def sample(self, n, generator):
+        if self.points is None:
+            return Batch(self.sampler(n, generator))
+        idx = torch.randint(len(self.points), (n,), generator=generator, device=generator.device)
+        return Batch(self.points.to(generator.device)[idx])
+
+    def reference(self, n, generator):
+        # Quality is measured against the continuous distribution the points come from.
+        return self.sampler(n, generator)
+
+
+class ArrayDataset(Dataset):
+    """Rows of a user array (N, D), standardised per column for training."""
+
+    def __init__(self, path: str, mean=None, std=None):
+        super().__init__()
+        self.path = os.path.abspath(path)
+        self.data = None
+        if mean is None or std is None:
+            self.data = load_array(self.path)
+            mean = self.data.mean(0)
+            std = self.data.std(0).clamp_min(1e-8) if len(self.data) > 1 else torch.ones(self.data.shape[1])
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.std = torch.as_tensor(std, dtype=torch.float32)
+        self.shape = (len(self.mean),)
+        self.spec = {"name": "array", "path": self.path, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def _rows(self) -> torch.Tensor:
+        if self.data is None:
+            self.data = load_array(self.path)
+            if tuple(self.data.shape[1:]) != self.shape:
+                raise UserError(f"{self.path}: rows have shape {tuple(self.data.shape[1:])}, the run expects {self.shape}")
+        return self.data
+
+    def to(self, device):
+        self.data = self._rows().to(device)
+        return self
+
+    def sample(self, n, generator):
+        rows = self._rows()
+        idx = torch.randint(len(rows), (n,), generator=generator, device=generator.device)
+        return Batch(self.encode(rows.to(generator.device)[idx]))
+
+    def reference(self, n, generator):
+        rows = self._rows()
+        idx = torch.randint(len(rows), (n,), generator=generator, device=generator.device)
+        return rows.to(generator.device)[idx]
+
+
+def valid_names() -> list[str]:
+    return list(TOY2D)
+
+
+def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0) -> dict:
+    """Turn ``--data NAME|PATH`` into a dataset spec; unknown names list the valid ones."""
+    if data in TOY2D:
+        return {"name": data, "n_points": n_points, "seed": seed}
+    if n_points is not None:
+        raise UserError(f"--n-points: only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
+    if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
+        return {"name": "array", "path": os.path.abspath(data)}
+    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} or a .npy/.csv/.pt file")
+
+
+def make_dataset(spec: dict) -> Dataset:
+    """Build a dataset from its spec (as saved in ``config.json``)."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name == "array":
+        return ArrayDataset(**spec)
+    if name in TOY2D:
+        return ToyDataset(name, **spec)
+    raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
+
+
+__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "make_dataset", "spec_from_arg", "valid_names"]

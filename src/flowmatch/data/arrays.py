@@ -1,0 +1,82 @@
+"""User arrays of shape (N, D): ``.npy``, ``.csv`` (comma-separated, optional header) and
+``.pt`` (a tensor saved with ``torch.save``, loaded with ``weights_only=True``).
+
+Every problem is reported as a :class:`~flowmatch.errors.UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+ARRAY_SUFFIXES = (".npy", ".csv", ".pt")
+
+
+def _read(path: str) -> np.ndarray:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npy":
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise UserError(f"{path}: not a readable .npy file (no NumPy header)")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as e:  # object arrays need pickle: refused
+            raise UserError(f"{path}: expected a numeric .npy array ({e})") from None
+        except (OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy file ({e})") from None
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        if not lines:
+            raise UserError(f"{path}: the CSV file is empty; expected rows of numbers")
+        rows = [ln.split(",") for ln in lines]
+        if rows and not _numeric_row(rows[0]):
+            rows = rows[1:]  # a header
+        if not rows:
+            raise UserError(f"{path}: the CSV file has a header but no rows")
+        width = len(rows[0])
+        for k, row in enumerate(rows):
+            if len(row) != width:
+                raise UserError(f"{path}: row {k + 1} has {len(row)} columns, expected {width}")
+            if not _numeric_row(row):
+                raise UserError(f"{path}: row {k + 1} is not numeric: {','.join(row)[:60]!r}")
+        return np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
+    if suffix == ".pt":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
+            raise UserError(f"{path}: not a tensor file readable with weights_only=True ({type(e).__name__})") from None
+        if not isinstance(obj, torch.Tensor):
+            raise UserError(f"{path}: expected a saved tensor, found {type(obj).__name__}")
+        return obj.detach().cpu().numpy()
+    raise UserError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(ARRAY_SUFFIXES)}")
+
+
+def _numeric_row(row) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def load_array(path: str, ndim: int = 2) -> torch.Tensor:
+    """Load and validate a float array with ``ndim`` dimensions; returns float32 on the CPU."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    arr = _read(path)
+    if arr.dtype.kind not in "fiub":
+        raise UserError(f"{path}: expected numbers, found dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise UserError(f"{path}: expected an array of {ndim} dimensions, found shape {arr.shape}")
+    if arr.shape[0] < 2 or arr.size == 0:
+        raise UserError(f"{path}: expected at least 2 rows of data, found shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=tuple(range(1, arr.ndim))).nonzero()[0][0])
+        raise UserError(f"{path}: row {bad} holds NaN or Inf; expected finite numbers")
+    return torch.from_numpy(arr.astype(np.float32))

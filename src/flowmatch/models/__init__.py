@@ -1,0 +1,27 @@
+"""Networks ``v(x, t[, label]) -> same shape as x``, built from a JSON-able spec."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from .mlp import MLP
+
+
+def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0):
+    if len(shape) != 1:
+        raise UserError(f"--model: mlp takes vector data (N, D), got samples of shape {tuple(shape)}; use --model unet")
+    return MLP(shape[0], width=width, depth=depth, time_scale=time_scale, num_classes=num_classes)
+
+
+MODELS = {"mlp": _mlp}
+
+
+def make_model(spec: dict, shape: tuple, num_classes: int = 0):
+    """Build a model from ``{"name": ..., **options}`` for samples of ``shape``."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in MODELS:
+        raise UserError(f"--model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[name](tuple(shape), num_classes=num_classes, **spec)
+
+
+__all__ = ["MLP", "MODELS", "make_model"]

@@ -1,0 +1,142 @@
+"""Pictures of a run (matplotlib, Agg backend): samples beside data, trajectories, the
+learned field at several times, the loss curve, an animated GIF of the flow, and
+quality against NFE. Every function writes one file atomically and returns its path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+
+from .runs import atomic_path  # noqa: E402
+from .solvers import integrate  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
+    plt.close(fig)
+    return path
+
+
+def _limits(*clouds, margin=0.5):
+    pts = torch.cat([c[:, :2] for c in clouds])
+    lo, hi = pts.quantile(0.001, dim=0), pts.quantile(0.999, dim=0)
+    lo, hi = lo - margin, hi + margin
+    return (lo[0].item(), hi[0].item()), (lo[1].item(), hi[1].item())
+
+
+def scatter(samples: torch.Tensor, path, title: str = "samples", reference: torch.Tensor | None = None) -> Path:
+    """Samples (first two dimensions), beside the data when ``reference`` is given."""
+    panels = [("data", reference), (title, samples)] if reference is not None else [(title, samples)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    xl, yl = _limits(*[p for _, p in panels if p is not None])
+    for ax, (name, pts) in zip(axes[0], panels):
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="C0" if name == "data" else "C1")
+        ax.set(title=name, xlim=xl, ylim=yl, aspect="equal")
+    return _save(fig, path)
+
+
+def trajectories(run, path, n: int = 300, nfe: int = 100, seed: int = 0, title: str | None = None) -> Path:
+    """Paths from noise (t = 0, grey) to data (t = 1, orange) under Euler with ``nfe`` steps."""
+    g = torch.Generator(device=run.device).manual_seed(seed)
+    with torch.inference_mode():
+        res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
+    traj = run.dataset.decode(res.trajectory).cpu()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for i in range(n):
+        ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, alpha=0.35, color="C0")
+    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey", label="noise, t=0")
+    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C1", label="sample, t=1")
+    ax.set(aspect="equal", title=title or f"trajectories ({nfe} Euler steps)")
+    ax.legend(loc="upper right", fontsize=7)
+    return _save(fig, path)
+
+
+def vector_field(run, path, times=(0.0, 0.25, 0.5, 0.75, 0.95), grid: int = 21, extent: float = 4.5) -> Path:
+    """The learned field v(x, t) on a grid (model space), arrows coloured by speed."""
+    lin = torch.linspace(-extent, extent, grid)
+    xx, yy = torch.meshgrid(lin, lin, indexing="xy")
+    pts = torch.stack([xx.flatten(), yy.flatten()], dim=1).to(run.device)
+    fig, axes = plt.subplots(1, len(times), figsize=(3.3 * len(times), 3.4))
+    for ax, t in zip(axes, times):
+        with torch.inference_mode():
+            v = run.velocity(pts, torch.full((len(pts),), t, device=run.device)).cpu()
+        speed = v.norm(dim=1)
+        ax.quiver(pts[:, 0].cpu(), pts[:, 1].cpu(), v[:, 0], v[:, 1], speed, cmap="viridis", angles="xy")
+        ax.set(title=f"v(x, t={t:g})", aspect="equal", xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def loss_curve(metrics_file, path) -> Path:
+    rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def flow_gif(run, path, n: int = 1500, frames: int = 40, seed: int = 0) -> Path:
+    """An animation of samples flowing from noise to data (Euler, one frame per step)."""
+    g = torch.Generator(device=run.device).manual_seed(seed)
+    with torch.inference_mode():
+        res = integrate(run.velocity, run.noise(n, g), "euler", frames, trajectory=True)
+    traj = run.dataset.decode(res.trajectory).cpu()
+    xl, yl = _limits(traj[0], traj[-1])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    dots = ax.scatter(traj[0, :, 0], traj[0, :, 1], s=2, color="C1")
+    ax.set(xlim=xl, ylim=yl, aspect="equal", xticks=[], yticks=[])
+    title = ax.set_title("t = 0.00")
+
+    def update(k):
+        dots.set_offsets(traj[k, :, :2])
+        title.set_text(f"t = {res.times[k].item():.2f}")
+        return dots, title
+
+    anim = FuncAnimation(fig, update, frames=list(range(len(traj))) + [len(traj) - 1] * 8, blit=False)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        anim.save(tmp, writer=PillowWriter(fps=12))
+    plt.close(fig)
+    return path
+
+
+def quality_vs_nfe(results: dict, path, title: str = "quality against NFE") -> Path:
+    """``results``: label -> :func:`flowmatch.metrics.evaluate` result. W2/floor against NFE."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, res in results.items():
+        ks = [int(k) for k in res["nfe"]]
+        ax.plot(ks, [res["nfe"][str(k)]["ratio"] for k in ks], marker="o", label=label)
+    ax.axhline(1.0, color="grey", ls="--", lw=1, label="floor")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="W2 / floor", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
+    """Write every picture of a run into its directory; returns the paths written."""
+    from .runs import load_run
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    written = []
+    g = torch.Generator(device=run.device).manual_seed(seed + 1)
+    ref = run.dataset.reference(n, g).cpu()
+    x = run.sample(n, nfe=100, solver="euler", seed=seed)
+    written.append(scatter(x, run_dir / "samples.png", "samples (100 Euler steps)", reference=ref))
+    if (run_dir / "metrics.jsonl").exists():
+        written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
+    written.append(trajectories(run, run_dir / "trajectories.png"))
+    if run.shape == (2,):
+        written.append(vector_field(run, run_dir / "field.png"))
+    written.append(flow_gif(run, run_dir / "flow.gif"))
+    return written

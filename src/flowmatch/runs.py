@@ -1,0 +1,226 @@
+"""The run directory (a user-facing contract)::
+
+    RUN/config.json          every setting that rebuilds model, path and data; format version
+    RUN/model.safetensors    weights;  RUN/ema.safetensors  the EMA copy (used for sampling)
+    RUN/trainer_state.pt     step, optimizer, RNG states and both weight sets, for exact resume
+                             (loaded with torch.load(weights_only=True))
+    RUN/metrics.jsonl        one JSON line per logging step
+    RUN/*.png, RUN/*.gif     pictures
+
+Every file is written atomically (temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights(path, state_dict: dict, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(path, device="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; expected safetensors weights")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
+def save_state(path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path) -> dict:
+    """Trainer state through ``torch.load(weights_only=True)``: a pickle payload is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; expected a trainer state to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one user error
+        raise UserError(f"{path}: not a valid trainer state ({type(e).__name__}); refusing to load it") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path}: not a valid trainer state (expected a dict with a step)")
+    return state
+
+
+def read_config(run_dir) -> dict:
+    """Read and check ``RUN/config.json``: it must exist, parse, and not be from a newer format."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {run_dir} is not a flowmatch run directory")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    version = cfg.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{path}: missing or invalid format_version")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: format version {version} is newer than this flowmatch understands ({FORMAT_VERSION}); upgrade flowmatch")
+    return cfg
+
+
+class RunLock:
+    """An exclusive lock on ``RUN/.lock`` held while a trainer writes the run directory."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{self.path.parent}: another trainer is writing this run directory") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Run:
+    """A trained run loaded from its directory: network (EMA weights by default), path, data.
+
+    ``velocity(x, t[, label])`` is the model's field in model space; :meth:`sample` draws
+    samples in the data's own units.
+    """
+
+    def __init__(self, run_dir, device=None, weights: str = "ema"):
+        from .config import TrainConfig
+        from .data import make_dataset
+        from .models import make_model
+
+        self.dir = Path(run_dir)
+        self.doc = read_config(self.dir)
+        where = str(self.dir / "config.json")
+        try:
+            self.cfg = TrainConfig.from_dict(self.doc.get("train"), where=where)
+            self.shape = tuple(self.doc["shape"])
+            self.num_classes = int(self.doc.get("num_classes", 0))
+            self.dataset = make_dataset(self.doc["data"])
+            self.path = self.cfg.build_path()
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where}: missing or malformed entry {e}") from None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if weights not in ("ema", "model"):
+            raise UserError(f"--weights: expected ema or model, got {weights!r}")
+        self.model = make_model(self.cfg.model_spec(), self.shape, self.num_classes)
+        state = load_weights(self.dir / f"{weights}.safetensors")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{self.dir / (weights + '.safetensors')}: weights do not fit the network in config.json "
+                            f"({str(e).splitlines()[0][:100]})") from None
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def lineage(self) -> dict:
+        return self.cfg.lineage
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, t, label) if label is not None else self.model(x, t)
+
+    def field(self, label=None, guidance: float = 1.0):
+        """The velocity ``v(x, t)`` to integrate, with classifier-free guidance for a label."""
+        from .solvers import guided
+
+        if label is None:
+            return self.velocity
+        return guided(self.velocity, label, guidance)
+
+    def check_label(self, label: int | None) -> None:
+        if label is None:
+            return
+        if self.num_classes == 0:
+            raise UserError(f"--label: {self.dir} is an unconditional run; it takes no label")
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"--label: expected a class in 0..{self.num_classes - 1}, got {label}")
+
+    def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, *self.shape, generator=generator, device=generator.device)
+
+    @torch.inference_mode()
+    def sample(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
+               label: int | None = None, guidance: float = 1.0, progress: bool = False, **solver_kw) -> torch.Tensor:
+        """``n`` samples in data units (CPU float32), drawn in batches of bounded memory.
+
+        Batch ``k`` uses its own generator seeded from ``(seed, k)``, so the result does not
+        depend on the device's memory, only on ``seed`` and ``batch_size``.
+        """
+        from tqdm.auto import tqdm
+
+        from .solvers import check_method, integrate
+
+        check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
+        self.check_label(label)
+        out = []
+        starts = range(0, n, batch_size)
+        for k, i in enumerate(tqdm(starts, disable=not progress, desc="sample", unit="batch")):
+            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            x0 = self.noise(min(batch_size, n - i), g)
+            lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
+            res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
+            out.append(self.dataset.decode(res.x).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, *self.shape)
+
+
+def load_run(run_dir, device=None, weights: str = "ema") -> Run:
+    """Load a run directory for sampling and evaluation."""
+    return Run(run_dir, device=device, weights=weights)

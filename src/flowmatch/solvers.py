@@ -1,0 +1,123 @@
+"""Integrate ``dx/dt = v(x, t)`` from noise (t = 0) to data (t = 1) with torchdiffeq.
+
+One function, :func:`integrate`, over every method. Fixed-grid methods take a budget of
+velocity evaluations (NFE) and step on the grid ``t_k = k / K`` with ``K = NFE / evals per
+step``; adaptive methods take tolerances and report the NFE they used. NFE is counted as
+calls of the velocity field, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torchdiffeq import odeint
+
+from .errors import UserError
+from .timesteps import shift_times
+
+#: name -> (torchdiffeq method, velocity evaluations per step, order)
+FIXED_METHODS = {"euler": ("euler", 1, 1), "midpoint": ("midpoint", 2, 2), "heun": ("heun2", 2, 2), "rk4": ("rk4", 4, 4)}
+#: name -> torchdiffeq method
+ADAPTIVE_METHODS = {"dopri5": "dopri5", "dopri8": "dopri8", "bosh3": "bosh3"}
+METHODS = [*FIXED_METHODS, *ADAPTIVE_METHODS]
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SolveResult:
+    """``x``: the state at t = 1 (or ``t_end``); ``nfe``: velocity evaluations used;
+    ``times`` (T,) and ``trajectory`` (T, *x.shape) when a trajectory was asked for."""
+
+    x: torch.Tensor
+    nfe: int
+    times: torch.Tensor | None = None
+    trajectory: torch.Tensor | None = None
+
+
+def check_method(method: str, nfe: int | None = None) -> None:
+    """Validate a solver choice; raises :class:`UserError` naming the option."""
+    if method not in METHODS:
+        raise UserError(f"--solver: unknown solver {method!r}; expected one of {', '.join(METHODS)}")
+    if method in FIXED_METHODS and nfe is not None:
+        per = FIXED_METHODS[method][1]
+        if not isinstance(nfe, int) or nfe < 1:
+            raise UserError(f"--nfe: expected a positive integer, got {nfe}")
+        if nfe % per:
+            raise UserError(f"--nfe: {method} uses {per} evaluations per step, so NFE must be a multiple of {per}; got {nfe}")
+
+
+def fixed_grid(method: str, nfe: int, t_start: float = 0.0, t_end: float = 1.0, time_shift: float = 1.0,
+               device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The grid ``t_k = t_start + (t_end - t_start) k / K`` (K steps) for a fixed method at ``nfe``."""
+    check_method(method, nfe)
+    steps = nfe // FIXED_METHODS[method][1]
+    grid = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
+    if time_shift != 1.0:
+        grid = shift_times(grid, time_shift)
+    return (t_start + (t_end - t_start) * grid).to(dtype)
+
+
+def integrate(
+    v: Velocity,
+    x0: torch.Tensor,
+    method: str = "euler",
+    nfe: int | None = 100,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    trajectory: int | bool = False,
+    time_shift: float = 1.0,
+) -> SolveResult:
+    """Solve ``dx/dt = v(x, t)`` from ``x(t_start) = x0`` to ``t_end``.
+
+    ``v`` is called as ``v(x, t)`` with ``t`` of shape (B,). For fixed methods ``nfe`` is the
+    total number of velocity evaluations; for adaptive ones (``dopri5``…) it is ignored and
+    ``atol``/``rtol`` rule. ``trajectory``: ``True`` keeps every grid point of a fixed
+    method; an integer ``T`` keeps ``T`` evenly spaced times (adaptive methods). Integrating
+    backwards (``t_end < t_start``) is allowed.
+    """
+    check_method(method, nfe if method in FIXED_METHODS else None)
+    count = [0]
+
+    def f(t, x):
+        count[0] += 1
+        return v(x, t.expand(x.shape[0]).to(x.dtype))
+
+    if method in FIXED_METHODS:
+        grid = fixed_grid(method, nfe, t_start, t_end, time_shift, device=x0.device, dtype=x0.dtype)
+        tdq = FIXED_METHODS[method][0]
+        if trajectory:
+            ys = odeint(f, x0, grid, method=tdq)
+            return SolveResult(ys[-1], count[0], grid, ys)
+        ends = grid[[0, -1]]
+        ys = odeint(f, x0, ends, method=tdq, options={"grid_constructor": lambda *_: grid})
+        return SolveResult(ys[-1], count[0])
+
+    n_out = 2 if trajectory is False else (int(trajectory) if not isinstance(trajectory, bool) else 101)
+    times = torch.linspace(t_start, t_end, max(n_out, 2), device=x0.device, dtype=x0.dtype)
+    ys = odeint(f, x0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol)
+    if trajectory is False:
+        return SolveResult(ys[-1], count[0])
+    return SolveResult(ys[-1], count[0], times, ys)
+
+
+def guided(v_cond: Callable, label: torch.Tensor, weight: float) -> Velocity:
+    """Classifier-free guidance: ``v = v(x, t, null) + w (v(x, t, label) - v(x, t, null))``.
+
+    ``v_cond(x, t, label)`` takes ``label=None`` for the null class; ``w = 1`` is plain
+    conditional sampling, ``w = 0`` unconditional.
+    """
+    if weight == 1.0:
+        return lambda x, t: v_cond(x, t, label)
+
+    def v(x, t):
+        both = v_cond(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, torch.full_like(label, -1)]))
+        cond, uncond = both.chunk(2)
+        return uncond + weight * (cond - uncond)
+
+    return v

@@ -1,0 +1,55 @@
+"""Time samplers for training: ``t`` of shape (B,) in [0, 1] (0 = noise, 1 = data)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+class UniformTime:
+    """``t ~ U[0, 1]``, the article's choice."""
+
+    name = "uniform"
+
+    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=device)
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+
+class LogitNormalTime:
+    """``t = sigmoid(m + s * n)``, ``n ~ N(0, 1)``: more weight on middle times (Esser et al. 2024, SD3)."""
+
+    name = "logit-normal"
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0):
+        if not std > 0:
+            raise UserError(f"--time-std: expected a positive value, got {std}")
+        self.mean, self.std = float(mean), float(std)
+
+    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+        return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=device))
+
+    def config(self) -> dict:
+        return {"name": self.name, "mean": self.mean, "std": self.std}
+
+
+TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime}
+
+
+def make_time_sampler(name: str, **kwargs):
+    if name not in TIME_SAMPLERS:
+        raise UserError(f"--time-dist: unknown time distribution {name!r}; expected one of {', '.join(TIME_SAMPLERS)}")
+    return TIME_SAMPLERS[name](**kwargs)
+
+
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shift a sampling grid towards noise (``shift > 1``) as in SD3: ``s t / (1 + (s - 1) t)``.
+
+    Written in this package's convention (t = 1 is data), it keeps 0 and 1 fixed.
+    """
+    if not shift > 0:
+        raise UserError(f"--time-shift: expected a positive value, got {shift}")
+    return t / (shift - (shift - 1) * t)

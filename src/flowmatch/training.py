@@ -1,0 +1,217 @@
+"""The training loop: conditional flow matching on accelerate.
+
+Reads top to bottom: build data, path, time sampler, coupling and network from a
+:class:`~flowmatch.config.TrainConfig`; each step draws data ``x1``, noise ``x0`` and times
+``t``, pairs them, and regresses the path's velocity ``u_t`` at ``x_t`` with MSE; AdamW,
+warm-up and schedule, optional clipping, EMA; a checkpoint every ``checkpoint_every``
+steps that resumes bit-exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import TrainConfig, lr_at
+from .couplings import make_coupling
+from .data import Batch, make_dataset, spec_from_arg
+from .errors import UserError
+from .models import make_model
+from .paths import AffinePath
+from .runs import FORMAT_VERSION, RunLock, load_state, read_config, save_state, save_weights, write_json, write_text
+
+
+def cfm_loss(model, path: AffinePath, x0, x1, t, label=None) -> torch.Tensor:
+    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries)."""
+    ps = path.sample(x0, x1, t)
+    pred = model(ps.x_t, t, label) if label is not None else model(ps.x_t, t)
+    return torch.nn.functional.mse_loss(pred.float(), ps.u_t.float())
+
+
+def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
+    name = Path(cfg.data).stem if cfg.data not in ("",) else "run"
+    base = Path(root) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out, k = base, 1
+    while out.exists():
+        out, k = Path(f"{base}-{k}"), k + 1
+    return out
+
+
+def _check_new_run_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+          data_spec: dict | None = None, make_plots: bool | None = None) -> Path:
+    """Train (or resume) a run; returns its directory. Bad input raises :class:`UserError`
+    before anything is written."""
+    from accelerate import Accelerator
+
+    if resume:
+        if out is None:
+            raise UserError("--resume: needs --out RUN, the run to continue")
+        out = Path(out)
+        saved = read_config(out)
+        cfg = TrainConfig.from_dict(saved.get("train"), where=str(out / "config.json")).validate()
+        data_spec = saved["data"]
+        state = load_state(out / "trainer_state.pt")
+    else:
+        cfg.validate()
+        data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed)
+        out = Path(out) if out is not None else default_run_dir(cfg)
+        _check_new_run_dir(out)
+        state = None
+
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
+    device, main = accelerator.device, accelerator.is_main_process
+
+    # Everything that can fail on bad input is built before the run directory is touched.
+    dataset = make_dataset(data_spec)
+    path, time_sampler = cfg.build_path(), cfg.build_time_sampler()
+    coupling = make_coupling(cfg.coupling)
+    model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes)
+    dataset = dataset.to(device)
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    # fused AdamW: one kernel for all parameters (about 1.5x the steps/s of foreach on 2 CPU cores)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # One generator per process draws data, noise and times: no global random state.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"][accelerator.process_index].to("cpu"))
+        start = int(state["step"])
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+
+    config_doc = {
+        "format_version": FORMAT_VERSION,
+        "flowmatch_version": __version__,
+        "train": cfg.to_dict(),
+        "data": data_spec | dataset.spec,
+        "shape": list(dataset.shape),
+        "num_classes": dataset.num_classes,
+        "global_batch_size": global_batch,
+        "num_processes": accelerator.num_processes,
+    }
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    lock = RunLock(out) if main else None
+    if lock:
+        lock.__enter__()
+    try:
+        if main:
+            if not resume:
+                write_json(out / "config.json", config_doc)
+            _truncate_metrics(out / "metrics.jsonl", start)
+        model, opt = accelerator.prepare(model, opt)
+        _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+    if main and (cfg.plots if make_plots is None else make_plots):
+        from .plots import plot_run
+
+        plot_run(out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress):
+    device, main = accelerator.device, accelerator.is_main_process
+    raw = accelerator.unwrap_model(model)
+    params, ema_params = list(raw.parameters()), list(ema.parameters())
+    shape = dataset.shape
+    running = torch.zeros((), device=device)
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    t_start, last_log = time.perf_counter(), start
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (main and progress), desc="train", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            batch: Batch = dataset.sample(cfg.batch_size, gen)
+            x1 = batch.x1
+            x0 = batch.x0 if batch.x0 is not None else torch.randn(len(x1), *shape, generator=gen, device=device)
+            t = time_sampler.sample(len(x1), gen, device=device)
+            x0, x1, label = coupling.pair(x0, x1, gen, batch.label)
+            if label is not None and cfg.label_dropout > 0:
+                drop = torch.rand(len(label), generator=gen, device=device) < cfg.label_dropout
+                label = torch.where(drop, -1, label)
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = cfm_loss(model, path, x0, x1, t, label)
+                accelerator.backward(loss)
+                if cfg.grad_clip is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)
+        running += loss
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p.detach(), 1 - decay)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _check_finite(bad_step, out)  # one host sync per log, not per step
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                mean_loss = (running / max(1, done - last_log)).item()
+                running.zero_()
+                last_log = done
+                if main:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                    _append_metrics(out / "metrics.jsonl", {"step": done, "loss": mean_loss, "lr": lr,
+                                                            "time": round(time.perf_counter() - t_start, 3)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save_checkpoint(accelerator, raw, ema, opt, gen, done, out)
+    bar.close()
+
+
+def _check_finite(bad_step, out):
+    b = int(bad_step.item())
+    if b >= 0:
+        raise UserError(f"training diverged: the loss was NaN or Inf at step {b}; "
+                        f"the last good checkpoint in {out} is kept (lower --lr or set --grad-clip)")
+
+
+def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out):
+    gens = accelerator.gather(gen.get_state().to(accelerator.device)[None]) if accelerator.num_processes > 1 \
+        else gen.get_state()[None]
+    if not accelerator.is_main_process:
+        return
+    state = {"step": step, "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "generator": gens.cpu()}
+    save_state(out / "trainer_state.pt", state)
+    save_weights(out / "model.safetensors", raw.state_dict(), {"step": step})
+    save_weights(out / "ema.safetensors", ema.state_dict(), {"step": step})
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint being resumed from."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    write_text(path, "".join(ln + "\n" for ln in keep))

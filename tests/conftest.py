@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the command line in-process: returns (exit status, stdout, stderr)."""
+    from flowmatch.cli import run
+
+    def call(*args):
+        capsys.readouterr()
+        rc = run([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
+
+
+TINY = ["--width", "32", "--depth", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small trained checkerboard run shared by read-only tests."""
+    from flowmatch.cli import run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    rc = run(["train", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "30", "--out", str(out), *TINY])
+    assert rc == 0
+    return out

@@ -1,0 +1,239 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flowmatch.runs import RunLock, load_run
+
+from conftest import TINY
+
+
+def _tree(path):
+    """Every file under ``path`` with its size and modification time."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _one_line_error(rc, err):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flowmatch: error:")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_train_writes_the_run_directory(tiny_run):
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "trainer_state.pt", "metrics.jsonl",
+                 "samples.png", "trajectories.png", "field.png", "loss.png", "flow.gif"):
+        assert (tiny_run / name).is_file(), name
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["format_version"] == 1 and cfg["train"]["steps"] == 60 and cfg["shape"] == [2]
+    rows = [json.loads(ln) for ln in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 60]
+    assert all(set(r) >= {"step", "loss", "lr", "time"} for r in rows)
+    assert not any(p.name.endswith(".tmp") or ".tmp." in p.name for p in tiny_run.iterdir())
+
+
+def test_sample_npy_and_png(cli, tiny_run, tmp_path):
+    rc, _, err = cli("sample", tiny_run, "--n", 300, "--nfe", 8, "--solver", "midpoint", "--out", tmp_path / "x.npy",
+                     "--no-progress")
+    assert rc == 0, err
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (300, 2) and x.dtype == np.float32 and np.isfinite(x).all()
+    # the same seed gives the same samples; batches do not change them within a batch size
+    rc, _, _ = cli("sample", tiny_run, "--n", 300, "--nfe", 8, "--solver", "midpoint", "--out", tmp_path / "y.npy",
+                   "--no-progress")
+    assert np.array_equal(x, np.load(tmp_path / "y.npy"))
+    rc, _, err = cli("sample", tiny_run, "--n", 200, "--out", tmp_path / "x.png", "--no-progress")
+    assert rc == 0, err
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_matches_the_python_api(cli, tiny_run, tmp_path):
+    cli("sample", tiny_run, "--n", 64, "--nfe", 4, "--seed", 3, "--out", tmp_path / "x.npy", "--no-progress")
+    api = load_run(tiny_run).sample(64, nfe=4, seed=3)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), api.numpy())
+
+
+def test_eval_json(cli, tiny_run):
+    rc, out, err = cli("eval", tiny_run, "--nfe", "1,4", "--n", 300, "--json", "--tol", "1e-3")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert set(res["nfe"]) == {"1", "4"}
+    assert res["nfe"]["1"]["floor"] > 0 and res["nfe"]["1"]["w2"] > 0
+    assert res["adaptive"]["solver"] == "dopri5" and res["adaptive"]["nfe"] > 0
+    assert res["straightness"] >= 0
+
+
+def test_plot_redraws(cli, tiny_run):
+    before = (tiny_run / "samples.png").stat().st_mtime_ns
+    rc, _, err = cli("plot", tiny_run)
+    assert rc == 0, err
+    assert (tiny_run / "samples.png").stat().st_mtime_ns > before
+
+
+def test_existing_run_is_not_overwritten(cli, tiny_run):
+    before = _tree(tiny_run)
+    rc, _, err = cli("train", "--steps", "5", "--out", tiny_run, *TINY)
+    assert "--resume" in _one_line_error(rc, err)
+    assert _tree(tiny_run) == before
+
+
+def test_array_data_trains_and_samples_in_data_units(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "d.npy", rng.normal([100.0, -5.0, 0.0], [10.0, 1.0, 0.1], size=(500, 3)))
+    rc, _, err = cli("train", "--data", tmp_path / "d.npy", "--steps", "150", "--batch-size", "128",
+                     "--out", tmp_path / "run", "--no-plots", *TINY)
+    assert rc == 0, err
+    rc, _, err = cli("sample", tmp_path / "run", "--n", "500", "--out", tmp_path / "s.npy", "--no-progress")
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (500, 3)
+    # in data units: each column's mean within a fraction of its own spread
+    assert np.all(np.abs(x.mean(0) - [100.0, -5.0, 0.0]) < np.array([10.0, 1.0, 0.1]) * 0.3), x.mean(0)
+
+
+BAD_TRAIN = [
+    (["--data", "swissroll"], "checkerboard, moons"),
+    (["--steps", "0"], "--steps"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "abc"], "--lr"),
+    (["--path", "spline"], "--path"),
+    (["--coupling", "magic"], "--coupling"),
+    (["--time-dist", "beta"], "--time-dist"),
+    (["--schedule", "step"], "--schedule"),
+    (["--model", "transformer"], "--model"),
+    (["--ema-decay", "1.5"], "--ema-decay"),
+    (["--precision", "fp16"], "--precision"),
+    (["--n-points", "1"], "--n-points"),
+    (["--bogus"], "bogus"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_TRAIN, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_train_options(cli, tmp_path, args, needle):
+    out = tmp_path / "run"
+    rc, _, err = cli("train", "--out", out, *args, *TINY)
+    assert needle in _one_line_error(rc, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN"), ("1,2\n3,oops\n", "not numeric"), ("", "empty"),
+     (np.zeros((3, 2, 2)), "2 dimensions")],
+    ids=["nan", "text", "empty", "shape"],
+)
+def test_bad_data_files(cli, tmp_path, content, needle):
+    if isinstance(content, np.ndarray):
+        f = tmp_path / "d.npy"
+        np.save(f, content)
+    else:
+        f = tmp_path / "d.csv"
+        f.write_text(content)
+    rc, _, err = cli("train", "--data", f, "--out", tmp_path / "run", *TINY)
+    line = _one_line_error(rc, err)
+    assert needle in line and str(f) in line
+    assert not (tmp_path / "run").exists()
+
+
+BAD_SAMPLE = [
+    (["--solver", "leapfrog"], "euler, midpoint, heun, rk4, dopri5"),
+    (["--nfe", "0"], "--nfe"),
+    (["--solver", "rk4", "--nfe", "6"], "multiple of 4"),
+    (["--n", "0"], "--n"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_SAMPLE, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_sample_options(cli, tiny_run, tmp_path, args, needle):
+    rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "x.npy", *args, "--no-progress")
+    assert needle in _one_line_error(rc, err)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_unsupported_out_extension(cli, tiny_run, tmp_path):
+    rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "x.txt")
+    assert ".npy" in _one_line_error(rc, err)
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_eval_bad_nfe_list(cli, tiny_run):
+    rc, _, err = cli("eval", tiny_run, "--nfe", "1,x")
+    assert "--nfe" in _one_line_error(rc, err)
+
+
+def _copy_run(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "no-config", "garbage-config", "newer-format", "unknown-key",
+                                    "wrong-type", "truncated-weights", "wrong-weights"])
+def test_damaged_run_directories(cli, tiny_run, tmp_path, damage):
+    run = tmp_path / "missing" if damage == "missing" else _copy_run(tiny_run, tmp_path / "run")
+    cfg_file = run / "config.json"
+    if damage == "no-config":
+        cfg_file.unlink()
+    elif damage == "garbage-config":
+        cfg_file.write_text("{not json")
+    elif damage in ("newer-format", "unknown-key", "wrong-type"):
+        cfg = json.loads(cfg_file.read_text())
+        if damage == "newer-format":
+            cfg["format_version"] = 99
+        elif damage == "unknown-key":
+            cfg["train"]["flux_capacitor"] = 1
+        else:
+            cfg["train"]["steps"] = "many"
+        cfg_file.write_text(json.dumps(cfg))
+    elif damage == "truncated-weights":
+        data = (run / "ema.safetensors").read_bytes()
+        (run / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "wrong-weights":
+        cfg = json.loads(cfg_file.read_text())
+        cfg["train"]["width"] = 64
+        cfg_file.write_text(json.dumps(cfg))
+    rc, _, err = cli("sample", run, "--n", 10, "--out", tmp_path / "x.npy", "--no-progress")
+    _one_line_error(rc, err)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_pickle_payload_in_trainer_state_is_never_run(cli, tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"step": 1, "evil": Payload()}, run / "trainer_state.pt")
+    before = _tree(run)
+    rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
+    assert "trainer_state.pt" in _one_line_error(rc, err)
+    assert not marker.exists()
+    assert _tree(run) == before
+
+
+def test_a_second_trainer_is_refused(cli, tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    with RunLock(run):
+        rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
+    assert "another trainer" in _one_line_error(rc, err)
+
+
+def test_python_dash_m_entry_point():
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "train" in p.stdout

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from flowmatch.errors import UserError
+from flowmatch.solvers import FIXED_METHODS, METHODS, integrate
+
+from problems import PROBLEMS, TimeOnly
+
+
+def _x0(n=16, seed=0):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize("method", list(FIXED_METHODS))
+def test_fixed_methods_converge_at_their_order(method, name):
+    prob, x0 = PROBLEMS[name], _x0()
+    per, order = FIXED_METHODS[method][1], FIXED_METHODS[method][2]
+    exact = prob.exact(x0)
+    errs = []
+    for steps in (8, 16, 32):
+        res = integrate(prob.v, x0, method, steps * per)
+        errs.append((res.x - exact).abs().max().item())
+    rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    for r in rates:
+        assert order - 0.3 < r < order + 0.6, (method, errs, rates)
+    assert errs[-1] < 10 * 32.0 ** (-order)  # error constant of order one
+
+
+@pytest.mark.parametrize("method", list(FIXED_METHODS))
+def test_nfe_is_counted_exactly(method):
+    calls = [0]
+
+    def v(x, t):
+        calls[0] += 1
+        assert t.shape == (x.shape[0],)
+        return -x
+
+    per = FIXED_METHODS[method][1]
+    res = integrate(v, _x0(), method, 12 * per)
+    assert res.nfe == calls[0] == 12 * per
+
+
+def test_euler_uses_the_grid_k_over_K():
+    prob, x0 = TimeOnly(), _x0()
+    for K in (1, 4, 10):
+        res = integrate(prob.v, x0, "euler", K)
+        torch.testing.assert_close(res.x, x0 + (K - 1) / (2 * K))
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_dopri5_meets_its_tolerance_and_reports_nfe(name):
+    prob, x0 = PROBLEMS[name], _x0()
+    calls = [0]
+
+    def v(x, t):
+        calls[0] += 1
+        return prob.v(x, t)
+
+    res = integrate(v, x0, "dopri5", None, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(res.x, prob.exact(x0), atol=1e-7, rtol=0)
+    assert res.nfe == calls[0] > 10
+    loose = integrate(prob.v, x0, "dopri5", None, atol=1e-3, rtol=1e-3)
+    assert loose.nfe < res.nfe
+
+
+def test_trajectories_have_grid_times():
+    prob, x0 = PROBLEMS["rotation"], _x0()
+    res = integrate(prob.v, x0, "midpoint", 8, trajectory=True)
+    assert res.trajectory.shape == (5, *x0.shape)
+    torch.testing.assert_close(res.times, torch.linspace(0, 1, 5, dtype=torch.float64))
+    torch.testing.assert_close(res.trajectory[0], x0)
+    torch.testing.assert_close(res.trajectory[-1], res.x)
+    ad = integrate(prob.v, x0, "dopri5", None, trajectory=11)
+    assert ad.trajectory.shape == (11, *x0.shape)
+
+
+def test_backwards_integration_inverts_forwards():
+    prob, x0 = PROBLEMS["linear-decay"], _x0()
+    fwd = integrate(prob.v, x0, "dopri5", None, atol=1e-10, rtol=1e-10)
+    back = integrate(prob.v, fwd.x, "dopri5", None, atol=1e-10, rtol=1e-10, t_start=1.0, t_end=0.0)
+    torch.testing.assert_close(back.x, x0, atol=1e-7, rtol=0)
+
+
+def test_bad_solver_choices_raise_user_errors():
+    with pytest.raises(UserError, match=", ".join(METHODS)):
+        integrate(lambda x, t: x, _x0(), "leapfrog", 4)
+    with pytest.raises(UserError, match="multiple of 4"):
+        integrate(lambda x, t: x, _x0(), "rk4", 6)
+    with pytest.raises(UserError, match="positive integer"):
+        integrate(lambda x, t: x, _x0(), "euler", 0)
