@@ -137,6 +137,7 @@ def evaluate(
     solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep"),
     seed: int = typer.Option(0),
     tol: float = typer.Option(1e-5, help="tolerance of the adaptive solver"),
+    repeats: int = typer.Option(3, help="average each W2 over this many fresh reference draws"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png"),
 ):
@@ -151,12 +152,14 @@ def evaluate(
         check_method(solver, k)
     if n < 2:
         raise UserError(f"--n: expected an integer >= 2, got {n}")
+    if repeats < 1:
+        raise UserError(f"--repeats: expected a positive integer, got {repeats}")
     if plot is not None:
         _check_out(plot, (".png",), "--plot")
     loaded = [load_run(r) for r in runs]
     results = {}
     for r in loaded:
-        res = run_eval(r, nfes, n=n, seed=seed, solver=solver, tol=tol, progress=not json_out)
+        res = run_eval(r, nfes, n=n, seed=seed, solver=solver, tol=tol, repeats=repeats, progress=not json_out)
         res["run"] = str(r.dir)
         results[str(r.dir)] = res
         if not json_out:
@@ -168,6 +171,73 @@ def evaluate(
         _say(f"wrote {plot}")
     if json_out:
         print(json.dumps(next(iter(results.values())) if len(results) == 1 else {"runs": list(results.values())}))
+
+
+def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
+                     resume, progress, plots, k=1):
+    from . import reflow as rf
+    from .teachers import make_teacher
+
+    if (run is None) == (teacher is None):
+        raise UserError("give either RUN (a flowmatch run as teacher) or --teacher diffusers:DIR, not both or neither")
+    if teacher is None and not Path(run).is_dir():
+        raise UserError(f"RUN: {run} is not a run directory")
+    if teacher_nfe is not None and teacher_nfe < 1:
+        raise UserError(f"--teacher-nfe: expected a positive integer, got {teacher_nfe}")
+    # a fixed NFE budget uses midpoint (even NFE) or Euler; without one, dopri5 at --tol
+    solver = "dopri5" if teacher_nfe is None else ("midpoint" if teacher_nfe % 2 == 0 else "euler")
+    t = make_teacher(teacher or run, nfe=teacher_nfe, solver=solver, tol=tol)
+    fn = rf.reflow if kind == "reflow" else rf.distill
+    extra = {"k": k} if kind == "distill" else {}
+    result = fn(t, out, pairs=pairs, shard_size=shard_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                resume=resume, progress=progress, plots=plots, **extra)
+    _say(f"run written to {result}")
+
+
+@app.command()
+def reflow(
+    run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
+    out: Path = typer.Option(..., help="the student's run directory"),
+    teacher: str | None = typer.Option(None, help="diffusers:DIR, a saved diffusers DDPM/DDIM pipeline, instead of RUN"),
+    pairs: int = typer.Option(20000, help="number of (noise, sample) pairs from the teacher"),
+    teacher_nfe: int | None = typer.Option(None, help="teacher NFE (fixed steps; DDIM steps for diffusers). "
+                                                         "Default: dopri5 at --tol, 50 DDIM steps"),
+    tol: float = typer.Option(1e-5, help="the teacher's dopri5 tolerance"),
+    steps: int = typer.Option(4000, help="training steps of the student"),
+    lr: float = typer.Option(5e-4, help="peak learning rate of the student"),
+    batch_size: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    shard_size: int = typer.Option(4096, help="pairs per shard (each shard has its own seed)"),
+    resume: bool = typer.Option(False, help="finish an interrupted pair generation or training"),
+    progress: bool = typer.Option(True),
+    plots: bool = typer.Option(True),
+):
+    """k-rectified flow: train a student on a teacher's (noise, sample) pairs."""
+    _student_command("reflow", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
+                     resume, progress, plots)
+
+
+@app.command()
+def distill(
+    run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
+    out: Path = typer.Option(..., help="the distilled run's directory"),
+    teacher: str | None = typer.Option(None, help="diffusers:DIR instead of RUN"),
+    pairs: int = typer.Option(20000),
+    teacher_nfe: int | None = typer.Option(None, help="teacher NFE (default: dopri5 at --tol)"),
+    tol: float = typer.Option(1e-5),
+    steps: int = typer.Option(4000),
+    lr: float = typer.Option(5e-4),
+    batch_size: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(1, help="steps of the distilled sampler (1: one-step generator)"),
+    shard_size: int = typer.Option(4096),
+    resume: bool = typer.Option(False),
+    progress: bool = typer.Option(True),
+    plots: bool = typer.Option(True),
+):
+    """Distil a teacher into a one-step (or k-step) generator: z1 ≈ z0 + v(z0, 0)."""
+    _student_command("distill", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
+                     resume, progress, plots, k=k)
 
 
 @app.command()

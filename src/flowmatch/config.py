@@ -34,10 +34,12 @@ class TrainConfig:
     time_dist: str = "uniform"
     time_mean: float = 0.0
     time_std: float = 1.0
+    time_steps: int = 1  # time_dist "grid": t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)
     # the network
     model: str = "mlp"
     width: int = 512
     depth: int = 5
+    init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
     # labels (class-conditional data): probability of dropping a label for guidance
     label_dropout: float = 0.1
     # bookkeeping
@@ -53,7 +55,7 @@ class TrainConfig:
         """Check ranges; raise :class:`UserError` naming the option."""
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "log_every": self.log_every,
                     "checkpoint_every": self.checkpoint_every, "width": self.width, "depth": self.depth,
-                    "grad_accum": self.grad_accum, "processes": self.processes}
+                    "grad_accum": self.grad_accum, "processes": self.processes, "time_steps": self.time_steps}
         for name, value in positive.items():
             if not value > 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected a positive value, got {value}")
@@ -83,6 +85,8 @@ class TrainConfig:
 
         if self.time_dist == "logit-normal":
             return make_time_sampler(self.time_dist, mean=self.time_mean, std=self.time_std)
+        if self.time_dist == "grid":
+            return make_time_sampler(self.time_dist, k=self.time_steps)
         return make_time_sampler(self.time_dist)
 
     def model_spec(self) -> dict:

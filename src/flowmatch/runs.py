@@ -144,7 +144,7 @@ class Run:
 
     def __init__(self, run_dir, device=None, weights: str = "ema"):
         from .config import TrainConfig
-        from .data import make_dataset
+        from .data import eval_dataset
         from .models import make_model
 
         self.dir = Path(run_dir)
@@ -154,7 +154,7 @@ class Run:
             self.cfg = TrainConfig.from_dict(self.doc.get("train"), where=where)
             self.shape = tuple(self.doc["shape"])
             self.num_classes = int(self.doc.get("num_classes", 0))
-            self.dataset = make_dataset(self.doc["data"])
+            self.dataset = eval_dataset(self.doc["data"])
             self.path = self.cfg.build_path()
         except (KeyError, TypeError) as e:
             raise UserError(f"{where}: missing or malformed entry {e}") from None

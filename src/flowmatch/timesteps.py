@@ -36,7 +36,25 @@ class LogitNormalTime:
         return {"name": self.name, "mean": self.mean, "std": self.std}
 
 
-TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime}
+class GridTime:
+    """``t`` uniform on ``{0, 1/k, ..., (k-1)/k}``: the times a k-step Euler sampler visits
+    (k-step distillation; ``k = 1`` trains the one-step map ``z0 -> z0 + v(z0, 0)``)."""
+
+    name = "grid"
+
+    def __init__(self, k: int = 1):
+        if not (isinstance(k, int) and k >= 1):
+            raise UserError(f"--k: expected a positive integer number of steps, got {k}")
+        self.k = k
+
+    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+        return torch.randint(self.k, (n,), generator=generator, device=device).float() / self.k
+
+    def config(self) -> dict:
+        return {"name": self.name, "k": self.k}
+
+
+TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "grid": GridTime}
 
 
 def make_time_sampler(name: str, **kwargs):

@@ -26,7 +26,7 @@ from .data import Batch, make_dataset, spec_from_arg
 from .errors import UserError
 from .models import make_model
 from .paths import AffinePath
-from .runs import FORMAT_VERSION, RunLock, load_state, read_config, save_state, save_weights, write_json, write_text
+from .runs import FORMAT_VERSION, RunLock, load_state, load_weights, read_config, save_state, save_weights, write_json, write_text
 
 
 def cfm_loss(model, path: AffinePath, x0, x1, t, label=None) -> torch.Tensor:
@@ -45,15 +45,17 @@ def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
     return out
 
 
-def _check_new_run_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _check_new_run_dir(out: Path, allow_existing=()) -> None:
+    if out.exists() and (not out.is_dir() or any(p.name not in allow_existing for p in out.iterdir())):
         raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-          data_spec: dict | None = None, make_plots: bool | None = None) -> Path:
+def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+          data_spec: dict | None = None, make_plots: bool | None = None, allow_existing=()) -> Path:
     """Train (or resume) a run; returns its directory. Bad input raises :class:`UserError`
-    before anything is written."""
+    before anything is written. With ``resume`` the saved settings are used (``cfg`` is
+    ignored). ``allow_existing`` names entries that a new run directory may already hold
+    (the pairs of a reflow run)."""
     from accelerate import Accelerator
 
     if resume:
@@ -68,7 +70,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, resume: bool =
         cfg.validate()
         data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed)
         out = Path(out) if out is not None else default_run_dir(cfg)
-        _check_new_run_dir(out)
+        _check_new_run_dir(out, allow_existing)
         state = None
 
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
@@ -81,7 +83,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, resume: bool =
     dataset = make_dataset(data_spec)
     path, time_sampler = cfg.build_path(), cfg.build_time_sampler()
     coupling = make_coupling(cfg.coupling)
-    model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching global state
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes)
+        if cfg.init_from and state is None:
+            weights = load_weights(cfg.init_from)
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as e:
+                raise UserError(f"{cfg.init_from}: weights do not fit the student network ({str(e).splitlines()[0][:100]})") from None
     dataset = dataset.to(device)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -96,6 +106,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike | None = None, resume: bool =
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"][accelerator.process_index].to("cpu"))
         start = int(state["step"])
+        if "dataset" in state and hasattr(dataset, "load_state_dict"):
+            dataset.load_state_dict(state["dataset"])
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
 
     config_doc = {
@@ -181,7 +193,7 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
                     _append_metrics(out / "metrics.jsonl", {"step": done, "loss": mean_loss, "lr": lr,
                                                             "time": round(time.perf_counter() - t_start, 3)})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save_checkpoint(accelerator, raw, ema, opt, gen, done, out)
+                _save_checkpoint(accelerator, raw, ema, opt, gen, done, out, dataset)
     bar.close()
 
 
@@ -192,13 +204,15 @@ def _check_finite(bad_step, out):
                         f"the last good checkpoint in {out} is kept (lower --lr or set --grad-clip)")
 
 
-def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out):
+def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
     gens = accelerator.gather(gen.get_state().to(accelerator.device)[None]) if accelerator.num_processes > 1 \
         else gen.get_state()[None]
     if not accelerator.is_main_process:
         return
     state = {"step": step, "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
              "generator": gens.cpu()}
+    if hasattr(dataset, "state_dict"):
+        state["dataset"] = dataset.state_dict()
     save_state(out / "trainer_state.pt", state)
     save_weights(out / "model.safetensors", raw.state_dict(), {"step": step})
     save_weights(out / "ema.safetensors", ema.state_dict(), {"step": step})

@@ -127,6 +127,28 @@ class ArrayDataset(Dataset):
         return rows.to(generator.device)[idx]
 
 
+class DecodeOnly(Dataset):
+    """Samples of known shape and scale but no data to draw (a diffusers teacher's space)."""
+
+    def __init__(self, shape, mean=0.0, std=1.0, name="diffusers"):
+        super().__init__()
+        self.shape, self.mean, self.std = tuple(shape), torch.tensor(float(mean)), torch.tensor(float(std))
+        self.spec = {"name": name, "shape": list(self.shape), "mean": float(mean), "std": float(std)}
+
+    def reference(self, n, generator):
+        raise UserError("this run's teacher was a diffusers pipeline: there is no data set to compare samples with")
+
+
+def eval_dataset(spec: dict) -> Dataset:
+    """The dataset a trained run decodes and evaluates with: for a student trained on teacher
+    pairs, the teacher's data (the pairs themselves are not needed to sample)."""
+    if spec.get("name") == "pairs":
+        spec = spec.get("base") or {}
+    if spec.get("name") == "diffusers":
+        return DecodeOnly(spec["shape"], spec.get("mean", 0.0), spec.get("std", 1.0))
+    return make_dataset(spec)
+
+
 def valid_names() -> list[str]:
     return list(TOY2D)
 
@@ -150,7 +172,12 @@ def make_dataset(spec: dict) -> Dataset:
         return ArrayDataset(**spec)
     if name in TOY2D:
         return ToyDataset(name, **spec)
+    if name == "pairs":
+        from ..reflow import PairsDataset
+
+        return PairsDataset(**spec)
     raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
 
 
-__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "make_dataset", "spec_from_arg", "valid_names"]
+__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "DecodeOnly", "make_dataset", "eval_dataset", "spec_from_arg",
+           "valid_names"]

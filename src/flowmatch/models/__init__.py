@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from ..errors import UserError
 from .mlp import MLP
 
 
 def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0):
-    if len(shape) != 1:
-        raise UserError(f"--model: mlp takes vector data (N, D), got samples of shape {tuple(shape)}; use --model unet")
-    return MLP(shape[0], width=width, depth=depth, time_scale=time_scale, num_classes=num_classes)
+    # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
+    return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes)
 
 
 MODELS = {"mlp": _mlp}

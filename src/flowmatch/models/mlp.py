@@ -24,7 +24,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 10000.0) -> t
 
 
 class MLP(nn.Module):
-    """``v(x, t[, label])`` for vector data ``x`` of shape (B, dim); ``t`` of shape (B,).
+    """``v(x, t[, label])`` for data ``x`` of shape (B, *shape) (flattened to ``dim`` inside);
+    ``t`` of shape (B,).
 
     ``num_classes > 0`` adds a label embedding with one extra *null* class (index
     ``num_classes``) for classifier-free guidance.
@@ -42,10 +43,12 @@ class MLP(nn.Module):
         self.out = nn.Linear(width, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(len(x), -1)
         h = self.inp(x) + self.time(sinusoidal_embedding(t, self.width, self.time_scale).to(x.dtype))
         if self.label is not None:
             if label is None:  # unconditional: the null class
                 label = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
             label = torch.where(label < 0, self.num_classes, label)  # -1 also means null
             h = h + self.label(label)
-        return self.out(self.blocks(h))
+        return self.out(self.blocks(h)).reshape(shape)

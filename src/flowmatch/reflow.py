@@ -1,0 +1,228 @@
+"""Rectified flow: pairs from a teacher, k-rectified flow, and distillation (Liu et al. 2022).
+
+1. :func:`generate_pairs` draws noise ``z0`` and maps it through a teacher to ``z1``; the
+   pairs are written as shards ``RUN/pairs/shard-KKKKK.safetensors``. Shard ``k`` draws its
+   noise from its own seed ``(seed, k)`` on the CPU and is mapped whole by the teacher, so the
+   pairs depend only on ``seed`` and ``shard_size`` — not on batch sizes, devices' memory or
+   how many processes share the work. Finished shards are skipped after an interruption.
+2. :func:`reflow` trains a student on the fixed pairs with the straight-path loss,
+   initialised from the teacher's weights by default. Reflowing a k-rectified flow gives a
+   (k+1)-rectified flow.
+3. :func:`distill` regresses ``z1`` from ``z0`` in one step (``z1 ≈ z0 + v(z0, 0)``, L2), or
+   in ``k`` Euler steps (times drawn from the grid ``{0, 1/k, ...}``). The result is an
+   ordinary run: ``flowmatch sample RUN --nfe 1``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import Batch, Dataset, make_dataset
+from .errors import UserError
+from .runs import load_weights, save_weights, write_json
+
+SHARD_SIZE = 4096
+
+
+def _pairs_meta(teacher, n, shard_size, seed) -> dict:
+    return {"n": n, "shard_size": shard_size, "seed": seed, "num_shards": -(-n // shard_size),
+            "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec}
+
+
+def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
+    """The noise of shard ``k``: ``m`` draws from its own CPU generator, seeded by ``(seed, k)``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+    return torch.randn(m, *shape, generator=g)
+
+
+def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,
+                   shards: list[int] | None = None) -> Path:
+    """Write ``n`` teacher pairs as shards into ``pairs_dir`` (resumable); returns the folder.
+
+    ``shards`` restricts the work to those shard indices (one process's share).
+    """
+    if n < 1:
+        raise UserError(f"--pairs: expected a positive number of pairs, got {n}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size: expected a positive integer, got {shard_size}")
+    pairs_dir = Path(pairs_dir)
+    meta = _pairs_meta(teacher, n, shard_size, seed)
+    meta_file = pairs_dir / "pairs.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in ("n", "shard_size", "seed", "shape", "teacher")} != \
+                {k: meta[k] for k in ("n", "shard_size", "seed", "shape", "teacher")}:
+            raise UserError(f"{pairs_dir}: holds pairs from another teacher or settings; use a new --out")
+    else:
+        pairs_dir.mkdir(parents=True, exist_ok=True)
+        write_json(meta_file, meta)
+    todo = range(meta["num_shards"]) if shards is None else shards
+    for k in tqdm(todo, disable=not progress, desc="pairs", unit="shard"):
+        f = pairs_dir / f"shard-{k:05d}.safetensors"
+        if f.exists():
+            continue  # written atomically, so an existing shard is complete
+        m = min(shard_size, n - k * shard_size)
+        z0 = shard_noise(k, m, teacher.shape, seed)
+        z1 = teacher(z0).float().cpu()
+        save_weights(f, {"z0": z0, "z1": z1}, {"index": k, "seed": seed})
+    return pairs_dir
+
+
+def check_pairs(pairs_dir) -> dict:
+    """Read and check a pairs folder's metadata: complete, and the shapes it claims."""
+    pairs_dir = Path(pairs_dir)
+    meta_file = pairs_dir / "pairs.json"
+    if not meta_file.is_file():
+        raise UserError(f"{pairs_dir}: no pairs.json; not a folder of teacher pairs")
+    meta = json.loads(meta_file.read_text())
+    missing = [k for k in range(meta["num_shards"]) if not (pairs_dir / f"shard-{k:05d}.safetensors").is_file()]
+    if missing:
+        raise UserError(f"{pairs_dir}: {len(missing)} of {meta['num_shards']} shards missing; run again with --resume")
+    return meta
+
+
+class PairsDataset(Dataset):
+    """Fixed teacher pairs ``(z0, z1)`` from shards, in the teacher's model space.
+
+    Shards are held in memory while they fit in ``max_bytes``; beyond that a window of
+    shards is resident and moves on through a seeded shuffle of the shards as batches are
+    served (its position is part of the trainer state, so a resumed run continues exactly).
+    """
+
+    def __init__(self, dir: str, base: dict | None = None, max_bytes: int = 2**30):
+        super().__init__()
+        self.dir = Path(dir)
+        meta = check_pairs(self.dir)
+        self.meta, self.shape = meta, tuple(meta["shape"])
+        self.base = make_dataset(base) if base and base.get("name") not in ("diffusers", None) else None
+        if self.base is not None:
+            self.mean, self.std = self.base.mean, self.base.std
+        elif base:
+            self.mean = torch.tensor(float(base.get("mean", 0.0)))
+            self.std = torch.tensor(float(base.get("std", 1.0)))
+        self.num_classes = 0
+        self.spec = {"name": "pairs", "dir": str(self.dir.resolve()), "base": base}
+        per_shard = 2 * 4 * meta["shard_size"] * max(1, int(torch.tensor(self.shape).prod()))
+        self.window = max(1, min(meta["num_shards"], max_bytes // per_shard))
+        self.served, self.device, self._resident = 0, torch.device("cpu"), None
+
+    def _load(self, k):
+        t = load_weights(self.dir / f"shard-{k:05d}.safetensors")
+        if tuple(t["z0"].shape[1:]) != self.shape or t["z0"].shape != t["z1"].shape:
+            raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs of shape {tuple(t['z0'].shape)}, expected {self.shape}")
+        return t["z0"], t["z1"]
+
+    def _window_shards(self, w: int) -> list[int]:
+        n = self.meta["num_shards"]
+        per_epoch = -(-n // self.window)
+        epoch, pos = divmod(w, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.meta["seed"] + 7919 * epoch)).tolist()
+        return order[pos * self.window:(pos + 1) * self.window]
+
+    def _ensure(self, batch: int):
+        if self.window >= self.meta["num_shards"]:
+            w = 0
+        else:
+            w = self.served * batch // (self.window * self.meta["shard_size"])
+        if self._resident is None or self._resident[0] != w:
+            parts = [self._load(k) for k in self._window_shards(w)]
+            z0 = torch.cat([p[0] for p in parts]).to(self.device)
+            z1 = torch.cat([p[1] for p in parts]).to(self.device)
+            self._resident = (w, z0, z1)
+        return self._resident[1], self._resident[2]
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self._resident = None
+        return self
+
+    def sample(self, n, generator):
+        z0, z1 = self._ensure(n)
+        self.served += 1
+        idx = torch.randint(len(z0), (n,), generator=generator, device=generator.device)
+        return Batch(x1=z1[idx.to(z1.device)], x0=z0[idx.to(z0.device)])
+
+    def reference(self, n, generator):
+        if self.base is None:
+            raise UserError(f"{self.dir}: the teacher's data set is unknown, so there is no fresh data to compare with")
+        return self.base.reference(n, generator)
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served = int(state["served"])
+        self._resident = None
+
+
+def _student_config(teacher, out: Path, steps: int, lr: float, batch_size: int, seed: int, kind: str,
+                    distill_steps: int | None, pairs: int, overrides: dict) -> tuple[TrainConfig, dict]:
+    from .teachers import FlowTeacher
+
+    if isinstance(teacher, FlowTeacher):
+        base = TrainConfig.from_dict(teacher.run.doc["train"])
+        cfg = TrainConfig(**{**base.to_dict(), "lineage": {}})
+        cfg.init_from = str((teacher.run.dir / "ema.safetensors").resolve())
+    else:
+        cfg = TrainConfig()
+        cfg.init_from = None
+    k_teacher = teacher.describe().get("k", 0)
+    cfg.data, cfg.n_points = "pairs", None
+    cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
+    cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = steps, lr, batch_size, seed
+    cfg.warmup_steps = min(cfg.warmup_steps, steps // 10)
+    if kind == "distill":
+        cfg.time_dist, cfg.time_steps = "grid", distill_steps
+    else:
+        cfg.time_dist = "uniform"
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg.lineage = {"kind": kind, "teacher": teacher.describe(), "pairs": pairs,
+                   "k": k_teacher + 1 if kind == "reflow" else k_teacher}
+    if kind == "distill":
+        cfg.lineage["steps"] = distill_steps
+    data_spec = {"name": "pairs", "dir": str((out / "pairs").resolve()), "base": teacher.data_spec}
+    return cfg.validate(), data_spec
+
+
+def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed, distill_steps, resume, progress,
+             overrides):
+    from .training import train
+
+    out = Path(out)
+    if not resume and out.exists() and any(p.name != "pairs" for p in out.iterdir()):
+        raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+    if resume and (out / "trainer_state.pt").exists():
+        return train(None, out=out, resume=True, progress=progress)
+    if not resume and (out / "pairs").exists():
+        raise UserError(f"--out: {out} already holds pairs; pass --resume to finish them, or choose a new directory")
+    cfg, data_spec = _student_config(teacher, out, steps, lr, batch_size, seed, kind, distill_steps, pairs, overrides)
+    generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=progress)
+    # resumed before the first checkpoint: training starts over beside the finished pairs
+    allow = ("pairs", "config.json", "metrics.jsonl", ".lock") if resume else ("pairs",)
+    return train(cfg, out=out, progress=progress, data_spec=data_spec, allow_existing=allow)
+
+
+def reflow(teacher, out, pairs: int = 20000, shard_size: int = SHARD_SIZE, steps: int = 4000, lr: float = 5e-4,
+           batch_size: int = 512, seed: int = 0, resume: bool = False, progress: bool = True, **overrides) -> Path:
+    """Train a (k+1)-rectified flow on ``pairs`` teacher pairs; returns the run directory."""
+    return _student(teacher, out, "reflow", pairs, shard_size, steps, lr, batch_size, seed, None, resume, progress,
+                    overrides)
+
+
+def distill(teacher, out, pairs: int = 20000, shard_size: int = SHARD_SIZE, steps: int = 4000, lr: float = 5e-4,
+            batch_size: int = 512, seed: int = 0, k: int = 1, resume: bool = False, progress: bool = True,
+            **overrides) -> Path:
+    """Distil the teacher into a ``k``-step generator (``k = 1``: one step); returns the run directory."""
+    if k < 1:
+        raise UserError(f"--k: expected a positive number of steps, got {k}")
+    return _student(teacher, out, "distill", pairs, shard_size, steps, lr, batch_size, seed, k, resume, progress,
+                    overrides)
+
+
+__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "shard_noise"]

@@ -1,0 +1,109 @@
+"""Teachers for reflow and distillation: deterministic maps from noise ``z0`` to a sample ``z1``.
+
+A teacher has ``shape`` (one sample), ``data_spec`` (how its samples decode to data units,
+or ``None``), ``describe()`` (recorded in the student's lineage) and ``__call__(z0) -> z1``,
+the same ``z1`` for the same ``z0`` and the same batch.
+
+- :class:`FlowTeacher`: a flowmatch run integrated from t = 0 to 1 (default: dopri5).
+- :class:`DiffusersTeacher`: a saved diffusers pipeline directory (``UNet2DModel`` with a
+  DDPM or DDIM scheduler), sampled with DDIM at eta = 0 — deterministic, so ``z0`` (the
+  initial ``x_T``) fixes ``z1``. Diffusers runs time from ``T`` (noise) down to 0 (data);
+  that direction is converted here, at the border: to flowmatch ``z0`` is noise at t = 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .solvers import ADAPTIVE_METHODS, check_method, integrate
+
+
+class FlowTeacher:
+    def __init__(self, run_dir, solver: str = "dopri5", nfe: int | None = None, tol: float = 1e-5, device=None):
+        from .runs import load_run
+
+        check_method(solver, nfe if solver not in ADAPTIVE_METHODS else None)
+        if solver not in ADAPTIVE_METHODS and nfe is None:
+            raise UserError(f"--teacher-nfe: {solver} needs a number of evaluations")
+        self.run = load_run(run_dir, device=device)
+        self.solver, self.nfe, self.tol = solver, nfe, tol
+        self.shape, self.device = self.run.shape, self.run.device
+        self.data_spec = self.run.doc["data"]
+        self.num_classes = self.run.num_classes
+
+    def describe(self) -> dict:
+        return {"kind": "flowmatch", "run": str(self.run.dir.resolve()), "solver": self.solver, "nfe": self.nfe,
+                "tol": self.tol, "k": int(self.run.lineage.get("k", 1))}
+
+    @torch.inference_mode()
+    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        res = integrate(self.run.velocity, z0.to(self.device), self.solver, self.nfe, atol=self.tol, rtol=self.tol)
+        return res.x
+
+
+class DiffusersTeacher:
+    """A saved diffusers pipeline (``DDPMPipeline``/``DDIMPipeline.save_pretrained`` layout, or
+    a folder with the UNet's ``config.json`` and a ``scheduler_config.json``), sampled by DDIM
+    with eta = 0 in ``steps`` steps. Samples live in the pipeline's space ([-1, 1] pixels)."""
+
+    def __init__(self, directory, steps: int = 50, device=None):
+        try:
+            from diffusers import DDIMScheduler, UNet2DModel
+        except ImportError:
+            raise UserError("--teacher: diffusers teachers need the diffusers package (pip install 'flowmatch[images]')") from None
+        d = Path(directory)
+        if not d.is_dir():
+            raise UserError(f"--teacher: {d} is not a directory holding a diffusers pipeline")
+        unet_dir = d / "unet" if (d / "unet" / "config.json").is_file() else d
+        sched_dir = d / "scheduler" if (d / "scheduler" / "scheduler_config.json").is_file() else d
+        if not (unet_dir / "config.json").is_file() or not (sched_dir / "scheduler_config.json").is_file():
+            raise UserError(f"--teacher: {d} holds no diffusers UNet (unet/config.json) and scheduler (scheduler/scheduler_config.json)")
+        if steps < 1:
+            raise UserError(f"--teacher-nfe: expected a positive number of DDIM steps, got {steps}")
+        try:
+            config = json.loads((unet_dir / "config.json").read_text())
+            if config.get("_class_name") not in (None, "UNet2DModel"):
+                raise UserError(f"--teacher: {unet_dir} holds a {config.get('_class_name')}, expected a UNet2DModel")
+            self.unet = UNet2DModel.from_pretrained(str(unet_dir))
+            self.scheduler = DDIMScheduler.from_pretrained(str(sched_dir))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"--teacher: could not load the diffusers pipeline in {d} ({str(e).splitlines()[0][:100]})") from None
+        self.directory, self.steps = d, int(steps)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.unet.to(self.device).eval().requires_grad_(False)
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.shape = (self.unet.config.in_channels, *size)
+        # [-1, 1] pixels in the pipeline; data units are [0, 1] pixels
+        self.data_spec = {"name": "diffusers", "shape": list(self.shape), "mean": 0.5, "std": 0.5}
+        self.num_classes = 0
+
+    def describe(self) -> dict:
+        return {"kind": "diffusers", "dir": str(self.directory.resolve()), "sampler": "ddim", "eta": 0.0,
+                "steps": self.steps, "k": 0}
+
+    @torch.inference_mode()
+    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        self.scheduler.set_timesteps(self.steps)
+        x = z0.to(self.device) * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
+            eps = self.unet(x, t).sample
+            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return x
+
+
+def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = "dopri5", tol: float = 1e-5, device=None):
+    """``RUN`` (a flowmatch run directory) or ``diffusers:DIR``."""
+    spec = str(spec)
+    if spec.startswith("diffusers:"):
+        return DiffusersTeacher(spec.split(":", 1)[1], steps=nfe or 50, device=device)
+    if not Path(spec).is_dir():
+        raise UserError(f"--teacher: {spec} is not a run directory (or diffusers:DIR)")
+    if nfe is not None and solver in ADAPTIVE_METHODS:
+        solver = "euler"  # an NFE budget asks for a fixed-step teacher
+    return FlowTeacher(spec, solver=solver, nfe=nfe, tol=tol, device=device)

@@ -1,0 +1,183 @@
+"""Rectified flow: teachers, pairs, reflow and distillation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowmatch.errors import UserError
+from flowmatch.metrics import straightness
+from flowmatch.reflow import PairsDataset, generate_pairs
+from flowmatch.runs import load_run
+from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    """A tiny, untrained diffusers DDPM pipeline saved the usual way."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    d = tmp_path_factory.mktemp("ddpm") / "pipe"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(d)
+    return d
+
+
+def _shards(d):
+    return {p.name: load_file(p) for p in sorted(d.glob("shard-*.safetensors"))}
+
+
+def test_diffusers_teacher_is_deterministic_and_pairs_repeat(ddpm_dir, tmp_path):
+    teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=4)
+    assert isinstance(teacher, DiffusersTeacher) and teacher.shape == (1, 8, 8)
+    z0 = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    a, b = teacher(z0), teacher(z0)
+    assert torch.equal(a, b) and not torch.equal(a, z0)
+    # per-sample deterministic: a sample does not depend on its batch-mates
+    torch.testing.assert_close(teacher(z0[:2]), a[:2], atol=1e-5, rtol=1e-5)
+    one = _shards(generate_pairs(teacher, 10, tmp_path / "p1", shard_size=4, seed=3, progress=False))
+    two = _shards(generate_pairs(teacher, 10, tmp_path / "p2", shard_size=4, seed=3, progress=False))
+    assert list(one) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    for k in one:
+        assert torch.equal(one[k]["z0"], two[k]["z0"]) and torch.equal(one[k]["z1"], two[k]["z1"])
+    assert one["shard-00002.safetensors"]["z0"].shape == (2, 1, 8, 8)
+
+
+def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
+    """The teacher equals DDIM with eta = 0 written out from the scheduler's alphas."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=5)
+    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
+    sched = DDIMScheduler.from_pretrained(ddpm_dir / "scheduler")
+    sched.set_timesteps(5)
+    ac = sched.alphas_cumprod
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = teacher(x)
+    ts = sched.timesteps.tolist()
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
+            a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else sched.final_alpha_cumprod)
+            eps = unet(x, t).sample
+            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # the DDPM config clips x0
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # eta = 0: no fresh noise
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-4)
+
+
+def test_interrupted_pair_generation_resumes_to_the_same_pairs(tiny_run, tmp_path):
+    teacher = FlowTeacher(tiny_run, solver="midpoint", nfe=8)
+    full = _shards(generate_pairs(teacher, 700, tmp_path / "full", shard_size=256, seed=1, progress=False))
+    # an interrupted run: some shards done (as another process would do), one half-written temp file
+    part = tmp_path / "part"
+    generate_pairs(teacher, 700, part, shard_size=256, seed=1, progress=False, shards=[2])
+    (part / ".shard-00000.safetensors.tmp.junk.safetensors").write_bytes(b"partial")
+    before = (part / "shard-00002.safetensors").stat().st_mtime_ns
+    resumed = _shards(generate_pairs(teacher, 700, part, shard_size=256, seed=1, progress=False))
+    assert (part / "shard-00002.safetensors").stat().st_mtime_ns == before  # skipped, not redone
+    assert list(resumed) == list(full)
+    for k in full:
+        assert torch.equal(full[k]["z0"], resumed[k]["z0"]) and torch.equal(full[k]["z1"], resumed[k]["z1"])
+
+
+def test_pairs_from_another_teacher_are_refused(tiny_run, tmp_path):
+    generate_pairs(FlowTeacher(tiny_run, solver="midpoint", nfe=8), 100, tmp_path / "p", shard_size=64, progress=False)
+    with pytest.raises(UserError, match="another teacher"):
+        generate_pairs(FlowTeacher(tiny_run, solver="euler", nfe=3), 100, tmp_path / "p", shard_size=64, progress=False)
+
+
+def test_pairs_stream_in_a_bounded_window(tiny_run, tmp_path):
+    d = generate_pairs(FlowTeacher(tiny_run, solver="euler", nfe=2), 1000, tmp_path / "p", shard_size=100, progress=False)
+    ds = PairsDataset(str(d), max_bytes=3 * 2 * 4 * 100 * 2)  # room for three shards
+    assert ds.window == 3
+    g = torch.Generator().manual_seed(0)
+    all_z0 = torch.cat([load_file(p)["z0"] for p in sorted(d.glob("shard-*"))])
+    seen = set()
+    for _ in range(40):
+        b = ds.sample(50, g)
+        assert len(ds._resident[1]) <= 300
+        assert b.x0.shape == (50, 2) and b.x1.shape == (50, 2)
+        seen.update(torch.cdist(b.x0, all_z0).argmin(1).tolist())
+    assert len(seen) > 600  # the window moved through most shards
+    # the window's position is restored from the trainer state
+    ds2 = PairsDataset(str(d), max_bytes=3 * 2 * 4 * 100 * 2)
+    ds2.load_state_dict(ds.state_dict())
+    g2 = torch.Generator().manual_seed(5)
+    g.manual_seed(5)
+    assert torch.equal(ds.sample(50, g).x0, ds2.sample(50, g2).x0)
+
+
+def test_gaussian_to_gaussian_reflow_is_straight(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(4000, 2)) @ np.array([[2.5, 0.0], [1.5, 0.4]]) + np.array([3.0, -2.0])
+    np.save(tmp_path / "g.npy", data)
+    args = ["--batch-size", "256", "--width", "64", "--depth", "3", "--no-progress", "--no-plots"]
+    rc, _, err = cli("train", "--data", tmp_path / "g.npy", "--steps", "1500", "--lr", "2e-3", "--out", tmp_path / "rf1",
+                     *args)
+    assert rc == 0, err
+    rc, _, err = cli("reflow", tmp_path / "rf1", "--out", tmp_path / "rf2", "--pairs", "8000", "--steps", "1500",
+                     "--lr", "1e-3", "--batch-size", "256", "--tol", "1e-4", "--no-progress", "--no-plots")
+    assert rc == 0, err
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    s1 = straightness(load_run(tmp_path / "rf1").velocity, x0)
+    s2 = straightness(load_run(tmp_path / "rf2").velocity, x0)
+    assert s1 > 0.05  # the 1-rectified flow between these Gaussians is curved
+    assert s2 < 0.2 * s1 and s2 < 0.02
+    lineage = json.loads((tmp_path / "rf2" / "config.json").read_text())["train"]["lineage"]
+    assert lineage["kind"] == "reflow" and lineage["k"] == 2 and lineage["pairs"] == 8000
+
+
+def test_distilled_run_samples_in_one_step(cli, tiny_run, tmp_path):
+    rc, _, err = cli("distill", tiny_run, "--out", tmp_path / "d", "--pairs", "512", "--steps", "30", "--teacher-nfe",
+                     "4", "--shard-size", "256", "--no-progress", "--no-plots")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())["train"]
+    assert cfg["time_dist"] == "grid" and cfg["time_steps"] == 1 and cfg["lineage"]["kind"] == "distill"
+    rc, _, err = cli("sample", tmp_path / "d", "--nfe", "1", "--n", "64", "--out", tmp_path / "x.npy", "--no-progress")
+    assert rc == 0, err
+    assert np.load(tmp_path / "x.npy").shape == (64, 2)
+
+
+def _one_line(rc, err):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flowmatch: error:"), err
+    return lines[0]
+
+
+def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
+    out = tmp_path / "out"
+    assert "not a run directory" in _one_line(*cli("reflow", tmp_path / "nope", "--out", out)[::2])
+    assert "diffusers" in _one_line(*cli("reflow", "--teacher", f"diffusers:{tmp_path}", "--out", out)[::2])
+    assert "not both" in _one_line(*cli("reflow", tiny_run, "--teacher", f"diffusers:{ddpm_dir}", "--out", out)[::2])
+    assert "--pairs" in _one_line(*cli("reflow", tiny_run, "--pairs", "0", "--out", out)[::2])
+    assert not out.exists()
+    # a student whose pairs came from another teacher
+    rc, _, err = cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--steps", "2", "--teacher-nfe", "2",
+                     "--no-progress", "--no-plots", "--shard-size", "32")
+    assert rc == 0, err
+    for name in ("trainer_state.pt", "model.safetensors", "ema.safetensors"):  # as if killed before a checkpoint
+        (out / name).unlink()
+    line = _one_line(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "4", "--resume",
+                          "--no-progress", "--shard-size", "32")[::2])
+    assert "another teacher" in line
+    # a damaged shard names its file
+    shard = out / "pairs" / "shard-00001.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"z0": torch.zeros(3, 5), "z1": torch.zeros(3, 5)}, shard)
+    line = _one_line(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "2", "--resume",
+                          "--no-progress", "--shard-size", "32", "--steps", "2")[::2])
+    assert "shard-00001" in line
+
+
+def test_teacher_run_must_exist_and_shapes_must_agree(tmp_path, tiny_run):
+    with pytest.raises(UserError, match="not a run directory"):
+        make_teacher(tmp_path / "nope")
+    with pytest.raises(UserError, match="needs a number"):
+        FlowTeacher(tiny_run, solver="euler", nfe=None)
