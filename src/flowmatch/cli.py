@@ -241,6 +241,40 @@ def distill(
 
 
 @app.command()
+def nll(
+    run: Path = typer.Argument(..., help="run directory"),
+    n: int = typer.Option(1000, help="fresh data samples to score"),
+    tol: float = typer.Option(1e-5, help="dopri5 tolerance (atol = rtol)"),
+    divergence: str = typer.Option("auto", help="auto (exact up to 16 dimensions), exact or hutchinson"),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+):
+    """Negative log-likelihood of fresh data, nats per sample (bits per dim for images)."""
+    import math
+
+    import torch
+
+    from .likelihood import nll_summary
+    from .runs import load_run
+
+    if n < 2:
+        raise UserError(f"--n: expected an integer >= 2, got {n}")
+    if divergence not in ("auto", "exact", "hutchinson"):
+        raise UserError(f"--divergence: expected auto, exact or hutchinson, got {divergence!r}")
+    r = load_run(run)
+    x = r.dataset.reference(n, torch.Generator(device=r.device).manual_seed(seed + 2)).cpu()
+    lp = r.log_prob(x, tol=tol, divergence=divergence, seed=seed, progress=not json_out)
+    res = nll_summary(lp, math.prod(r.shape), images=len(r.shape) == 3)
+    res.update({"divergence": divergence if divergence != "auto" else ("exact" if math.prod(r.shape) <= 16 else "hutchinson"),
+                "tol": tol})
+    if json_out:
+        print(json.dumps(res))
+    else:
+        _say(f"NLL {res['nll']:.4f} ± {res['se']:.4f} nats per sample (n = {n})"
+             + (f", {res['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in res else ""))
+
+
+@app.command()
 def plot(run: Path = typer.Argument(..., help="run directory")):
     """(Re)draw a run's pictures into its directory."""
     from .plots import plot_run

@@ -18,7 +18,7 @@ class TrainConfig:
     data: str = "checkerboard"
     n_points: int | None = None
     # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
-    steps: int = 8000
+    steps: int = 6000
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -140,3 +140,19 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
         written.append(vector_field(run, run_dir / "field.png"))
     written.append(flow_gif(run, run_dir / "flow.gif"))
     return written
+
+
+def compare_trajectories(runs: dict, path, n: int = 300, nfe: int = 100, seed: int = 0) -> Path:
+    """Trajectories of several runs from the same noise, side by side (e.g. 1-RF against 2-RF)."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4.5), squeeze=False)
+    for ax, (label, run) in zip(axes[0], runs.items()):
+        g = torch.Generator(device=run.device).manual_seed(seed)
+        with torch.inference_mode():
+            res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
+        traj = run.dataset.decode(res.trajectory).cpu()
+        for i in range(n):
+            ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, alpha=0.35, color="C0")
+        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey")
+        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C1")
+        ax.set(aspect="equal", title=f"{label} trajectories")
+    return _save(fig, path)

@@ -196,6 +196,21 @@ class Run:
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(n, *self.shape, generator=generator, device=generator.device)
 
+    def log_prob(self, x: torch.Tensor, tol: float = 1e-5, divergence: str = "auto", seed: int = 0,
+                 batch_size: int = 1000, progress: bool = False) -> torch.Tensor:
+        """Log-density (nats) of data ``x`` (in data units) under the model, per sample."""
+        from tqdm.auto import tqdm
+
+        from .likelihood import log_prob
+
+        out = []
+        for k, i in enumerate(tqdm(range(0, len(x), batch_size), disable=not progress, desc="nll", unit="batch")):
+            xb = self.dataset.encode(x[i:i + batch_size].to(self.device))
+            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            lp = log_prob(self.velocity, xb, atol=tol, rtol=tol, divergence=divergence, generator=g)
+            out.append(lp.log_prob.cpu() - log_scale(self.dataset, self.shape))
+        return torch.cat(out)
+
     @torch.inference_mode()
     def sample(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
                label: int | None = None, guidance: float = 1.0, progress: bool = False, **solver_kw) -> torch.Tensor:
@@ -219,6 +234,15 @@ class Run:
             res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
             out.append(self.dataset.decode(res.x).float().cpu())
         return torch.cat(out) if out else torch.empty(0, *self.shape)
+
+
+def log_scale(dataset, shape) -> float:
+    """``sum(log std)`` of the data normalisation over one sample: log-density in data units is
+    the model-space log-density minus this."""
+    import math
+
+    std = dataset.std.float()
+    return float(std.log().sum()) if std.numel() > 1 else math.prod(shape) * float(std.log())
 
 
 def load_run(run_dir, device=None, weights: str = "ema") -> Run:

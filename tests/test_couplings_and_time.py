@@ -1,0 +1,80 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from flowmatch.couplings import OTCoupling, make_coupling
+from flowmatch.errors import UserError
+from flowmatch.timesteps import GridTime, LogitNormalTime, UniformTime, shift_times
+
+from conftest import TINY
+
+
+def _cost(x0, x1):
+    return (x0 - x1).pow(2).sum(1).mean().item()
+
+
+@pytest.mark.parametrize("method", ["exact", "sinkhorn"])
+def test_ot_lowers_the_transport_cost(method):
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(256, 2, generator=g), 3 + torch.randn(256, 2, generator=g) * 2
+    p0, p1, _ = OTCoupling(method=method, reg=0.05).pair(x0, x1, g)
+    assert torch.equal(p1, x1)
+    assert _cost(p0, p1) < 0.8 * _cost(x0, x1)
+    if method == "exact":  # a permutation of the noise
+        assert torch.equal(torch.sort(p0[:, 0]).values, torch.sort(x0[:, 0]).values)
+        # no pairing does better than the exact plan (here: against random permutations)
+        for _ in range(20):
+            perm = torch.randperm(256, generator=g)
+            assert _cost(p0, p1) <= _cost(x0[perm], x1) + 1e-6
+
+
+def test_class_aware_ot_pairs_only_within_a_class():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(3, (120,), generator=g)
+    x0 = torch.randn(120, 2, generator=g) + labels[:, None] * 100.0  # noise tagged by class
+    x1 = torch.randn(120, 2, generator=g)
+    p0, _, lab = OTCoupling(by_class=True).pair(x0, x1, g, labels)
+    assert torch.equal(((p0[:, 0] + 50) // 100).long(), lab)
+
+
+def test_unknown_coupling_lists_valid_ones():
+    with pytest.raises(UserError, match="independent, ot, fixed"):
+        make_coupling("greedy")
+
+
+def test_logit_normal_time():
+    t = LogitNormalTime(0.5, 0.8).sample(200000, torch.Generator().manual_seed(0))
+    z = torch.logit(t.double())
+    assert abs(z.mean() - 0.5) < 0.01 and abs(z.std() - 0.8) < 0.01
+    u = UniformTime().sample(100000, torch.Generator().manual_seed(0))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_grid_time_and_shift():
+    t = GridTime(4).sample(10000, torch.Generator().manual_seed(0))
+    assert set(t.unique().tolist()) == {0.0, 0.25, 0.5, 0.75}
+    grid = torch.linspace(0, 1, 11, dtype=torch.float64)
+    s = shift_times(grid, 3.0)
+    assert s[0] == 0 and s[-1] == 1 and (s[1:-1] < grid[1:-1]).all() and (s.diff() > 0).all()
+    torch.testing.assert_close(shift_times(grid, 1.0), grid)
+
+
+COMBOS = list(itertools.product(["linear", "vp", "cosine"], ["independent", "ot"], ["uniform", "logit-normal"]))
+
+
+@pytest.mark.parametrize("path,coupling,time_dist", COMBOS)
+def test_every_combination_trains_and_samples(cli, tmp_path, path, coupling, time_dist):
+    out = tmp_path / "run"
+    rc, _, err = cli("train", "--path", path, "--coupling", coupling, "--time-dist", time_dist, "--steps", "20",
+                     "--batch-size", "64", "--out", out, "--no-plots", *TINY)
+    assert rc == 0, err
+    rc, _, err = cli("sample", out, "--n", "100", "--nfe", "4", "--out", tmp_path / "x.npy", "--no-progress")
+    assert rc == 0, err
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (100, 2) and np.isfinite(x).all()
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())["train"]
+    assert (cfg["path"], cfg["coupling"], cfg["time_dist"]) == (path, coupling, time_dist)
