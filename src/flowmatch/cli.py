@@ -7,6 +7,8 @@ Bad input prints one line ``flowmatch: error: ...`` on stderr and exits with sta
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def train(
     checkpoint_every: int = typer.Option(_D.checkpoint_every, help="write a checkpoint every N steps"),
     precision: str = typer.Option(_D.precision, help="fp32, bf16 or fp16 (CUDA only)"),
     grad_accum: int = typer.Option(_D.grad_accum, help="gradient accumulation steps"),
+    processes: int = typer.Option(1, help="local training processes (gloo on the CPU, NCCL on GPUs), via torchrun"),
     plots: bool = typer.Option(True, help="write pictures at the end"),
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)"),
     resume: bool = typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings"),
@@ -75,15 +78,58 @@ def train(
         path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
         time_std=time_std, model=model, width=width, depth=depth, log_every=log_every,
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
+        processes=processes,
     )
     if not resume:
         cfg.validate()
         cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
         from .couplings import make_coupling
+        from .data import make_dataset, spec_from_arg
+        from .models import make_model
 
         make_coupling(cfg.coupling)
+        ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed))
+        make_model(cfg.model_spec(), ds.shape, ds.num_classes)
+    if processes < 1:
+        raise UserError(f"--processes: expected a positive integer, got {processes}")
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        from .training import check_run_dir
+
+        out = out if out is not None else default_run_dir_for(cfg)
+        check_run_dir(out, resume)
+        argv = _argv_without_processes(sys.argv[1:] if _ARGV is None else _ARGV)
+        if "--out" not in argv:
+            argv += ["--out", str(out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "flowmatch", *argv]
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            raise typer.Exit(2 if rc == 1 else rc)
+        return
     run_dir = run_training(cfg, out=out, resume=resume, progress=progress)
-    _say(f"run written to {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        _say(f"run written to {run_dir}")
+
+
+def default_run_dir_for(cfg):
+    from .training import default_run_dir
+
+    return default_run_dir(cfg)
+
+
+def _argv_without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--processes":
+            skip = True
+            continue
+        if a.startswith("--processes="):
+            continue
+        out.append(a)
+    return out
 
 
 def _check_out(out: Path, suffixes: tuple[str, ...], option: str = "--out") -> None:
@@ -285,8 +331,13 @@ def plot(run: Path = typer.Argument(..., help="run directory")):
         _say(f"wrote {p}")
 
 
+_ARGV: list[str] | None = None
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the app and return its exit status; bad input becomes one line and status 2."""
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else None
     try:
         rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
     except UserError as e:

@@ -45,6 +45,16 @@ def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
     return out
 
 
+def check_run_dir(out, resume: bool) -> None:
+    """What ``train`` checks of its run directory before starting (also in a launcher)."""
+    out = Path(out)
+    if resume:
+        read_config(out)
+        load_state(out / "trainer_state.pt")
+    else:
+        _check_new_run_dir(out)
+
+
 def _check_new_run_dir(out: Path, allow_existing=()) -> None:
     if out.exists() and (not out.is_dir() or any(p.name not in allow_existing for p in out.iterdir())):
         raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
@@ -73,10 +83,12 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         _check_new_run_dir(out, allow_existing)
         state = None
 
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
+    # Mixed precision is torch.autocast (+ a GradScaler for fp16) rather than accelerate's
+    # process-wide setting, so runs of different precision can follow each other in one process.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=not torch.cuda.is_available())
     device, main = accelerator.device, accelerator.is_main_process
 
     # Everything that can fail on bad input is built before the run directory is touched.
@@ -100,6 +112,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     # One generator per process draws data, noise and times: no global random state.
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
     start = 0
+    if state is not None and len(state["generator"]) != accelerator.num_processes:
+        raise UserError(f"--resume: {out} was trained with {len(state['generator'])} process(es); "
+                        f"resume it with --processes {len(state['generator'])}")
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -152,6 +167,8 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
     running = torch.zeros((), device=device)
     bad_step = torch.full((), -1, device=device, dtype=torch.long)
     t_start, last_log = time.perf_counter(), start
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     bar = tqdm(total=cfg.steps, initial=start, disable=not (main and progress), desc="train", dynamic_ncols=True)
     for step in range(start, cfg.steps):
         lr = lr_at(cfg, step)
@@ -166,12 +183,16 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
             if label is not None and cfg.label_dropout > 0:
                 drop = torch.rand(len(label), generator=gen, device=device) < cfg.label_dropout
                 label = torch.where(drop, -1, label)
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss = cfm_loss(model, path, x0, x1, t, label)
-                accelerator.backward(loss)
-                if cfg.grad_clip is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+            with accelerator.accumulate(model):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = cfm_loss(model, path, x0, x1, t, label)
+                accelerator.backward(scaler.scale(loss))
+                if accelerator.sync_gradients:  # the last micro-batch of an accumulation
+                    scaler.unscale_(opt)
+                    if cfg.grad_clip is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
                 opt.zero_grad(set_to_none=True)
         loss = loss.detach()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)

@@ -1,0 +1,75 @@
+"""Multi-process training (torchrun + accelerate, gloo on the CPU), precision, divergence."""
+
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+HOOK = '''
+import os, sys
+_run = os.environ.get("FM_WATCH_DIR")
+_log = os.environ.get("FM_WATCH_LOG")
+def _hook(event, args):
+    if event in ("open", "os.rename", "os.replace", "os.remove", "os.mkdir") and args and _run:
+        path = str(args[0]) if not isinstance(args[0], int) else ""
+        mode = args[1] if event == "open" and len(args) > 1 and isinstance(args[1], str) else "w"
+        writing = event != "open" or any(c in mode for c in "wax+")
+        if writing and os.path.abspath(path).startswith(_run):
+            with open(_log + "." + os.environ.get("RANK", "none"), "a") as f:
+                f.write(event + " " + path + "\\n")
+sys.addaudithook(_hook)
+'''
+
+
+def test_two_processes_train_and_only_the_main_one_writes(tmp_path, cli):
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(HOOK)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{hook_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "FM_WATCH_DIR": str(run), "FM_WATCH_LOG": str(tmp_path / "writes")}
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--processes", "2", "--steps", "30", "--batch-size", "32",
+           "--checkpoint-every", "10", "--out", str(run), *TINY]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 64
+    logs = sorted(f.name for f in tmp_path.glob("writes.*"))
+    assert logs == ["writes.0"], logs  # rank 1 never touched the run directory
+    assert "model.safetensors" in (tmp_path / "writes.0").read_text()
+    # the checkpoint samples like any other
+    rc, _, err = cli("sample", run, "--n", "50", "--out", tmp_path / "x.npy", "--no-progress")
+    assert rc == 0, err
+    # resuming with another number of processes is refused in one line
+    rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
+    assert rc == 2 and "--processes 2" in err
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(cli, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--steps", "20", "--checkpoint-every", "10", "--log-every", "10", "--out", run,
+                     "--no-plots", *TINY)
+    assert rc == 0, err
+    good = load_file(run / "model.safetensors")
+    # resume the same run with an absurd learning rate: edit its config as a user might
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"].update(steps=60, lr=1e12, grad_clip=None, warmup_steps=0, schedule="constant")
+    (run / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "diverged" in lines[0] and "step" in lines[0], err
+    after = load_file(run / "model.safetensors")
+    assert all((after[k] == good[k]).all() for k in good)  # the last good checkpoint is intact
+
+
+def test_bf16_and_gradient_accumulation_train(cli, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--steps", "10", "--precision", "bf16", "--grad-accum", "2", "--batch-size", "32",
+                     "--out", run, "--no-plots", *TINY)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["global_batch_size"] == 64 and cfg["train"]["precision"] == "bf16"
