@@ -39,7 +39,10 @@ def _parse_nfes(text: str) -> list[int]:
 
 @app.command()
 def train(
-    data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, or a .npy/.csv/.pt file"),
+    data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, digits; "
+                                          "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder"),
+    image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
+    skip_bad: bool = typer.Option(False, help="image folders: skip unreadable files with a warning"),
     n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
     steps: int = typer.Option(_D.steps, help="optimizer steps"),
     batch_size: int = typer.Option(_D.batch_size, help="batch size per process"),
@@ -56,7 +59,7 @@ def train(
     time_dist: str = typer.Option(_D.time_dist, help="uniform or logit-normal"),
     time_mean: float = typer.Option(_D.time_mean, help="logit-normal location"),
     time_std: float = typer.Option(_D.time_std, help="logit-normal scale"),
-    model: str = typer.Option(_D.model, help="network: mlp"),
+    model: str = typer.Option(_D.model, help="network: auto (mlp for vectors, unet for images), mlp, unet"),
     width: int = typer.Option(_D.width, help="hidden width"),
     depth: int = typer.Option(_D.depth, help="hidden layers"),
     log_every: int = typer.Option(_D.log_every),
@@ -73,7 +76,8 @@ def train(
     from .training import train as run_training
 
     cfg = TrainConfig(
-        data=data, n_points=n_points, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        data=data, n_points=n_points, image_size=image_size, skip_bad=skip_bad, steps=steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
         path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
         time_std=time_std, model=model, width=width, depth=depth, log_every=log_every,
@@ -88,7 +92,7 @@ def train(
         from .models import make_model
 
         make_coupling(cfg.coupling)
-        ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed))
+        ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
         make_model(cfg.model_spec(), ds.shape, ds.num_classes)
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
@@ -150,6 +154,8 @@ def sample(
     batch_size: int = typer.Option(65536, help="samples integrated at once (bounds memory)"),
     tol: float = typer.Option(1e-5, help="adaptive solvers: atol = rtol"),
     weights: str = typer.Option("ema", help="ema or model"),
+    label: int | None = typer.Option(None, help="class to sample (class-conditional runs)"),
+    guidance: float = typer.Option(1.0, help="classifier-free guidance weight with --label (1: none)"),
     progress: bool = typer.Option(True),
 ):
     """Draw samples from a trained run."""
@@ -163,11 +169,18 @@ def sample(
     if batch_size < 1:
         raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
     r = load_run(run, weights=weights)
-    x = r.sample(n, nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, progress=progress, atol=tol, rtol=tol)
+    x = r.sample(n, nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, progress=progress, atol=tol, rtol=tol,
+                 label=label, guidance=guidance)
+    if len(r.shape) == 3:
+        x = x.clamp(0, 1)  # pixels in [0, 1] at the border
     if out.suffix.lower() == ".npy":
         with atomic_path(out) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, x.numpy().astype(np.float32))
+    elif len(r.shape) == 3:
+        from .plots import image_grid
+
+        image_grid(x.clamp(0, 1), out, title=f"{solver}, NFE {nfe}" + (f", label {label}" if label is not None else ""))
     else:
         from .plots import scatter
 
@@ -204,6 +217,8 @@ def evaluate(
         _check_out(plot, (".png",), "--plot")
     loaded = [load_run(r) for r in runs]
     results = {}
+    if any(len(r.shape) == 3 for r in loaded):
+        return _eval_images(loaded, n, solver, seed, json_out)
     for r in loaded:
         res = run_eval(r, nfes, n=n, seed=seed, solver=solver, tol=tol, repeats=repeats, progress=not json_out)
         res["run"] = str(r.dir)
@@ -318,6 +333,25 @@ def nll(
     else:
         _say(f"NLL {res['nll']:.4f} ± {res['se']:.4f} nats per sample (n = {n})"
              + (f", {res['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in res else ""))
+
+
+def _eval_images(loaded, n, solver, seed, json_out):
+    from .image_metrics import evaluate_digits
+
+    out = []
+    for r in loaded:
+        if r.doc["data"].get("name") != "digits" and (r.doc["data"].get("base") or {}).get("name") != "digits":
+            raise UserError(f"{r.dir}: image quality is measured for digits runs; for other images use FID "
+                            "from torch-fidelity or clean-fid (see README)")
+        res = evaluate_digits(r, n=min(n, 1000) if n == 4000 else n, solver=solver, seed=seed)
+        res["run"] = str(r.dir)
+        out.append(res)
+        if not json_out:
+            _say(f"{r.dir}: Fréchet/floor {res['classifier']['ratio']:.3f} (classifier features), "
+                 f"{res['pca']['ratio']:.3f} (PCA)" + (f"; class-conditional accuracy {res['conditional']['accuracy']:.3f}"
+                                                      if "conditional" in res else ""))
+    if json_out:
+        print(json.dumps(out[0] if len(out) == 1 else {"runs": out}))
 
 
 @app.command()

@@ -17,6 +17,8 @@ class TrainConfig:
     # data
     data: str = "checkerboard"
     n_points: int | None = None
+    image_size: int = 32  # image folders: resized and centre-cropped to this
+    skip_bad: bool = False  # image folders: skip unreadable files with a warning
     # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
     steps: int = 6000
     batch_size: int = 512
@@ -36,7 +38,7 @@ class TrainConfig:
     time_std: float = 1.0
     time_steps: int = 1  # time_dist "grid": t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)
     # the network
-    model: str = "mlp"
+    model: str = "auto"  # mlp for vectors, unet for images
     width: int = 512
     depth: int = 5
     init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)

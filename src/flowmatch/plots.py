@@ -122,12 +122,62 @@ def quality_vs_nfe(results: dict, path, title: str = "quality against NFE") -> P
     return _save(fig, path)
 
 
+def image_grid(x: torch.Tensor, path, nrow: int | None = None, title: str | None = None) -> Path:
+    """A grid of images ``x`` (N, C, H, W) in [0, 1]; ``nrow`` images per row."""
+    import math
+
+    x = x.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.ones(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = x[i]
+    img = canvas[0] if c == 1 else canvas.permute(1, 2, 0)
+    scale = max(1.0, 320 / canvas.shape[-1])
+    fig, ax = plt.subplots(figsize=(canvas.shape[-1] * scale / 80, canvas.shape[-2] * scale / 80 + (0.3 if title else 0)))
+    ax.imshow(img.numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def image_flow(run, path, n: int = 8, steps: int = 8, nfe: int = 64, seed: int = 0) -> Path:
+    """Rows: samples; columns: x_t from noise (t = 0) to data (t = 1)."""
+    g = torch.Generator(device=run.device).manual_seed(seed)
+    with torch.inference_mode():
+        res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
+    idx = torch.linspace(0, nfe, steps + 1).round().long()
+    frames = run.dataset.decode(res.trajectory[idx]).clamp(0, 1)  # (steps+1, n, C, H, W)
+    grid = frames.permute(1, 0, 2, 3, 4).reshape(-1, *frames.shape[2:])
+    return image_grid(grid, path, nrow=steps + 1, title="noise (t=0) -> data (t=1)")
+
+
+def plot_image_run(run, run_dir: Path, seed: int = 0) -> list[Path]:
+    written = [image_grid(run.sample(64, nfe=100, seed=seed).clamp(0, 1), run_dir / "samples.png",
+                          title="samples (100 Euler steps)")]
+    if run.num_classes:
+        per = 10
+        rows = [run.sample(per, nfe=100, seed=seed + 1 + c, label=c, guidance=2.0) for c in range(run.num_classes)]
+        written.append(image_grid(torch.cat(rows).clamp(0, 1), run_dir / "samples_by_class.png", nrow=per,
+                                  title="one row per class (guidance 2)"))
+    written.append(image_flow(run, run_dir / "trajectories.png"))
+    return written
+
+
 def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     """Write every picture of a run into its directory; returns the paths written."""
     from .runs import load_run
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    if len(run.shape) == 3:
+        written = plot_image_run(run, run_dir, seed)
+        if (run_dir / "metrics.jsonl").exists():
+            written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
+        return written
     written = []
     g = torch.Generator(device=run.device).manual_seed(seed + 1)
     ref = run.dataset.reference(n, g).cpu()

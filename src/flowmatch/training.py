@@ -78,7 +78,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         state = load_state(out / "trainer_state.pt")
     else:
         cfg.validate()
-        data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed)
+        data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad)
         out = Path(out) if out is not None else default_run_dir(cfg)
         _check_new_run_dir(out, allow_existing)
         state = None
@@ -215,6 +215,8 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
                                                             "time": round(time.perf_counter() - t_start, 3)})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _save_checkpoint(accelerator, raw, ema, opt, gen, done, out, dataset)
+                if main and len(shape) == 3 and cfg.plots:
+                    _progress_grid(ema, dataset, out, done, device)
     bar.close()
 
 
@@ -237,6 +239,19 @@ def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
     save_state(out / "trainer_state.pt", state)
     save_weights(out / "model.safetensors", raw.state_dict(), {"step": step})
     save_weights(out / "ema.safetensors", ema.state_dict(), {"step": step})
+
+
+@torch.inference_mode()
+def _progress_grid(ema, dataset, out: Path, step: int, device) -> None:
+    """Images over training: 36 EMA samples (20 Euler steps, fixed noise) per checkpoint."""
+    from .plots import image_grid
+    from .solvers import integrate
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(36, *dataset.shape, generator=g, device=device)
+    x = dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", 20).x).clamp(0, 1)
+    (out / "progress").mkdir(exist_ok=True)
+    image_grid(x, out / "progress" / f"step-{step:07d}.png", nrow=6, title=f"step {step}")
 
 
 def _append_metrics(path: Path, row: dict) -> None:

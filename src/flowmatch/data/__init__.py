@@ -127,6 +127,72 @@ class ArrayDataset(Dataset):
         return rows.to(generator.device)[idx]
 
 
+class ImageDataset(Dataset):
+    """Images in [0, 1] (N, C, H, W) with optional labels; the model sees ``2 x - 1``.
+
+    Loaded lazily: a run rebuilt for sampling needs only the spec (shape, classes)."""
+
+    def __init__(self, name: str, path: str | None = None, image_size: int | None = None, skip_bad: bool = False,
+                 shape=None, num_classes: int | None = None, classes=None):
+        super().__init__()
+        self.name, self.path, self.image_size, self.skip_bad = name, path, image_size, skip_bad
+        self.mean, self.std = torch.tensor(0.5), torch.tensor(0.5)
+        self.x = self.y = self.held_out = None
+        self.classes = classes
+        if shape is None or num_classes is None:
+            self._load()
+            shape, num_classes = tuple(self.x.shape[1:]), (len(self.classes) if self.y is not None else 0)
+        self.shape, self.num_classes = tuple(shape), int(num_classes)
+        self.spec = {"name": name, "path": path, "image_size": image_size, "skip_bad": skip_bad,
+                     "shape": list(self.shape), "num_classes": self.num_classes, "classes": self.classes}
+        self.device = torch.device("cpu")
+
+    def _load(self):
+        from .images import load_digits_split, load_image_array, load_image_folder
+
+        if self.name == "digits":
+            self.x, self.y = load_digits_split("train")
+            self.held_out = load_digits_split("test")
+            self.classes = [str(k) for k in range(10)]
+        elif self.name == "images":
+            self.x, self.y, classes = load_image_folder(self.path, self.image_size, self.skip_bad)
+            self.classes = classes or None
+        else:
+            self.x, self.y = load_image_array(self.path), None
+        if self.held_out is None:
+            self.held_out = (self.x, self.y)
+
+    def _data(self):
+        if self.x is None:
+            self._load()
+            if tuple(self.x.shape[1:]) != self.shape:
+                raise UserError(f"{self.path or self.name}: images now have shape {tuple(self.x.shape[1:])}, "
+                                f"the run expects {self.shape}")
+        return self.x, self.y
+
+    def to(self, device):
+        self.device = torch.device(device)
+        return self
+
+    def sample(self, n, generator):
+        x, y = self._data()
+        idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
+        x1 = self.encode(x[idx].to(generator.device))
+        label = y[idx].to(generator.device) if (y is not None and self.num_classes) else None
+        return Batch(x1=x1, label=label)
+
+    def reference(self, n, generator):
+        """Held-out real images (digits: the test split), drawn with replacement."""
+        self._data()
+        x = self.held_out[0]
+        idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
+        return x[idx].to(generator.device)
+
+    def held_out_set(self):
+        self._data()
+        return self.held_out
+
+
 class DecodeOnly(Dataset):
     """Samples of known shape and scale but no data to draw (a diffusers teacher's space)."""
 
@@ -150,18 +216,28 @@ def eval_dataset(spec: dict) -> Dataset:
 
 
 def valid_names() -> list[str]:
-    return list(TOY2D)
+    return [*TOY2D, "digits"]
 
 
-def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0) -> dict:
+def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_size: int = 32,
+                  skip_bad: bool = False) -> dict:
     """Turn ``--data NAME|PATH`` into a dataset spec; unknown names list the valid ones."""
+    from .images import is_image_array
+
     if data in TOY2D:
         return {"name": data, "n_points": n_points, "seed": seed}
     if n_points is not None:
         raise UserError(f"--n-points: only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
+    if data == "digits":
+        return {"name": "digits"}
+    if os.path.isdir(data):
+        return {"name": "images", "path": os.path.abspath(data), "image_size": image_size, "skip_bad": skip_bad}
+    if is_image_array(data):
+        return {"name": "image-array", "path": os.path.abspath(data)}
     if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
         return {"name": "array", "path": os.path.abspath(data)}
-    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} or a .npy/.csv/.pt file")
+    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} "
+                    "or a .npy/.csv/.pt file or an image folder")
 
 
 def make_dataset(spec: dict) -> Dataset:
@@ -172,6 +248,8 @@ def make_dataset(spec: dict) -> Dataset:
         return ArrayDataset(**spec)
     if name in TOY2D:
         return ToyDataset(name, **spec)
+    if name in ("digits", "images", "image-array"):
+        return ImageDataset(name, **spec)
     if name == "pairs":
         from ..reflow import PairsDataset
 
@@ -179,5 +257,5 @@ def make_dataset(spec: dict) -> Dataset:
     raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
 
 
-__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "DecodeOnly", "make_dataset", "eval_dataset", "spec_from_arg",
+__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "ImageDataset", "DecodeOnly", "make_dataset", "eval_dataset", "spec_from_arg",
            "valid_names"]

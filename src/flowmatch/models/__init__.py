@@ -13,7 +13,18 @@ def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0):
     return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes)
 
 
-MODELS = {"mlp": _mlp}
+def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None):
+    from .unet import UNet
+
+    # width/depth are the MLP's; the UNet takes its small defaults per image size
+    return UNet(tuple(shape), num_classes=num_classes)
+
+
+def _auto(shape, num_classes=0, **kw):
+    return (_unet if len(shape) == 3 else _mlp)(shape, num_classes=num_classes, **kw)
+
+
+MODELS = {"mlp": _mlp, "unet": _unet, "auto": _auto}
 
 
 def make_model(spec: dict, shape: tuple, num_classes: int = 0):

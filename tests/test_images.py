@@ -1,0 +1,154 @@
+"""Images: digits, image folders, .npy images, the UNet adapter, guidance, image metrics."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowmatch.data import make_dataset, spec_from_arg
+from flowmatch.data.images import load_digits_split, load_image_folder
+from flowmatch.errors import UserError
+from flowmatch.image_metrics import frechet_distance
+from flowmatch.models import make_model
+
+SMALL = ["--steps", "12", "--batch-size", "16", "--no-progress", "--checkpoint-every", "6"]
+
+
+def _one_line(rc, err):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flowmatch: error:"), err
+    return lines[0]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two classes; PNG and JPEG; RGB and grayscale; different sizes; a corrupt file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for cls, color in (("cats", (200, 40, 40)), ("dogs", (40, 40, 200))):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            size = (20 + 4 * i, 16 + 2 * i)
+            arr = np.clip(np.array(color) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            im = Image.fromarray(arr)
+            if i == 3:
+                im = im.convert("L")
+            im.save(root / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_digits_are_shipped_split_and_scaled():
+    x, y = load_digits_split("train")
+    xt, yt = load_digits_split("test")
+    assert x.shape[1:] == (1, 8, 8) and len(x) + len(xt) == 1797
+    assert 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    assert torch.equal(load_digits_split("train")[0], x)  # a fixed split
+    ds = make_dataset(spec_from_arg("digits"))
+    assert ds.shape == (1, 8, 8) and ds.num_classes == 10
+    b = ds.sample(32, torch.Generator().manual_seed(0))
+    assert b.x1.min() >= -1 and b.x1.max() <= 1 and b.label.shape == (32,)
+
+
+def test_image_folder_with_classes(folder):
+    x, y, classes = load_image_folder(str(folder), 8)
+    assert classes == ["cats", "dogs"] and x.shape == (8, 3, 8, 8) and y.tolist() == [0] * 4 + [1] * 4
+    assert 0 <= x.min() and x.max() <= 1
+    # red cats, blue dogs survive resizing and cropping (grayscale ones are grey)
+    assert x[0, 0].mean() > x[0, 2].mean() and x[4, 2].mean() > x[4, 0].mean()
+
+
+def test_corrupt_file_is_named_or_skipped(folder):
+    bad = folder / "cats" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(UserError, match="broken.png"):
+        load_image_folder(str(folder), 8)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        x, y, _ = load_image_folder(str(folder), 8, skip_bad=True)
+    assert len(x) == 8 and any("broken.png" in str(m.message) for m in w)
+
+
+@pytest.mark.parametrize("case", ["empty", "single", "not-images"])
+def test_bad_folders(cli, tmp_path, case):
+    root = tmp_path / "bad"
+    root.mkdir()
+    if case == "single":
+        Image.new("RGB", (8, 8)).save(root / "one.png")
+    elif case == "not-images":
+        (root / "notes.txt").write_text("hello")
+    rc, _, err = cli("train", "--data", root, "--out", tmp_path / "run", *SMALL)
+    line = _one_line(rc, err)
+    assert str(root) in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_npy_must_be_pixels(cli, tmp_path):
+    np.save(tmp_path / "x.npy", np.full((4, 1, 8, 8), 3.0))
+    line = _one_line(*cli("train", "--data", tmp_path / "x.npy", "--out", tmp_path / "run", *SMALL)[::2])
+    assert "[0, 1]" in line
+
+
+def test_unet_adapter_shapes_and_labels():
+    net = make_model({"name": "unet"}, (1, 8, 8), num_classes=3)
+    x, t = torch.randn(5, 1, 8, 8), torch.rand(5)
+    out = net(x, t, torch.tensor([0, 1, 2, -1, 0]))
+    assert out.shape == x.shape
+    # -1 and "no label" both mean the null class
+    torch.testing.assert_close(net(x[:1], t[:1], torch.tensor([-1])), net(x[:1], t[:1]))
+    assert not torch.allclose(net(x[:1], t[:1], torch.tensor([0])), net(x[:1], t[:1]))
+
+
+def test_class_conditional_folder_run(cli, folder, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--data", folder, "--image-size", "8", "--out", run, *SMALL)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["num_classes"] == 2 and cfg["shape"] == [3, 8, 8] and cfg["data"]["classes"] == ["cats", "dogs"]
+    assert sorted(p.name for p in (run / "progress").iterdir()) == ["step-0000006.png", "step-0000012.png"]
+    assert (run / "samples_by_class.png").exists()
+    rc, _, err = cli("sample", run, "--n", "6", "--nfe", "4", "--label", "1", "--guidance", "2", "--out",
+                     tmp_path / "x.npy", "--no-progress")
+    assert rc == 0, err
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (6, 3, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    rc, _, err = cli("sample", run, "--n", "6", "--nfe", "4", "--out", tmp_path / "grid.png", "--no-progress")
+    assert rc == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert "0..1" in _one_line(*cli("sample", run, "--label", "5", "--out", tmp_path / "y.npy")[::2])
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_label_on_an_unconditional_run(cli, tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((6, 1, 8, 8)))
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--data", tmp_path / "x.npy", "--out", run, "--no-plots", *SMALL)
+    assert rc == 0, err
+    assert "unconditional" in _one_line(*cli("sample", run, "--label", "0", "--out", tmp_path / "y.npy")[::2])
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, (20000, 3))
+    b = rng.normal(1, 2, (20000, 3))
+    # FD(N(0, I), N(1, 4 I)) = 3 * 1 + 3 * (1 + 4 - 2 * 2) = 6
+    assert abs(frechet_distance(a, b) - 6.0) < 0.15
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_digit_eval_reports_fd_floor_and_accuracy(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMATCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--data", "digits", "--model", "mlp", "--width", "64", "--depth", "2", "--out", run,
+                     "--no-plots", *SMALL)
+    assert rc == 0, err
+    rc, out, err = cli("eval", run, "--n", "200", "--nfe", "4", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    for space in ("classifier", "pca"):
+        assert res[space]["fd"] > 0 and res[space]["floor"] > 0
+    assert res["classifier_accuracy_on_test"] > 0.9  # the feature network is a real digit classifier
+    assert 0 <= res["conditional"]["accuracy"] <= 1 and res["conditional"]["judge_accuracy_on_test"] > 0.9
+    assert list((tmp_path / "cache").glob("digits-classifier-*.safetensors"))
