@@ -148,7 +148,8 @@ def sample(
     run: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
     n: int = typer.Option(4000, help="number of samples"),
-    nfe: int = typer.Option(100, help="velocity evaluations (fixed-step solvers)"),
+    nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
+                                              "or k for a distilled k-step run"),
     solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5"),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(65536, help="samples integrated at once (bounds memory)"),
@@ -169,6 +170,7 @@ def sample(
     if batch_size < 1:
         raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
     r = load_run(run, weights=weights)
+    nfe = r.default_nfe if nfe is None else nfe
     x = r.sample(n, nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, progress=progress, atol=tol, rtol=tol,
                  label=label, guidance=guidance)
     if len(r.shape) == 3:

@@ -181,8 +181,9 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     written = []
     g = torch.Generator(device=run.device).manual_seed(seed + 1)
     ref = run.dataset.reference(n, g).cpu()
-    x = run.sample(n, nfe=100, solver="euler", seed=seed)
-    written.append(scatter(x, run_dir / "samples.png", "samples (100 Euler steps)", reference=ref))
+    k = run.default_nfe
+    x = run.sample(n, nfe=k, solver="euler", seed=seed)
+    written.append(scatter(x, run_dir / "samples.png", f"samples ({k} Euler step{'s' if k > 1 else ''})", reference=ref))
     if (run_dir / "metrics.jsonl").exists():
         written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
     written.append(trajectories(run, run_dir / "trajectories.png"))

@@ -174,6 +174,11 @@ class Run:
     def lineage(self) -> dict:
         return self.cfg.lineage
 
+    @property
+    def default_nfe(self) -> int:
+        """How the run is meant to be sampled: a distilled k-step generator at NFE k, else 100."""
+        return int(self.lineage.get("steps", 1)) if self.lineage.get("kind") == "distill" else 100
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x, t, label) if label is not None else self.model(x, t)
 
