@@ -52,7 +52,7 @@ def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
     """The teacher equals DDIM with eta = 0 written out from the scheduler's alphas."""
     from diffusers import DDIMScheduler, UNet2DModel
 
-    teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=5)
+    teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=5, device="cpu")
     unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
     sched = DDIMScheduler.from_pretrained(ddpm_dir / "scheduler")
     sched.set_timesteps(5)
@@ -123,9 +123,10 @@ def test_gaussian_to_gaussian_reflow_is_straight(cli, tmp_path):
     rc, _, err = cli("reflow", tmp_path / "rf1", "--out", tmp_path / "rf2", "--pairs", "8000", "--steps", "1500",
                      "--lr", "1e-3", "--batch-size", "256", "--tol", "1e-4", "--no-progress", "--no-plots")
     assert rc == 0, err
-    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
-    s1 = straightness(load_run(tmp_path / "rf1").velocity, x0)
-    s2 = straightness(load_run(tmp_path / "rf2").velocity, x0)
+    rf1, rf2 = load_run(tmp_path / "rf1"), load_run(tmp_path / "rf2")
+    x0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1)).to(rf1.device)
+    s1 = straightness(rf1.velocity, x0)
+    s2 = straightness(rf2.velocity, x0)
     assert s1 > 0.05  # the 1-rectified flow between these Gaussians is curved
     assert s2 < 0.2 * s1 and s2 < 0.02
     lineage = json.loads((tmp_path / "rf2" / "config.json").read_text())["train"]["lineage"]

@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Flow-matching generative models: train, sample, evaluate, plot.")
 
 _D = TrainConfig()
+#: image data train a UNet: fewer, smaller steps fit this CPU (benchmarks/digits.py)
+IMAGE_DEFAULTS = {"steps": 3000, "batch_size": 64}
 
 
 def _say(msg: str) -> None:
@@ -44,8 +46,9 @@ def train(
     image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
     skip_bad: bool = typer.Option(False, help="image folders: skip unreadable files with a warning"),
     n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
-    steps: int = typer.Option(_D.steps, help="optimizer steps"),
-    batch_size: int = typer.Option(_D.batch_size, help="batch size per process"),
+    steps: int | None = typer.Option(None, help=f"optimizer steps [default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]"),
+    batch_size: int | None = typer.Option(None, help=f"batch size per process [default: {_D.batch_size}; "
+                                                     f"images {IMAGE_DEFAULTS['batch_size']}]"),
     lr: float = typer.Option(_D.lr, help="peak learning rate (AdamW)"),
     weight_decay: float = typer.Option(_D.weight_decay),
     warmup_steps: int = typer.Option(_D.warmup_steps, help="linear warm-up steps"),
@@ -73,8 +76,12 @@ def train(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train a flow-matching model and write a run directory."""
+    from .data import is_image_spec, spec_from_arg
     from .training import train as run_training
 
+    image = not resume and is_image_spec(spec_from_arg(data, n_points, seed, image_size, skip_bad))
+    steps = steps if steps is not None else (IMAGE_DEFAULTS["steps"] if image else _D.steps)
+    batch_size = batch_size if batch_size is not None else (IMAGE_DEFAULTS["batch_size"] if image else _D.batch_size)
     cfg = TrainConfig(
         data=data, n_points=n_points, image_size=image_size, skip_bad=skip_bad, steps=steps, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay,
@@ -88,7 +95,7 @@ def train(
         cfg.validate()
         cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
         from .couplings import make_coupling
-        from .data import make_dataset, spec_from_arg
+        from .data import make_dataset
         from .models import make_model
 
         make_coupling(cfg.coupling)

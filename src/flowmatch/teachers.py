@@ -43,7 +43,7 @@ class FlowTeacher:
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor) -> torch.Tensor:
         res = integrate(self.run.velocity, z0.to(self.device), self.solver, self.nfe, atol=self.tol, rtol=self.tol)
-        return res.x
+        return res.x.to(z0.device)
 
 
 class DiffusersTeacher:
@@ -94,7 +94,7 @@ class DiffusersTeacher:
         for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
             eps = self.unet(x, t).sample
             x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
-        return x
+        return x.to(z0.device)
 
 
 def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = "dopri5", tol: float = 1e-5, device=None):

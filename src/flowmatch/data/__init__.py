@@ -215,6 +215,10 @@ def eval_dataset(spec: dict) -> Dataset:
     return make_dataset(spec)
 
 
+def is_image_spec(spec: dict) -> bool:
+    return spec.get("name") in ("digits", "images", "image-array")
+
+
 def valid_names() -> list[str]:
     return [*TOY2D, "digits"]
 
@@ -257,5 +261,6 @@ def make_dataset(spec: dict) -> Dataset:
     raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
 
 
-__all__ = ["Batch", "Dataset", "ToyDataset", "ArrayDataset", "ImageDataset", "DecodeOnly", "make_dataset", "eval_dataset", "spec_from_arg",
+__all__ = ["is_image_spec",
+           "Batch", "Dataset", "ToyDataset", "ArrayDataset", "ImageDataset", "DecodeOnly", "make_dataset", "eval_dataset", "spec_from_arg",
            "valid_names"]
