@@ -152,3 +152,17 @@ def test_digit_eval_reports_fd_floor_and_accuracy(cli, tmp_path, monkeypatch):
     assert res["classifier_accuracy_on_test"] > 0.9  # the feature network is a real digit classifier
     assert 0 <= res["conditional"]["accuracy"] <= 1 and res["conditional"]["judge_accuracy_on_test"] > 0.9
     assert list((tmp_path / "cache").glob("digits-classifier-*.safetensors"))
+
+
+def test_reflow_and_distill_work_on_image_runs(cli, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--data", "digits", "--model", "mlp", "--width", "32", "--depth", "2", "--out", run,
+                     "--no-plots", *SMALL)
+    assert rc == 0, err
+    for kind, out in (("reflow", tmp_path / "r2"), ("distill", tmp_path / "d")):
+        rc, _, err = cli(kind, run, "--out", out, "--pairs", "64", "--shard-size", "32", "--teacher-nfe", "2",
+                         "--steps", "4", "--batch-size", "16", "--no-progress", "--no-plots")
+        assert rc == 0, err
+        rc, _, err = cli("sample", out, "--n", "4", "--out", tmp_path / f"{kind}.npy", "--no-progress")
+        assert rc == 0, err
+        assert np.load(tmp_path / f"{kind}.npy").shape == (4, 1, 8, 8)

@@ -12,7 +12,7 @@ from flowmatch.runs import load_run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality") / "default"
     t0 = time.perf_counter()
@@ -36,3 +36,34 @@ def test_default_quality_on_fresh_data(default_run):
     assert euler["nfe"]["100"]["ratio"] <= 1.3, euler
     assert mid["nfe"]["8"]["ratio"] <= 1.5, mid  # 8 evaluations (4 midpoint steps)
     assert mid["nfe"]["16"]["ratio"] <= 1.5, mid  # 8 midpoint steps
+
+
+def test_reflow_straightens_and_distillation_jumps_in_one_step(default_run, tmp_path):
+    """1-RF -> 2-RF -> one-step generator, at a reduced budget (the README's numbers use the
+    command line's defaults through benchmarks/rectified.py)."""
+    from flowmatch.cli import run as cli
+
+    rf1, _ = default_run
+    rf2, dist = tmp_path / "2rf", tmp_path / "distilled"
+    small = ["--pairs", "8192", "--steps", "2000", "--tol", "1e-4", "--no-progress", "--no-plots"]
+    assert cli(["reflow", str(rf1), "--out", str(rf2), *small]) == 0
+    assert cli(["distill", str(rf2), "--out", str(dist), *small]) == 0
+    r1, r2, rd = (evaluate(load_run(d), (1,), seed=7, adaptive=None) for d in (rf1, rf2, dist))
+    assert r2["straightness"] <= r1["straightness"] / 5, (r1["straightness"], r2["straightness"])
+    assert r2["nfe"]["1"]["ratio"] <= r1["nfe"]["1"]["ratio"] / 2
+    assert rd["nfe"]["1"]["ratio"] <= 1.4, rd
+
+
+def test_default_run_likelihood_is_near_the_data_entropy(default_run):
+    """The checkerboard's density is 1/32 on its support: no model's NLL beats log 32 on average."""
+    import math
+
+    import torch
+
+    from flowmatch.likelihood import nll_summary
+
+    run = load_run(default_run[0])
+    x = run.dataset.reference(300, torch.Generator().manual_seed(5))
+    res = nll_summary(run.log_prob(x, tol=1e-5), 2)
+    assert res["nll"] <= math.log(32) + 0.25, res
+    assert res["nll"] >= math.log(32) - 3 * res["se"], res

@@ -31,7 +31,8 @@ SHARD_SIZE = 4096
 
 def _pairs_meta(teacher, n, shard_size, seed) -> dict:
     return {"n": n, "shard_size": shard_size, "seed": seed, "num_shards": -(-n // shard_size),
-            "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec}
+            "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec,
+            "num_classes": getattr(teacher, "num_classes", 0)}
 
 
 def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
@@ -105,7 +106,9 @@ class PairsDataset(Dataset):
         elif base:
             self.mean = torch.tensor(float(base.get("mean", 0.0)))
             self.std = torch.tensor(float(base.get("std", 1.0)))
-        self.num_classes = 0
+        # The teacher samples unconditionally (its null class): the student keeps the teacher's
+        # label embedding, so it starts as the teacher's field, and learns the null class only.
+        self.num_classes = int(meta.get("num_classes", 0))
         self.spec = {"name": "pairs", "dir": str(self.dir.resolve()), "base": base}
         per_shard = 2 * 4 * meta["shard_size"] * max(1, int(torch.tensor(self.shape).prod()))
         self.window = max(1, min(meta["num_shards"], max_bytes // per_shard))
