@@ -61,11 +61,14 @@ def _check_new_run_dir(out: Path, allow_existing=()) -> None:
 
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-          data_spec: dict | None = None, make_plots: bool | None = None, allow_existing=()) -> Path:
+          data_spec: dict | None = None, make_plots: bool | None = None, allow_existing=(),
+          on_checkpoint=None) -> Path:
     """Train (or resume) a run; returns its directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume`` the saved settings are used (``cfg`` is
     ignored). ``allow_existing`` names entries that a new run directory may already hold
-    (the pairs of a reflow run)."""
+    (the pairs of a reflow run). ``on_checkpoint(step, ema_model)`` is called on the main
+    process after each checkpoint (evaluation during training); its time is left out of the
+    ``time`` logged in metrics.jsonl."""
     from accelerate import Accelerator
 
     if resume:
@@ -147,7 +150,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                 write_json(out / "config.json", config_doc)
             _truncate_metrics(out / "metrics.jsonl", start)
         model, opt = accelerator.prepare(model, opt)
-        _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress)
+        _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
+              on_checkpoint)
     finally:
         if lock:
             lock.__exit__(None, None, None)
@@ -159,7 +163,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     return out
 
 
-def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress):
+def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
+          on_checkpoint=None):
     device, main = accelerator.device, accelerator.is_main_process
     raw = accelerator.unwrap_model(model)
     params, ema_params = list(raw.parameters()), list(ema.parameters())
@@ -217,6 +222,10 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
                 _save_checkpoint(accelerator, raw, ema, opt, gen, done, out, dataset)
                 if main and len(shape) == 3 and cfg.plots:
                     _progress_grid(ema, dataset, out, done, device)
+                if main and on_checkpoint is not None:
+                    paused = time.perf_counter()
+                    on_checkpoint(done, ema)
+                    t_start += time.perf_counter() - paused
     bar.close()
 
 

@@ -1,0 +1,590 @@
+"""flowmatch against peer libraries on the article notebook's task: training speed, time to quality,
+and quality against sampling steps.
+
+    . .venv/bin/activate && bash benchmarks/install_peers.sh       # once: the peers, torch untouched
+    python benchmarks/peers.py                                      # every row, 10000 steps each (hours on 2 cores)
+    python benchmarks/peers.py --libs flowmatch,torchcfm --json peers.json
+    python benchmarks/peers.py --steps 50 --eval-every 25 --eval-n 500   # smoke test (~15 min on 2 busy cores: exact W2s)
+    python benchmarks/peers.py --list                               # which peers import here
+
+Rows (``--libs``, comma list; default all but ``notebook``):
+
+    flowmatch            flowmatch's own loop (train), AdamW lr 1e-4, batch 256, constant lr, no clipping
+    flowmatch-defaults   flowmatch's own loop with TrainConfig's defaults (its steps capped by --steps)
+    torchcfm             torchcfm ConditionalFlowMatcher(sigma=0)
+    torchcfm-ot          torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0)
+    flow_matching        Meta's flow_matching AffineProbPath(CondOTScheduler())
+    rectified-flow       rectified-flow-pytorch RectifiedFlow wrapping the same network
+    notebook             the notebook's hand-written loop in plain torch (a control row)
+
+The same in every row: the notebook's 1000 checkerboard points
+(``ToyDataset("checkerboard", n_points=1000, seed=0)``); a fresh ``MLP(2)`` (1.58 M parameters)
+initialised under ``torch.manual_seed(0)``; batches of random indices, noise and ``t ~ U[0, 1]``
+drawn in that order from ``torch.Generator().manual_seed(0)``, which is exactly what flowmatch's
+own loop draws, so every row sees the same batches; the straight path ``x_t = (1 - t) x0 + t x1``
+with target ``x1 - x0``, each peer through its own path/loss objects. Each row runs in its own
+process, one after another, on the CPU (workers get ``CUDA_VISIBLE_DEVICES=''``). Timings are
+wall-clock: run it on an otherwise idle machine.
+
+What is measured, per row:
+
+- steps/s: wall-clock of the training loop only (setup, evaluations and flowmatch's checkpoint
+  writes excluded);
+- time to W2/floor <= --target (1.3): every --eval-every steps, W2 of --eval-n samples at 100 Euler
+  steps; the first training time (evaluations excluded) at which the ratio is at most the target;
+- W2/floor at NFE 1, 2, 4, 8, 100 on 4000 samples with the library's own sampler (same noise for
+  every row); dopri5's NFE at tol 1e-5 through ``flowmatch.solvers.integrate`` for every model (so
+  it is comparable); the seconds the library's sampler takes for 4000 samples at 100 Euler steps.
+
+W2 is exact (``flowmatch.metrics.w2``) against fresh continuous checkerboard draws; as in
+``flowmatch.metrics.evaluate``, the floor is the mean over 3 pairs of independent draws of the same
+size and a model's W2 is the mean over the same 3 reference draws.
+
+Differences that are the libraries' own (printed again with the results): flowmatch samples its
+EMA weights (decay 0.999) and steps with fused AdamW; the peers ship no training loop, so their rows
+use a loop as a user would write it: ``torch.optim.AdamW`` in torch's default implementation
+(weight decay 0, as flowmatch's config) and the raw weights (``--peer-adamw fused`` gives them fused
+AdamW too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowmatch.data import ToyDataset
+from flowmatch.data.toy2d import checkerboard
+from flowmatch.metrics import w2
+from flowmatch.models import MLP
+from flowmatch.solvers import integrate
+
+ROWS = {  # --libs name -> the row's label
+    "flowmatch": "flowmatch",
+    "flowmatch-defaults": "flowmatch (defaults)",
+    "torchcfm": "torchcfm",
+    "torchcfm-ot": "torchcfm-ot",
+    "flow_matching": "flow_matching (Meta)",
+    "rectified-flow": "rectified-flow-pytorch",
+    "notebook": "notebook (plain torch)",
+}
+DEFAULT_LIBS = [k for k in ROWS if k != "notebook"]
+NFES = (1, 2, 4, 8, 100)
+N_FINAL = 4000  # samples for the NFE table, dopri5 and the sampling time
+REF_SEEDS, PARTNER_SEEDS = (1, 2, 3), (4, 5, 6)  # fresh draws; the training points use seed 0
+SEED = 0
+
+
+# ---------------------------------------------------------------- quality: W2 / floor
+
+
+def references(n: int) -> list[torch.Tensor]:
+    return [checkerboard(n, torch.Generator().manual_seed(s)) for s in REF_SEEDS]
+
+
+def w2_floor(n: int) -> float:
+    """Mean W2 between 3 pairs of independent ``n``-point draws of the continuous checkerboard."""
+    pairs = zip(references(n), PARTNER_SEEDS)
+    return sum(w2(a, checkerboard(n, torch.Generator().manual_seed(s))) for a, s in pairs) / len(REF_SEEDS)
+
+
+class Quality:
+    """W2 of a sample set against the 3 reference draws of its size, and its ratio to the floor."""
+
+    def __init__(self, floors: dict[int, float]):
+        self.floors = floors
+        self.refs = {n: references(n) for n in floors}
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        n = len(x)
+        d = sum(w2(x, r) for r in self.refs[n]) / len(self.refs[n])
+        return {"w2": d, "ratio": d / self.floors[n]}
+
+
+def noise(n: int) -> torch.Tensor:
+    """The sampling noise of every row: what ``Run.sample(n, seed=0)`` draws."""
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(SEED))
+
+
+@contextlib.contextmanager
+def counting_calls(model: nn.Module):
+    """Count the network's forward calls (a sampler's NFE) while the block runs."""
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- one function per library
+
+
+class PeerUnavailable(Exception):
+    """The peer (or a part of it this benchmark needs) does not import here."""
+
+
+@dataclass
+class Peer:
+    """A library's training step and sampler around the shared network.
+
+    ``loss(x0, x1, t)``: the library's path/loss objects on a batch (noise x0, data x1, times t);
+    ``sample(x0, nfe)``: the library's own sampler, ``nfe`` Euler steps from noise ``x0``.
+    """
+
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    sample: Callable[[torch.Tensor, int], torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+def euler(model: nn.Module, x0: torch.Tensor, nfe: int) -> torch.Tensor:
+    """The notebook's sampler: Euler on the grid ``t_k = k / K``."""
+    x = x0.clone()
+    for k in range(nfe):
+        x = x + model(x, torch.full((len(x),), k / nfe)) / nfe
+    return x
+
+
+class TimeFirst(nn.Module):
+    """torchdyn calls its vector field as ``f(t, x)`` with a scalar ``t``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, t, x, *args, **kwargs):
+        return self.model(x, t.expand(len(x)))
+
+
+def torchdyn_sampler(model: nn.Module, notes: list[str]):
+    """torchcfm's examples sample with torchdyn's NeuralODE; plain Euler when torchdyn does not import."""
+    try:
+        from torchdyn.core import NeuralODE
+    except Exception as e:  # noqa: BLE001 - any import failure means: fall back
+        notes.append(f"sampler: plain Euler loop on t_k = k/K (torchdyn does not import: {type(e).__name__}: {e})")
+        return lambda x0, nfe: euler(model, x0, nfe)
+    node = NeuralODE(TimeFirst(model), solver="euler")
+    notes.append("sampler: torchdyn NeuralODE(solver='euler').trajectory on t_span = linspace(0, 1, K + 1)")
+    return lambda x0, nfe: node.trajectory(x0, t_span=torch.linspace(0, 1, nfe + 1))[-1]
+
+
+def torchcfm_peer(model: nn.Module, ot: bool = False) -> Peer:
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"torchcfm does not import: {type(e).__name__}: {e}") from None
+    fm = (ExactOptimalTransportConditionalFlowMatcher if ot else ConditionalFlowMatcher)(sigma=0.0)
+    notes = [f"path/loss: {type(fm).__name__}(sigma=0.0).sample_location_and_conditional_flow(x0, x1, t), MSE"]
+    if ot:
+        notes.append("exact OT plan per batch (POT emd), pairs drawn from it with numpy's global RNG (seeded 0)")
+
+    def loss(x0, x1, t):
+        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t=t)
+        return F.mse_loss(model(xt, t), ut)
+
+    return Peer(loss, torchdyn_sampler(model, notes), notes)
+
+
+def flow_matching_peer(model: nn.Module) -> Peer:
+    try:
+        from flow_matching.path import AffineProbPath
+        from flow_matching.path.scheduler import CondOTScheduler
+        from flow_matching.solver import ODESolver
+        from flow_matching.utils import ModelWrapper
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"flow_matching does not import: {type(e).__name__}: {e}") from None
+
+    class Velocity(ModelWrapper):  # ODESolver passes a scalar t; the network takes t of shape (B,)
+        def forward(self, x, t, **extras):
+            return self.model(x, t.expand(len(x)))
+
+    path = AffineProbPath(scheduler=CondOTScheduler())
+    solver = ODESolver(velocity_model=Velocity(model))
+
+    def loss(x0, x1, t):
+        ps = path.sample(t=t, x_0=x0, x_1=x1)
+        return F.mse_loss(model(ps.x_t, ps.t), ps.dx_t)
+
+    def sample(x0, nfe):
+        return solver.sample(x_init=x0, step_size=None, method="euler", time_grid=torch.linspace(0, 1, nfe + 1))
+
+    return Peer(loss, sample, ["path/loss: AffineProbPath(scheduler=CondOTScheduler()).sample(t, x_0, x_1) -> x_t, dx_t; MSE",
+                               "sampler: ODESolver.sample(method='euler', step_size=None, time_grid=linspace(0, 1, K + 1))"])
+
+
+def _torchvision_placeholder() -> bool:
+    """rectified_flow_pytorch imports torchvision at the top of rectified_flow.py for image helpers
+    only (save_image, a VGG perceptual loss, image transforms), none of which this benchmark calls.
+    torchvision does not import beside this torch, so when it is absent, inert modules stand in
+    for it (in this worker process only); calling anything from them raises."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return False
+
+    def absent(*_, **__):
+        raise ImportError("torchvision is not installed (placeholder from benchmarks/peers.py)")
+
+    contents = {"torchvision": {}, "torchvision.utils": {"save_image": absent}, "torchvision.transforms": {},
+                "torchvision.models": {"vgg16": absent, "VGG16_Weights": types.SimpleNamespace(DEFAULT=None)}}
+    for name, attrs in contents.items():
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+        if "." in name:
+            setattr(sys.modules["torchvision"], name.split(".")[1], module)
+    return True
+
+
+def rectified_flow_peer(model: nn.Module) -> Peer:
+    notes = []
+    if _torchvision_placeholder():
+        notes.append("torchvision absent: inert placeholder modules stand in for it (used only by image helpers)")
+    try:
+        from rectified_flow_pytorch import RectifiedFlow
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"rectified_flow_pytorch does not import: {type(e).__name__}: {e}") from None
+    # The wrapper calls model(x, **{time_cond_kwarg: t}) with t of shape (B,): naming the MLP's `t`
+    # fits it as is. No data normalisation (its default maps [0, 1] images to [-1, 1]).
+    rf = RectifiedFlow(model, time_cond_kwarg="t", data_normalize_fn=None, data_unnormalize_fn=None,
+                       odeint_kwargs=dict(method="euler"))
+    notes += ["path/loss: RectifiedFlow(model, time_cond_kwarg='t', data_normalize_fn=None, data_unnormalize_fn=None)"
+              "(x1, noise=x0, times=t), its MSE on x1 - x0",
+              "sampler: RectifiedFlow.sample(steps=K + 1, noise=x0) with odeint_kwargs=dict(method='euler')"]
+
+    def sample(x0, nfe):
+        return rf.sample(batch_size=len(x0), steps=nfe + 1, noise=x0, data_shape=tuple(x0.shape[1:]))
+
+    return Peer(lambda x0, x1, t: rf(x1, noise=x0, times=t), sample, notes)
+
+
+def notebook_peer(model: nn.Module) -> Peer:
+    def loss(x0, x1, t):
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        return F.mse_loss(model(xt, t), x1 - x0)
+
+    return Peer(loss, lambda x0, nfe: euler(model, x0, nfe),
+                ["path/loss: written out in plain torch; sampler: plain Euler loop on t_k = k/K"])
+
+
+PEERS = {
+    "torchcfm": torchcfm_peer,
+    "torchcfm-ot": lambda model: torchcfm_peer(model, ot=True),
+    "flow_matching": flow_matching_peer,
+    "rectified-flow": rectified_flow_peer,
+    "notebook": notebook_peer,
+}
+
+
+# ---------------------------------------------------------------- the shared harness (one worker process per row)
+
+
+class Log:
+    def __init__(self, lib: str):
+        self.lib, self.notes = lib, []
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.say(msg)
+
+    def say(self, msg: str) -> None:
+        print(f"[{self.lib}] {msg}", flush=True)
+
+
+def final_measures(sample, velocity, model: nn.Module, quality: Quality, tol: float) -> dict:
+    """W2/floor at each NFE (4000 samples, the library's sampler), dopri5's NFE (flowmatch's
+    integrate, for every row) and the sampling time at 100 steps."""
+    x0 = noise(N_FINAL)
+    out = {"nfe": {}}
+    for k in NFES:
+        with torch.inference_mode(), counting_calls(model) as calls:
+            t0 = time.perf_counter()
+            x = sample(x0, k)
+            seconds = time.perf_counter() - t0
+        out["nfe"][str(k)] = {**quality(x.float()), "calls": calls[0], "sample_s": seconds}
+    with torch.inference_mode():
+        out["dopri5_nfe"] = integrate(velocity, x0, "dopri5", None, atol=tol, rtol=tol).nfe
+    out["sample_s"] = out["nfe"]["100"]["sample_s"]
+    return out
+
+
+def reached(curve: list[dict], target: float) -> dict | None:
+    return next((p for p in curve if p["ratio"] <= target), None)
+
+
+def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
+    points = ToyDataset("checkerboard", n_points=1000, seed=SEED).points
+    torch.manual_seed(SEED)
+    model = MLP(2)
+    np.random.seed(SEED)  # torchcfm's OT sampler draws pairs with numpy's global RNG
+    peer = PEERS[lib](model)
+    for n in peer.notes:
+        log.note(n)
+    fused = spec["peer_adamw"] == "fused"
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0, fused=fused or None)
+    log.note(f"optimizer: torch.optim.AdamW(lr={spec['lr']:g}, weight_decay=0{', fused=True' if fused else ''}); "
+             "no EMA: samples with the trained weights")
+    gen = torch.Generator().manual_seed(SEED)
+    steps, batch, every = spec["steps"], spec["batch"], spec["eval_every"]
+    x0_eval = noise(spec["eval_n"])
+    curve, train_s = [], 0.0
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        # the same draws, in the same order, as flowmatch's loop: data indices, noise, times
+        idx = torch.randint(len(points), (batch,), generator=gen)
+        x1 = points[idx]
+        x0 = torch.randn(batch, 2, generator=gen)
+        t = torch.rand(batch, generator=gen)
+        loss = peer.loss(x0, x1, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_s += time.perf_counter() - t0
+        if step % every == 0 or step == steps:
+            with torch.inference_mode():
+                x = peer.sample(x0_eval, 100)
+            curve.append({"step": step, "train_s": train_s, **quality(x.float())})
+            log.say(progress_line(curve[-1], steps))
+    final = final_measures(peer.sample, lambda x, t: model(x, t), model, quality, spec["tol"])
+    return {"steps": steps, "batch": batch, "lr": spec["lr"], "train_s": train_s, "curve": curve, **final}
+
+
+def progress_line(point: dict, steps: int) -> str:
+    return (f"step {point['step']}/{steps}: W2/floor {point['ratio']:.3f} at 100 Euler steps "
+            f"(training {point['train_s']:.1f} s)")
+
+
+def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
+    """flowmatch's own training loop (fused AdamW, EMA sampled), evaluated through its
+    ``on_checkpoint`` callback, whose time flowmatch leaves out of its logged training time."""
+    from flowmatch import training
+    from flowmatch.config import TrainConfig
+    from flowmatch.runs import load_run
+
+    steps = spec["steps"]
+    if lib == "flowmatch-defaults":
+        cfg = TrainConfig(n_points=1000, plots=False)
+        if cfg.steps > steps:
+            log.note(f"TrainConfig's {cfg.steps} steps capped to --steps {steps}")
+            cfg.steps = steps
+        log.note(f"TrainConfig defaults: steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps}, "
+                 f"{cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}")
+    else:
+        cfg = TrainConfig(n_points=1000, steps=steps, batch_size=spec["batch"], lr=spec["lr"], warmup_steps=0, schedule="constant",
+                          grad_clip=None, plots=False, checkpoint_every=steps)
+        log.note(f"TrainConfig(n_points=1000, steps={steps}, batch_size={cfg.batch_size}, lr={cfg.lr:g}, warmup_steps=0, "
+                 "schedule='constant', grad_clip=None)")
+    cfg.checkpoint_every = min(spec["eval_every"], cfg.steps)  # = evaluation points
+    cfg.log_every = cfg.checkpoint_every
+    log.note(f"flowmatch.training.train: fused AdamW, EMA {cfg.ema_decay} (sampled), evaluated every {cfg.checkpoint_every} "
+             "steps through train(on_checkpoint=...), whose time is not counted")
+    x0_eval = noise(spec["eval_n"])
+    curve = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+
+        def evaluate_now(step, ema):
+            with torch.inference_mode():
+                x = integrate(lambda x, t: ema(x, t), x0_eval, "euler", 100).x
+            train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+            curve.append({"step": step, "train_s": train_s, **quality(x)})
+            log.say(progress_line(curve[-1], cfg.steps))
+
+        training.train(cfg, out=run_dir, progress=False, on_checkpoint=evaluate_now)
+        train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+        run = load_run(run_dir, device="cpu")
+
+        def sample(x0, nfe):  # the same noise as noise(): Run.sample draws it from seed 0
+            return run.sample(len(x0), nfe=nfe, solver="euler", seed=SEED)
+
+        final = final_measures(sample, run.velocity, run.model, quality, spec["tol"])
+    log.note(f"sampler: Run.sample({N_FINAL}, nfe=K, solver='euler', seed=0) (EMA weights)")
+    return {"steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr, "train_s": train_s, "curve": curve, **final}
+
+
+def worker(lib: str, spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    log = Log(lib)
+    quality = Quality({int(n): f for n, f in spec["floors"].items()})
+    result = {"lib": lib, "row": ROWS[lib]}
+    try:
+        run = run_flowmatch if lib.startswith("flowmatch") else run_peer
+        result.update(run(lib, spec, quality, log))
+        result["steps_per_s"] = result["steps"] / result["train_s"]
+        hit = reached(result["curve"], spec["target"])
+        result["time_to_target_s"] = hit and hit["train_s"]
+        result["step_to_target"] = hit and hit["step"]
+        for k, row in result["nfe"].items():
+            if row["calls"] != int(k):
+                log.note(f"NFE {k}: the sampler called the network {row['calls']} times")
+    except PeerUnavailable as e:
+        result["skipped"] = str(e)
+        log.say(f"skipped: {e}")
+    result["notes"] = log.notes
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the parent: run rows, print the table
+
+
+def run_rows(libs: list[str], spec: dict) -> list[dict]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        for lib in libs:
+            print(f"\n== {ROWS[lib]}", flush=True)
+            result_path = Path(tmp) / f"{lib}.json"
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--worker", lib, "--spec", str(spec_path), "--result", str(result_path)],
+                                  env=env)
+            if proc.returncode != 0 or not result_path.exists():
+                rows.append({"lib": lib, "row": ROWS[lib], "notes": [],
+                             "skipped": f"worker failed (exit status {proc.returncode}); its output is above"})
+                print(f"[{lib}] failed with exit status {proc.returncode}", flush=True)
+                continue
+            row = json.loads(result_path.read_text())
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+    return rows
+
+
+def fmt_time(row: dict) -> str:
+    return "not reached" if row["time_to_target_s"] is None else f"{row['time_to_target_s']:.1f} s @{row['step_to_target']}"
+
+
+def table(rows: list[dict], spec: dict) -> str:
+    nfe_cols = "".join(f"{'NFE ' + str(k):>8}" for k in NFES)
+    lines = [f"{'library':<24}{'steps/s':>9}  {'time to W2/floor<=' + format(spec['target'], 'g'):<22}{nfe_cols}"
+             f"{'dopri5':>8}{'sample s':>10}",
+             f"{'':<24}{'':>9}  {'(training s @step)':<22}{'W2 / floor (4000 samples, own sampler)':^{8 * len(NFES)}}"
+             f"{'NFE':>8}{'4000x100':>10}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['row']:<24}  skipped: {r['skipped']}")
+            continue
+        ratios = "".join(f"{r['nfe'][str(k)]['ratio']:8.3f}" for k in NFES)
+        lines.append(f"{r['row']:<24}{r['steps_per_s']:9.2f}  {fmt_time(r):<22}{ratios}{r['dopri5_nfe']:8d}{r['sample_s']:10.3f}")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """flowmatch / peer: steps/s (> 1: flowmatch trains faster) and time to the target (< 1:
+    flowmatch gets there sooner), for the flowmatch row and, time only, the defaults row."""
+    done = {r["lib"]: r for r in rows if "skipped" not in r}
+    out = {}
+    for lib, peer in done.items():
+        if lib.startswith("flowmatch"):
+            continue
+        entry = {}
+        if "flowmatch" in done:
+            entry["steps_per_s"] = done["flowmatch"]["steps_per_s"] / peer["steps_per_s"]
+        for fm in ("flowmatch", "flowmatch-defaults"):
+            if fm in done and done[fm]["time_to_target_s"] is not None and peer["time_to_target_s"] is not None:
+                entry[f"time_to_target[{fm}]"] = done[fm]["time_to_target_s"] / peer["time_to_target_s"]
+        out[lib] = entry
+    return out
+
+
+def ratio_table(rat: dict, rows: list[dict], spec: dict) -> str:
+    label = {r["lib"]: r["row"] for r in rows}
+    target = format(spec["target"], "g")
+    lines = [f"{'flowmatch / peer':<24}{'steps/s':>16}{'time to W2/floor<=' + target:>26}{'same, flowmatch defaults':>27}",
+             f"{'':<24}{'(>1: fm faster)':>16}{'(<1: fm sooner)':>26}{'(<1: fm sooner)':>27}"]
+
+    def cell(entry, key, width):
+        return f"{entry[key]:{width - 1}.2f}x" if key in entry else f"{'n/a':>{width}}"
+
+    for lib, entry in rat.items():
+        lines.append(f"{label[lib]:<24}{cell(entry, 'steps_per_s', 16)}{cell(entry, 'time_to_target[flowmatch]', 26)}"
+                     f"{cell(entry, 'time_to_target[flowmatch-defaults]', 27)}")
+    return "\n".join(lines)
+
+
+def list_peers() -> None:
+    """Print which peers (and samplers) import here."""
+    checks = [("torchcfm", "torchcfm.conditional_flow_matching"), ("torchdyn (torchcfm's sampler)", "torchdyn.core"),
+              ("flow_matching", "flow_matching.path"), ("flow_matching solver", "flow_matching.solver"),
+              ("rectified-flow-pytorch", "rectified_flow_pytorch")]
+    for label, module in checks:
+        if module == "rectified_flow_pytorch" and _torchvision_placeholder():
+            label += " (torchvision placeholder)"
+        try:
+            importlib.import_module(module)
+            print(f"{label:<50} imports")
+        except Exception as e:  # noqa: BLE001
+            print(f"{label:<50} does not import: {type(e).__name__}: {e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--libs", default=",".join(DEFAULT_LIBS), help=f"comma list of rows from {', '.join(ROWS)}")
+    ap.add_argument("--steps", type=int, default=10000, help="training steps per row (caps flowmatch-defaults' own)")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-every", type=int, default=1000, help="steps between W2 evaluations for the time to quality")
+    ap.add_argument("--eval-n", type=int, default=4000, help="samples per evaluation during training")
+    ap.add_argument("--target", type=float, default=1.3, help="W2/floor that counts as reached")
+    ap.add_argument("--tol", type=float, default=1e-5, help="dopri5 atol = rtol")
+    ap.add_argument("--peer-adamw", choices=("default", "fused"), default="default",
+                    help="peer rows' AdamW: torch's default implementation, or fused as flowmatch's loop uses")
+    ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument("--list", action="store_true", help="only print which peers import")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.spec, args.result)
+    if args.list:
+        return list_peers()
+    libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+    unknown = [lib for lib in libs if lib not in ROWS]
+    if unknown:
+        ap.error(f"--libs: unknown {', '.join(unknown)}; expected some of {', '.join(ROWS)}")
+    for name in ("steps", "batch", "eval_every", "eval_n"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: expected a positive integer")
+
+    sizes = sorted({N_FINAL, args.eval_n})
+    floors = {n: w2_floor(n) for n in sizes}
+    print("W2 floor (mean over 3 pairs of fresh checkerboard draws): "
+          + ", ".join(f"{floors[n]:.4f} at {n} points" for n in sizes), flush=True)
+    spec = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "eval_every": args.eval_every, "eval_n": args.eval_n,
+            "target": args.target, "tol": args.tol, "peer_adamw": args.peer_adamw, "floors": floors, "nfes": list(NFES),
+            "n_final": N_FINAL, "seed": SEED, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    rows = run_rows(libs, spec)
+    rat = ratios(rows)
+
+    print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr:g} (flowmatch defaults: its own), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; W2/floor during training on {args.eval_n} samples every {args.eval_every} steps\n")
+    print(table(rows, spec))
+    if rat:
+        print("\n" + ratio_table(rat, rows, spec))
+    print("\nNotes")
+    for r in rows:
+        for n in r.get("notes", []):
+            print(f"  {r['row']}: {n}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": spec, "rows": rows, "ratios": rat}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
