@@ -73,3 +73,27 @@ def test_bf16_and_gradient_accumulation_train(cli, tmp_path):
     assert rc == 0, err
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["global_batch_size"] == 64 and cfg["train"]["precision"] == "bf16"
+
+
+def test_pairs_do_not_depend_on_the_number_of_processes(cli, tmp_path):
+    import torch
+
+    teacher = tmp_path / "teacher"
+    rc, _, err = cli("train", "--steps", "20", "--out", teacher, "--no-plots", *TINY)
+    assert rc == 0, err
+    common = ["--pairs", "100", "--shard-size", "32", "--teacher-nfe", "4", "--steps", "4", "--batch-size", "16",
+              "--no-progress", "--no-plots"]
+    rc, _, err = cli("reflow", teacher, "--out", tmp_path / "one", *common)
+    assert rc == 0, err
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "reflow", str(teacher), "--out", str(tmp_path / "two"),
+                        "--processes", "2", *common], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = sorted((tmp_path / "one" / "pairs").glob("shard-*.safetensors"))
+    two = sorted((tmp_path / "two" / "pairs").glob("shard-*.safetensors"))
+    assert [f.name for f in one] == [f.name for f in two] and len(one) == 4
+    for a, b in zip(one, two):
+        ta, tb = load_file(a), load_file(b)
+        assert torch.equal(ta["z0"], tb["z0"])  # the noise of a shard is its own
+        torch.testing.assert_close(ta["z1"], tb["z1"], rtol=1e-5, atol=1e-5)  # up to thread-count rounding
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert cfg["num_processes"] == 2 and cfg["train"]["lineage"]["kind"] == "reflow"

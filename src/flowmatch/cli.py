@@ -65,6 +65,8 @@ def train(
     model: str = typer.Option(_D.model, help="network: auto (mlp for vectors, unet for images), mlp, unet"),
     width: int = typer.Option(_D.width, help="hidden width"),
     depth: int = typer.Option(_D.depth, help="hidden layers"),
+    label_dropout: float = typer.Option(_D.label_dropout, help="labelled data: probability of dropping a label "
+                                                               "(classifier-free guidance)"),
     log_every: int = typer.Option(_D.log_every),
     checkpoint_every: int = typer.Option(_D.checkpoint_every, help="write a checkpoint every N steps"),
     precision: str = typer.Option(_D.precision, help="fp32, bf16 or fp16 (CUDA only)"),
@@ -87,7 +89,7 @@ def train(
         weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
         path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
-        time_std=time_std, model=model, width=width, depth=depth, log_every=log_every,
+        time_std=time_std, label_dropout=label_dropout, model=model, width=width, depth=depth, log_every=log_every,
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
         processes=processes,
     )
@@ -108,18 +110,33 @@ def train(
 
         out = out if out is not None else default_run_dir_for(cfg)
         check_run_dir(out, resume)
-        argv = _argv_without_processes(sys.argv[1:] if _ARGV is None else _ARGV)
-        if "--out" not in argv:
-            argv += ["--out", str(out)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "flowmatch", *argv]
-        rc = subprocess.run(cmd).returncode
-        if rc != 0:
-            raise typer.Exit(2 if rc == 1 else rc)
-        return
+        return _launch(processes, out)
     run_dir = run_training(cfg, out=out, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {run_dir}")
+
+
+def _launch(processes: int, out) -> None:
+    """Run this same command line in ``processes`` local processes (torchrun; each process's
+    ``accelerate`` state picks up its rank), with ``--out`` fixed so that all share one run."""
+    argv = _argv_without_processes(sys.argv[1:] if _ARGV is None else _ARGV)
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "flowmatch", *argv]
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise typer.Exit(2 if rc == 1 else rc)
+
+
+def _distributed_device():
+    """Under torchrun: this process's device (its GPU, or the CPU) from accelerate's state."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
 
 
 def default_run_dir_for(cfg):
@@ -244,10 +261,12 @@ def evaluate(
 
 
 def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=1):
+                     resume, progress, plots, k=1, processes=1):
     from . import reflow as rf
     from .teachers import make_teacher
 
+    if processes < 1:
+        raise UserError(f"--processes: expected a positive integer, got {processes}")
     if (run is None) == (teacher is None):
         raise UserError("give either RUN (a flowmatch run as teacher) or --teacher diffusers:DIR, not both or neither")
     if teacher is None and not Path(run).is_dir():
@@ -256,12 +275,17 @@ def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr
         raise UserError(f"--teacher-nfe: expected a positive integer, got {teacher_nfe}")
     # a fixed NFE budget uses midpoint (even NFE) or Euler; without one, dopri5 at --tol
     solver = "dopri5" if teacher_nfe is None else ("midpoint" if teacher_nfe % 2 == 0 else "euler")
-    t = make_teacher(teacher or run, nfe=teacher_nfe, solver=solver, tol=tol)
+    t = make_teacher(teacher or run, nfe=teacher_nfe, solver=solver, tol=tol, device=_distributed_device())
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        if not resume and Path(out).exists():
+            raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+        return _launch(processes, out)
     fn = rf.reflow if kind == "reflow" else rf.distill
     extra = {"k": k} if kind == "distill" else {}
     result = fn(t, out, pairs=pairs, shard_size=shard_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                 resume=resume, progress=progress, plots=plots, **extra)
-    _say(f"run written to {result}")
+    if os.environ.get("RANK", "0") == "0":
+        _say(f"run written to {result}")
 
 
 @app.command()
@@ -279,12 +303,13 @@ def reflow(
     seed: int = typer.Option(0),
     shard_size: int = typer.Option(4096, help="pairs per shard (each shard has its own seed)"),
     resume: bool = typer.Option(False, help="finish an interrupted pair generation or training"),
+    processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
     progress: bool = typer.Option(True),
     plots: bool = typer.Option(True),
 ):
     """k-rectified flow: train a student on a teacher's (noise, sample) pairs."""
     _student_command("reflow", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots)
+                     resume, progress, plots, processes=processes)
 
 
 @app.command()
@@ -302,12 +327,13 @@ def distill(
     k: int = typer.Option(1, help="steps of the distilled sampler (1: one-step generator)"),
     shard_size: int = typer.Option(4096),
     resume: bool = typer.Option(False),
+    processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
     progress: bool = typer.Option(True),
     plots: bool = typer.Option(True),
 ):
     """Distil a teacher into a one-step (or k-step) generator: z1 ≈ z0 + v(z0, 0)."""
     _student_command("distill", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=k)
+                     resume, progress, plots, k=k, processes=processes)
 
 
 @app.command()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -198,6 +199,12 @@ def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed,
     from .training import train
 
     out = Path(out)
+    state = None
+    if "WORLD_SIZE" in os.environ:  # several processes (torchrun): each generates every P-th shard
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
     if not resume and out.exists() and any(p.name != "pairs" for p in out.iterdir()):
         raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
     if resume and (out / "trainer_state.pt").exists():
@@ -205,7 +212,17 @@ def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed,
     if not resume and (out / "pairs").exists():
         raise UserError(f"--out: {out} already holds pairs; pass --resume to finish them, or choose a new directory")
     cfg, data_spec = _student_config(teacher, out, steps, lr, batch_size, seed, kind, distill_steps, pairs, overrides)
-    generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=progress)
+    if state is not None:
+        state.wait_for_everyone()  # every process has checked --out before any writes
+        if state.is_main_process:  # the metadata first, from one process
+            generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=False, shards=[])
+        state.wait_for_everyone()
+        mine = list(range(state.process_index, -(-pairs // shard_size), state.num_processes))
+        generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed,
+                       progress=progress and state.is_main_process, shards=mine)
+        state.wait_for_everyone()
+    else:
+        generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=progress)
     # resumed before the first checkpoint: training starts over beside the finished pairs
     allow = ("pairs", "config.json", "metrics.jsonl", ".lock") if resume else ("pairs",)
     return train(cfg, out=out, progress=progress, data_spec=data_spec, allow_existing=allow)
