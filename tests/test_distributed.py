@@ -97,3 +97,15 @@ def test_pairs_do_not_depend_on_the_number_of_processes(cli, tmp_path):
         torch.testing.assert_close(ta["z1"], tb["z1"], rtol=1e-5, atol=1e-5)  # up to thread-count rounding
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["train"]["lineage"]["kind"] == "reflow"
+
+
+def test_sampling_across_processes_gives_the_same_samples(cli, tiny_run, tmp_path):
+    import numpy as np
+
+    common = ["--n", "700", "--batch-size", "128", "--nfe", "4", "--no-progress"]
+    rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "one.npy", *common)
+    assert rc == 0, err
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "sample", str(tiny_run), "--out", str(tmp_path / "two.npy"),
+                        "--processes", "2", *common], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)

@@ -120,6 +120,8 @@ def _launch(processes: int, out) -> None:
     """Run this same command line in ``processes`` local processes (torchrun; each process's
     ``accelerate`` state picks up its rank), with ``--out`` fixed so that all share one run."""
     argv = _argv_without_processes(sys.argv[1:] if _ARGV is None else _ARGV)
+    # torchrun's own parser rejects "--n" (a prefix of several of its options): use the long name
+    argv = ["--num-samples" if a == "--n" else ("--num-samples=" + a[4:] if a.startswith("--n=") else a) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -171,7 +173,7 @@ def _check_out(out: Path, suffixes: tuple[str, ...], option: str = "--out") -> N
 def sample(
     run: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
-    n: int = typer.Option(4000, help="number of samples"),
+    n: int = typer.Option(4000, "--n", "--num-samples", help="number of samples"),
     nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
                                               "or k for a distilled k-step run"),
     solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5"),
@@ -181,10 +183,12 @@ def sample(
     weights: str = typer.Option("ema", help="ema or model"),
     label: int | None = typer.Option(None, help="class to sample (class-conditional runs)"),
     guidance: float = typer.Option(1.0, help="classifier-free guidance weight with --label (1: none)"),
+    processes: int = typer.Option(1, help="local processes sharing the batches (the samples do not depend on it)"),
     progress: bool = typer.Option(True),
 ):
     """Draw samples from a trained run."""
     import numpy as np
+    import torch
 
     from .runs import atomic_path, load_run
 
@@ -193,10 +197,30 @@ def sample(
         raise UserError(f"--n: expected a positive integer, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
-    r = load_run(run, weights=weights)
+    if processes < 1:
+        raise UserError(f"--processes: expected a positive integer, got {processes}")
+    r = load_run(run, weights=weights, device=_distributed_device())
+    r.check_label(label)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(processes, out)
     nfe = r.default_nfe if nfe is None else nfe
-    x = r.sample(n, nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, progress=progress, atol=tol, rtol=tol,
-                 label=label, guidance=guidance)
+    kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = r.sample(n, progress=progress and rank == 0, part=(rank, world), **kw)
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][rank::world]
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(list(mine.split(sizes)) if sizes else [], parts, dst=0)
+        if rank != 0:
+            return
+        batches = [None] * len(range(0, n, batch_size))
+        for p, chunks in enumerate(parts):
+            batches[p::world] = chunks
+        x = torch.cat(batches)
+    else:
+        x = r.sample(n, progress=progress, **kw)
     if len(r.shape) == 3:
         x = x.clamp(0, 1)  # pixels in [0, 1] at the border
     if out.suffix.lower() == ".npy":

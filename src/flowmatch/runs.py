@@ -218,11 +218,14 @@ class Run:
 
     @torch.inference_mode()
     def sample(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
-               label: int | None = None, guidance: float = 1.0, progress: bool = False, **solver_kw) -> torch.Tensor:
+               label: int | None = None, guidance: float = 1.0, progress: bool = False, part: tuple[int, int] | None = None,
+               **solver_kw) -> torch.Tensor:
         """``n`` samples in data units (CPU float32), drawn in batches of bounded memory.
 
         Batch ``k`` uses its own generator seeded from ``(seed, k)``, so the result does not
-        depend on the device's memory, only on ``seed`` and ``batch_size``.
+        depend on the device's memory or the number of processes, only on ``seed`` and
+        ``batch_size``. ``part=(i, p)`` draws only the batches ``k = i, i + p, ...`` (process
+        ``i`` of ``p``); their concatenation in ``k`` order is the full result.
         """
         from tqdm.auto import tqdm
 
@@ -231,8 +234,10 @@ class Run:
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
         self.check_label(label)
         out = []
-        starts = range(0, n, batch_size)
-        for k, i in enumerate(tqdm(starts, disable=not progress, desc="sample", unit="batch")):
+        starts = list(enumerate(range(0, n, batch_size)))
+        if part is not None:
+            starts = starts[part[0]::part[1]]
+        for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
             g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
             x0 = self.noise(min(batch_size, n - i), g)
             lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
