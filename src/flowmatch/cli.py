@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 _D = TrainConfig()
 #: image data train a UNet: fewer, smaller steps fit this CPU (benchmarks/digits.py)
-IMAGE_DEFAULTS = {"steps": 3000, "batch_size": 64}
+IMAGE_DEFAULTS = {"steps": 9000, "batch_size": 64}
 
 
 def _say(msg: str) -> None:

@@ -43,7 +43,7 @@ class TrainConfig:
     depth: int = 5
     init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
     # labels (class-conditional data): probability of dropping a label for guidance
-    label_dropout: float = 0.1
+    label_dropout: float = 0.2
     # bookkeeping
     log_every: int = 50
     checkpoint_every: int = 1000
