@@ -20,6 +20,16 @@ def cli(capsys):
     return call
 
 
+def one_line_error(rc, err):
+    """Bad input: exit status 2 and exactly one line on stderr, no traceback; returns the line."""
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("flowmatch: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 TINY = ["--width", "32", "--depth", "2", "--no-progress"]
 
 

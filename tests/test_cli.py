@@ -9,7 +9,7 @@ import torch
 
 from flowmatch.runs import RunLock, load_run
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 
 def _tree(path):
@@ -21,15 +21,6 @@ def _tree(path):
             st = os.stat(p)
             out[p] = (st.st_size, st.st_mtime_ns)
     return out
-
-
-def _one_line_error(rc, err):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("flowmatch: error:")
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_train_writes_the_run_directory(tiny_run):
@@ -85,7 +76,7 @@ def test_plot_redraws(cli, tiny_run):
 def test_existing_run_is_not_overwritten(cli, tiny_run):
     before = _tree(tiny_run)
     rc, _, err = cli("train", "--steps", "5", "--out", tiny_run, *TINY)
-    assert "--resume" in _one_line_error(rc, err)
+    assert "--resume" in one_line_error(rc, err)
     assert _tree(tiny_run) == before
 
 
@@ -125,7 +116,7 @@ BAD_TRAIN = [
 def test_bad_train_options(cli, tmp_path, args, needle):
     out = tmp_path / "run"
     rc, _, err = cli("train", "--out", out, *args, *TINY)
-    assert needle in _one_line_error(rc, err)
+    assert needle in one_line_error(rc, err)
     assert not out.exists()
 
 
@@ -143,7 +134,7 @@ def test_bad_data_files(cli, tmp_path, content, needle):
         f = tmp_path / "d.csv"
         f.write_text(content)
     rc, _, err = cli("train", "--data", f, "--out", tmp_path / "run", *TINY)
-    line = _one_line_error(rc, err)
+    line = one_line_error(rc, err)
     assert needle in line and str(f) in line
     assert not (tmp_path / "run").exists()
 
@@ -159,19 +150,19 @@ BAD_SAMPLE = [
 @pytest.mark.parametrize("args,needle", BAD_SAMPLE, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
 def test_bad_sample_options(cli, tiny_run, tmp_path, args, needle):
     rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "x.npy", *args, "--no-progress")
-    assert needle in _one_line_error(rc, err)
+    assert needle in one_line_error(rc, err)
     assert not (tmp_path / "x.npy").exists()
 
 
 def test_unsupported_out_extension(cli, tiny_run, tmp_path):
     rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "x.txt")
-    assert ".npy" in _one_line_error(rc, err)
+    assert ".npy" in one_line_error(rc, err)
     assert not (tmp_path / "x.txt").exists()
 
 
 def test_eval_bad_nfe_list(cli, tiny_run):
     rc, _, err = cli("eval", tiny_run, "--nfe", "1,x")
-    assert "--nfe" in _one_line_error(rc, err)
+    assert "--nfe" in one_line_error(rc, err)
 
 
 def _copy_run(src, dst):
@@ -208,7 +199,7 @@ def test_damaged_run_directories(cli, tiny_run, tmp_path, damage):
         cfg["train"]["width"] = 64
         cfg_file.write_text(json.dumps(cfg))
     rc, _, err = cli("sample", run, "--n", 10, "--out", tmp_path / "x.npy", "--no-progress")
-    _one_line_error(rc, err)
+    one_line_error(rc, err)
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -223,7 +214,7 @@ def test_pickle_payload_in_trainer_state_is_never_run(cli, tiny_run, tmp_path):
     torch.save({"step": 1, "evil": Payload()}, run / "trainer_state.pt")
     before = _tree(run)
     rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
-    assert "trainer_state.pt" in _one_line_error(rc, err)
+    assert "trainer_state.pt" in one_line_error(rc, err)
     assert not marker.exists()
     assert _tree(run) == before
 
@@ -232,7 +223,7 @@ def test_a_second_trainer_is_refused(cli, tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path / "run")
     with RunLock(run):
         rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
-    assert "another trainer" in _one_line_error(rc, err)
+    assert "another trainer" in one_line_error(rc, err)
 
 
 def test_python_dash_m_entry_point():

@@ -14,14 +14,9 @@ from flowmatch.errors import UserError
 from flowmatch.image_metrics import frechet_distance
 from flowmatch.models import make_model
 
+from conftest import one_line_error
+
 SMALL = ["--steps", "12", "--batch-size", "16", "--no-progress", "--checkpoint-every", "6"]
-
-
-def _one_line(rc, err):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("flowmatch: error:"), err
-    return lines[0]
 
 
 @pytest.fixture
@@ -81,14 +76,14 @@ def test_bad_folders(cli, tmp_path, case):
     elif case == "not-images":
         (root / "notes.txt").write_text("hello")
     rc, _, err = cli("train", "--data", root, "--out", tmp_path / "run", *SMALL)
-    line = _one_line(rc, err)
+    line = one_line_error(rc, err)
     assert str(root) in line
     assert not (tmp_path / "run").exists()
 
 
 def test_image_npy_must_be_pixels(cli, tmp_path):
     np.save(tmp_path / "x.npy", np.full((4, 1, 8, 8), 3.0))
-    line = _one_line(*cli("train", "--data", tmp_path / "x.npy", "--out", tmp_path / "run", *SMALL)[::2])
+    line = one_line_error(*cli("train", "--data", tmp_path / "x.npy", "--out", tmp_path / "run", *SMALL)[::2])
     assert "[0, 1]" in line
 
 
@@ -117,7 +112,7 @@ def test_class_conditional_folder_run(cli, folder, tmp_path):
     assert x.shape == (6, 3, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
     rc, _, err = cli("sample", run, "--n", "6", "--nfe", "4", "--out", tmp_path / "grid.png", "--no-progress")
     assert rc == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    assert "0..1" in _one_line(*cli("sample", run, "--label", "5", "--out", tmp_path / "y.npy")[::2])
+    assert "0..1" in one_line_error(*cli("sample", run, "--label", "5", "--out", tmp_path / "y.npy")[::2])
     assert not (tmp_path / "y.npy").exists()
 
 
@@ -126,7 +121,7 @@ def test_label_on_an_unconditional_run(cli, tmp_path):
     run = tmp_path / "run"
     rc, _, err = cli("train", "--data", tmp_path / "x.npy", "--out", run, "--no-plots", *SMALL)
     assert rc == 0, err
-    assert "unconditional" in _one_line(*cli("sample", run, "--label", "0", "--out", tmp_path / "y.npy")[::2])
+    assert "unconditional" in one_line_error(*cli("sample", run, "--label", "0", "--out", tmp_path / "y.npy")[::2])
 
 
 def test_frechet_distance_matches_the_gaussian_formula():

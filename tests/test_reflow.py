@@ -13,6 +13,8 @@ from flowmatch.reflow import PairsDataset, generate_pairs
 from flowmatch.runs import load_run
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
 
+from conftest import one_line_error
+
 
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
@@ -144,19 +146,12 @@ def test_distilled_run_samples_in_one_step(cli, tiny_run, tmp_path):
     assert np.load(tmp_path / "x.npy").shape == (64, 2)
 
 
-def _one_line(rc, err):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("flowmatch: error:"), err
-    return lines[0]
-
-
 def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
     out = tmp_path / "out"
-    assert "not a run directory" in _one_line(*cli("reflow", tmp_path / "nope", "--out", out)[::2])
-    assert "diffusers" in _one_line(*cli("reflow", "--teacher", f"diffusers:{tmp_path}", "--out", out)[::2])
-    assert "not both" in _one_line(*cli("reflow", tiny_run, "--teacher", f"diffusers:{ddpm_dir}", "--out", out)[::2])
-    assert "--pairs" in _one_line(*cli("reflow", tiny_run, "--pairs", "0", "--out", out)[::2])
+    assert "not a run directory" in one_line_error(*cli("reflow", tmp_path / "nope", "--out", out)[::2])
+    assert "diffusers" in one_line_error(*cli("reflow", "--teacher", f"diffusers:{tmp_path}", "--out", out)[::2])
+    assert "not both" in one_line_error(*cli("reflow", tiny_run, "--teacher", f"diffusers:{ddpm_dir}", "--out", out)[::2])
+    assert "--pairs" in one_line_error(*cli("reflow", tiny_run, "--pairs", "0", "--out", out)[::2])
     assert not out.exists()
     # a student whose pairs came from another teacher
     rc, _, err = cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--steps", "2", "--teacher-nfe", "2",
@@ -164,7 +159,7 @@ def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
     assert rc == 0, err
     for name in ("trainer_state.pt", "model.safetensors", "ema.safetensors"):  # as if killed before a checkpoint
         (out / name).unlink()
-    line = _one_line(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "4", "--resume",
+    line = one_line_error(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "4", "--resume",
                           "--no-progress", "--shard-size", "32")[::2])
     assert "another teacher" in line
     # a damaged shard names its file
@@ -172,7 +167,7 @@ def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"z0": torch.zeros(3, 5), "z1": torch.zeros(3, 5)}, shard)
-    line = _one_line(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "2", "--resume",
+    line = one_line_error(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "2", "--resume",
                           "--no-progress", "--shard-size", "32", "--steps", "2")[::2])
     assert "shard-00001" in line
 

@@ -301,8 +301,10 @@ def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr
     solver = "dopri5" if teacher_nfe is None else ("midpoint" if teacher_nfe % 2 == 0 else "euler")
     t = make_teacher(teacher or run, nfe=teacher_nfe, solver=solver, tol=tol, device=_distributed_device())
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        if not resume and Path(out).exists():
-            raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+        if not resume:
+            from .training import check_new_run_dir
+
+            check_new_run_dir(Path(out))
         return _launch(processes, out)
     fn = rf.reflow if kind == "reflow" else rf.distill
     extra = {"k": k} if kind == "distill" else {}

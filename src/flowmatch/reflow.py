@@ -196,7 +196,7 @@ def _student_config(teacher, out: Path, steps: int, lr: float, batch_size: int, 
 
 def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed, distill_steps, resume, progress,
              overrides):
-    from .training import train
+    from .training import check_new_run_dir, train
 
     out = Path(out)
     state = None
@@ -205,8 +205,8 @@ def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed,
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
-    if not resume and out.exists() and any(p.name != "pairs" for p in out.iterdir()):
-        raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+    if not resume:
+        check_new_run_dir(out, allow_existing=("pairs",))
     if resume and (out / "trainer_state.pt").exists():
         return train(None, out=out, resume=True, progress=progress)
     if not resume and (out / "pairs").exists():

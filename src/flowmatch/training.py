@@ -52,10 +52,11 @@ def check_run_dir(out, resume: bool) -> None:
         read_config(out)
         load_state(out / "trainer_state.pt")
     else:
-        _check_new_run_dir(out)
+        check_new_run_dir(out)
 
 
-def _check_new_run_dir(out: Path, allow_existing=()) -> None:
+def check_new_run_dir(out: Path, allow_existing=()) -> None:
+    """A new run goes into a missing or empty folder (``allow_existing`` names entries it may hold)."""
     if out.exists() and (not out.is_dir() or any(p.name not in allow_existing for p in out.iterdir())):
         raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
 
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         cfg.validate()
         data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad)
         out = Path(out) if out is not None else default_run_dir(cfg)
-        _check_new_run_dir(out, allow_existing)
+        check_new_run_dir(out, allow_existing)
         state = None
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
