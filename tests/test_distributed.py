@@ -109,3 +109,18 @@ def test_sampling_across_processes_gives_the_same_samples(cli, tiny_run, tmp_pat
                         "--processes", "2", *common], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_matches_eager(cli, tmp_path):
+    """--compile changes how the network runs, not what it computes: the same weights up to rounding."""
+    import torch
+
+    args = ["train", "--steps", "15", "--batch-size", "64", "--no-plots", "--checkpoint-every", "15", *TINY]
+    rc, _, err = cli(*args, "--out", tmp_path / "eager")
+    assert rc == 0, err
+    rc, _, err = cli(*args, "--compile", "--out", tmp_path / "compiled")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
+    eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)

@@ -71,6 +71,7 @@ def train(
     checkpoint_every: int = typer.Option(_D.checkpoint_every, help="write a checkpoint every N steps"),
     precision: str = typer.Option(_D.precision, help="fp32, bf16 or fp16 (CUDA only)"),
     grad_accum: int = typer.Option(_D.grad_accum, help="gradient accumulation steps"),
+    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the network for training steps"),
     processes: int = typer.Option(1, help="local training processes (gloo on the CPU, NCCL on GPUs), via torchrun"),
     plots: bool = typer.Option(True, help="write pictures at the end"),
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)"),
@@ -91,7 +92,7 @@ def train(
         path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
         time_std=time_std, label_dropout=label_dropout, model=model, width=width, depth=depth, log_every=log_every,
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
-        processes=processes,
+        processes=processes, compile=compile,
     )
     if not resume:
         cfg.validate()

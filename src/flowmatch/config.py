@@ -47,7 +47,8 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 50
     checkpoint_every: int = 1000
-    precision: str = "fp32"
+    precision: str = "fp32"  # bf16 autocast: about 1.8x the steps/s on CPUs with AMX (benchmarks/peers.py)
+    compile: bool = False  # torch.compile the network for training steps
     grad_accum: int = 1
     processes: int = 1
     plots: bool = True

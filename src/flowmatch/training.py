@@ -9,6 +9,7 @@ steps that resumes bit-exactly on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -150,7 +151,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
             if not resume:
                 write_json(out / "config.json", config_doc)
             _truncate_metrics(out / "metrics.jsonl", start)
-        model, opt = accelerator.prepare(model, opt)
+        if accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
+            model, opt = accelerator.prepare(model, opt)
         _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
               on_checkpoint)
     finally:
@@ -167,7 +169,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
 def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
           on_checkpoint=None):
     device, main = accelerator.device, accelerator.is_main_process
+    distributed = accelerator.num_processes > 1
     raw = accelerator.unwrap_model(model)
+    forward = torch.compile(model) if cfg.compile else model  # the loss only; EMA and checkpoints use the module
     params, ema_params = list(raw.parameters()), list(ema.parameters())
     shape = dataset.shape
     running = torch.zeros((), device=device)
@@ -180,7 +184,7 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch: Batch = dataset.sample(cfg.batch_size, gen)
             x1 = batch.x1
             x0 = batch.x0 if batch.x0 is not None else torch.randn(len(x1), *shape, generator=gen, device=device)
@@ -189,24 +193,24 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
             if label is not None and cfg.label_dropout > 0:
                 drop = torch.rand(len(label), generator=gen, device=device) < cfg.label_dropout
                 label = torch.where(drop, -1, label)
-            with accelerator.accumulate(model):
+            # gradients are all-reduced on the last micro-batch of an accumulation only
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last or not distributed else accelerator.no_sync(model):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = cfm_loss(model, path, x0, x1, t, label)
-                accelerator.backward(scaler.scale(loss))
-                if accelerator.sync_gradients:  # the last micro-batch of an accumulation
-                    scaler.unscale_(opt)
-                    if cfg.grad_clip is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                opt.zero_grad(set_to_none=True)
+                    loss = cfm_loss(forward, path, x0, x1, t, label)
+                scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+        if cfg.grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
         loss = loss.detach()
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)
         running += loss
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p.detach(), 1 - decay)
+        with torch.no_grad():  # one foreach kernel over all parameters
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
