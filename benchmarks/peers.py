@@ -10,7 +10,12 @@ and quality against sampling steps.
 Rows (``--libs``, comma list; default all but ``notebook``):
 
     flowmatch            flowmatch's own loop (train), AdamW lr 1e-4, batch 256, constant lr, no clipping
+    flowmatch-bf16       the same with --precision bf16 (autocast; AMX on recent Intel CPUs)
+    flowmatch-bf16-compile  the same with --precision bf16 --compile (compilation counted as training time)
     flowmatch-defaults   flowmatch's own loop with TrainConfig's defaults (its steps capped by --steps)
+    flowmatch-distilled  2-rectified flow from the defaults run, then distilled to one step (CLI defaults,
+                         but the reflow teacher integrates with 64 midpoint NFE instead of dopri5);
+                         its "time to" is the whole pipeline: teacher, pairs, reflow, pairs, distillation
     torchcfm             torchcfm ConditionalFlowMatcher(sigma=0)
     torchcfm-ot          torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0)
     flow_matching        Meta's flow_matching AffineProbPath(CondOTScheduler())
@@ -77,7 +82,10 @@ from flowmatch.solvers import integrate
 
 ROWS = {  # --libs name -> the row's label
     "flowmatch": "flowmatch",
+    "flowmatch-bf16": "flowmatch (bf16)",
+    "flowmatch-bf16-compile": "flowmatch (bf16, compile)",
     "flowmatch-defaults": "flowmatch (defaults)",
+    "flowmatch-distilled": "flowmatch (2-RF, distilled)",
     "torchcfm": "torchcfm",
     "torchcfm-ot": "torchcfm-ot",
     "flow_matching": "flow_matching (Meta)",
@@ -85,6 +93,8 @@ ROWS = {  # --libs name -> the row's label
     "notebook": "notebook (plain torch)",
 }
 DEFAULT_LIBS = [k for k in ROWS if k != "notebook"]
+FM_SETTINGS = {"flowmatch": {}, "flowmatch-bf16": {"precision": "bf16"},  # TrainConfig changes of the speed rows
+               "flowmatch-bf16-compile": {"precision": "bf16", "compile": True}}
 NFES = (1, 2, 4, 8, 100)
 N_FINAL = 4000  # samples for the NFE table, dopri5 and the sampling time
 REF_SEEDS, PARTNER_SEEDS = (1, 2, 3), (4, 5, 6)  # fresh draws; the training points use seed 0
@@ -358,7 +368,7 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         if step % every == 0 or step == steps:
             with torch.inference_mode():
                 x = peer.sample(x0_eval, 100)
-            curve.append({"step": step, "train_s": train_s, **quality(x.float())})
+            curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x.float())})
             log.say(progress_line(curve[-1], steps))
     final = final_measures(peer.sample, lambda x, t: model(x, t), model, quality, spec["tol"])
     return {"steps": steps, "batch": batch, "lr": spec["lr"], "train_s": train_s, "curve": curve, **final}
@@ -369,12 +379,21 @@ def progress_line(point: dict, steps: int) -> str:
             f"(training {point['train_s']:.1f} s)")
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     """flowmatch's own training loop (fused AdamW, EMA sampled), evaluated through its
-    ``on_checkpoint`` callback, whose time flowmatch leaves out of its logged training time."""
+    ``on_checkpoint`` callback, whose time flowmatch leaves out of its logged training time.
+    The run is kept in the work directory (the distilled row starts from the defaults run)."""
     from flowmatch import training
     from flowmatch.config import TrainConfig
-    from flowmatch.runs import load_run
 
     steps = spec["steps"]
     if lib == "flowmatch-defaults":
@@ -383,38 +402,72 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
             log.note(f"TrainConfig's {cfg.steps} steps capped to --steps {steps}")
             cfg.steps = steps
         log.note(f"TrainConfig defaults: steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps}, "
-                 f"{cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}")
+                 f"{cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}, {cfg.precision}")
     else:
         cfg = TrainConfig(n_points=1000, steps=steps, batch_size=spec["batch"], lr=spec["lr"], warmup_steps=0, schedule="constant",
-                          grad_clip=None, plots=False, checkpoint_every=steps)
+                          grad_clip=None, plots=False, **FM_SETTINGS[lib])
         log.note(f"TrainConfig(n_points=1000, steps={steps}, batch_size={cfg.batch_size}, lr={cfg.lr:g}, warmup_steps=0, "
-                 "schedule='constant', grad_clip=None)")
+                 f"schedule='constant', grad_clip=None, precision={cfg.precision!r}, compile={cfg.compile})")
     cfg.checkpoint_every = min(spec["eval_every"], cfg.steps)  # = evaluation points
     cfg.log_every = cfg.checkpoint_every
     log.note(f"flowmatch.training.train: fused AdamW, EMA {cfg.ema_decay} (sampled), evaluated every {cfg.checkpoint_every} "
              "steps through train(on_checkpoint=...), whose time is not counted")
     x0_eval = noise(spec["eval_n"])
     curve = []
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
+    run_dir = Path(spec["work"]) / lib
 
-        def evaluate_now(step, ema):
-            with torch.inference_mode():
-                x = integrate(lambda x, t: ema(x, t), x0_eval, "euler", 100).x
-            train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
-            curve.append({"step": step, "train_s": train_s, **quality(x)})
-            log.say(progress_line(curve[-1], cfg.steps))
-
-        training.train(cfg, out=run_dir, progress=False, on_checkpoint=evaluate_now)
+    def evaluate_now(step, ema):
+        with torch.inference_mode():
+            x = integrate(lambda x, t: ema(x, t), x0_eval, "euler", 100).x
         train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
-        run = load_run(run_dir, device="cpu")
+        curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x)})
+        log.say(progress_line(curve[-1], cfg.steps))
 
-        def sample(x0, nfe):  # the same noise as noise(): Run.sample draws it from seed 0
-            return run.sample(len(x0), nfe=nfe, solver="euler", seed=SEED)
+    training.train(cfg, out=run_dir, progress=False, on_checkpoint=evaluate_now)
+    train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    return {"steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr, "train_s": train_s, "curve": curve,
+            **final_run_measures(run_dir, quality, spec, log)}
 
-        final = final_measures(sample, run.velocity, run.model, quality, spec["tol"])
+
+def final_run_measures(run_dir: Path, quality: Quality, spec: dict, log: Log) -> dict:
+    from flowmatch.runs import load_run
+
+    run = load_run(run_dir, device="cpu")
+
+    def sample(x0, nfe):  # the same noise as noise(): Run.sample draws it from seed 0
+        return run.sample(len(x0), nfe=nfe, solver="euler", seed=SEED)
+
     log.note(f"sampler: Run.sample({N_FINAL}, nfe=K, solver='euler', seed=0) (EMA weights)")
-    return {"steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr, "train_s": train_s, "curve": curve, **final}
+    return final_measures(sample, run.velocity, run.model, quality, spec["tol"])
+
+
+def run_distilled(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
+    """2-rectified flow from the defaults run (trained here if that row did not run), then a
+    one-step distillation of it, with the command line as a user would type it."""
+    from flowmatch.cli import run as cli
+
+    work = Path(spec["work"])
+    teacher = work / "flowmatch-defaults"
+    if not (teacher / "ema.safetensors").exists():
+        raise PeerUnavailable("needs the flowmatch-defaults row first (in the same --libs, before this row)")
+    teacher_s = json.loads((teacher / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    stages = {"teacher (defaults row)": teacher_s}
+    size = ["--pairs", str(spec["rf_pairs"]), "--steps", str(spec["rf_steps"])]
+    commands = {"reflow": ["reflow", str(teacher), "--out", str(work / "2rf"), "--teacher-nfe", "64", *size],
+                "distill": ["distill", str(work / "2rf"), "--out", str(work / lib), *size]}
+    for name, argv in commands.items():
+        log.note("flowmatch " + " ".join(argv))
+        t0 = time.perf_counter()
+        if cli([*argv, "--no-progress", "--no-plots"]) != 0:
+            raise RuntimeError(f"flowmatch {name} failed")
+        stages[name] = time.perf_counter() - t0
+    pipeline_s = sum(stages.values())
+    log.note("pipeline wall-clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + f"; total {pipeline_s:.1f} s")
+    metrics = [json.loads(ln) for ln in (work / lib / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    final = final_run_measures(work / lib, quality, spec, log)
+    point = {"step": metrics[-1]["step"], "train_s": pipeline_s, "rss_mb": rss_mb(), **final["nfe"]["1"]}
+    return {"steps": metrics[-1]["step"], "batch": 512, "lr": 5e-4, "train_s": metrics[-1]["time"], "curve": [point],
+            "stages_s": stages, "pipeline_s": pipeline_s, "one_step": True, **final}
 
 
 def worker(lib: str, spec_path: str, result_path: str) -> None:
@@ -423,7 +476,7 @@ def worker(lib: str, spec_path: str, result_path: str) -> None:
     quality = Quality({int(n): f for n, f in spec["floors"].items()})
     result = {"lib": lib, "row": ROWS[lib]}
     try:
-        run = run_flowmatch if lib.startswith("flowmatch") else run_peer
+        run = run_distilled if lib == "flowmatch-distilled" else run_flowmatch if lib.startswith("flowmatch") else run_peer
         result.update(run(lib, spec, quality, log))
         result["steps_per_s"] = result["steps"] / result["train_s"]
         hit = reached(result["curve"], spec["target"])
@@ -466,55 +519,162 @@ def run_rows(libs: list[str], spec: dict) -> list[dict]:
 
 
 def fmt_time(row: dict) -> str:
-    return "not reached" if row["time_to_target_s"] is None else f"{row['time_to_target_s']:.1f} s @{row['step_to_target']}"
+    if row["time_to_target_s"] is None:
+        return "not reached"
+    if row.get("one_step"):
+        return f"{row['time_to_target_s']:.1f} s pipeline"
+    return f"{row['time_to_target_s']:.1f} s @{row['step_to_target']}"
 
 
 def table(rows: list[dict], spec: dict) -> str:
     nfe_cols = "".join(f"{'NFE ' + str(k):>8}" for k in NFES)
-    lines = [f"{'library':<24}{'steps/s':>9}  {'time to W2/floor<=' + format(spec['target'], 'g'):<22}{nfe_cols}"
+    lines = [f"{'library':<28}{'steps/s':>9}  {'time to W2/floor<=' + format(spec['target'], 'g'):<22}{nfe_cols}"
              f"{'dopri5':>8}{'sample s':>10}",
-             f"{'':<24}{'':>9}  {'(training s @step)':<22}{'W2 / floor (4000 samples, own sampler)':^{8 * len(NFES)}}"
+             f"{'':<28}{'':>9}  {'(training s @step)':<22}{'W2 / floor (4000 samples, own sampler)':^{8 * len(NFES)}}"
              f"{'NFE':>8}{'4000x100':>10}"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['row']:<24}  skipped: {r['skipped']}")
+            lines.append(f"{r['row']:<28}  skipped: {r['skipped']}")
             continue
         ratios = "".join(f"{r['nfe'][str(k)]['ratio']:8.3f}" for k in NFES)
-        lines.append(f"{r['row']:<24}{r['steps_per_s']:9.2f}  {fmt_time(r):<22}{ratios}{r['dopri5_nfe']:8d}{r['sample_s']:10.3f}")
+        lines.append(f"{r['row']:<28}{r['steps_per_s']:9.2f}  {fmt_time(r):<22}{ratios}{r['dopri5_nfe']:8d}{r['sample_s']:10.3f}")
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict]) -> dict:
-    """flowmatch / peer: steps/s (> 1: flowmatch trains faster) and time to the target (< 1:
-    flowmatch gets there sooner), for the flowmatch row and, time only, the defaults row."""
+SPEED_ROWS = [k for k in FM_SETTINGS]  # same work as the peers: their steps/s compare
+
+
+def ratio_tables(rows: list[dict]) -> str:
+    """flowmatch / peer for every pair of rows: steps/s (> 1: flowmatch trains faster; the speed
+    rows only, which do the peers' work) and time to the target (< 1: flowmatch gets there sooner)."""
     done = {r["lib"]: r for r in rows if "skipped" not in r}
-    out = {}
-    for lib, peer in done.items():
-        if lib.startswith("flowmatch"):
+    fms = [lib for lib in done if lib.startswith("flowmatch")]
+    peers = [lib for lib in done if not lib.startswith("flowmatch")]
+    if not fms or not peers:
+        return ""
+    head = f"{'':<28}" + "".join(f"{done[p]['row'][:22]:>24}" for p in peers)
+    out = ["steps/s, flowmatch / peer (> 1: flowmatch faster)", head]
+    for fm in (f for f in fms if f in SPEED_ROWS):
+        out.append(f"{done[fm]['row']:<28}" + "".join(f"{done[fm]['steps_per_s'] / done[p]['steps_per_s']:23.2f}x" for p in peers))
+    out += ["", "time to W2/floor <= target, flowmatch / peer (< 1: flowmatch sooner; n/a: one of them never got there)", head]
+    for fm in fms:
+        cells = []
+        for p in peers:
+            a, b = done[fm]["time_to_target_s"], done[p]["time_to_target_s"]
+            cells.append(f"{a / b:23.2f}x" if a is not None and b is not None else f"{'n/a':>24}")
+        out.append(f"{done[fm]['row']:<28}" + "".join(cells))
+    return "\n".join(out)
+
+
+def verdicts(rows: list[dict], spec: dict) -> str:
+    """The issue's three comparisons, each with the numbers it rests on."""
+    done = {r["lib"]: r for r in rows if "skipped" not in r}
+    peers = [r for lib, r in done.items() if not lib.startswith("flowmatch")]
+    fms = [r for lib, r in done.items() if lib.startswith("flowmatch")]
+    if not peers or not fms:
+        return ""
+    out = []
+    fastest = max(peers, key=lambda r: r["steps_per_s"])
+    for lib in SPEED_ROWS:
+        if lib in done:
+            r = done[lib]
+            out.append(f"steps/s: {r['row']} {r['steps_per_s']:.1f} = {r['steps_per_s'] / fastest['steps_per_s']:.2f}x the fastest "
+                       f"peer ({fastest['row']}, {fastest['steps_per_s']:.1f})")
+    timed = [r for r in peers if r["time_to_target_s"] is not None]
+    fm_timed = [r for r in fms if r["time_to_target_s"] is not None]
+    if fm_timed:
+        best = min(fm_timed, key=lambda r: r["time_to_target_s"])
+        if timed:
+            first = min(timed, key=lambda r: r["time_to_target_s"])
+            out.append(f"time to W2/floor <= {spec['target']:g}: {best['row']} {best['time_to_target_s']:.1f} s vs the soonest peer "
+                       f"({first['row']}) {first['time_to_target_s']:.1f} s = {best['time_to_target_s'] / first['time_to_target_s']:.2f}x")
+        else:
+            out.append(f"time to W2/floor <= {spec['target']:g}: {best['row']} {best['time_to_target_s']:.1f} s; no peer got there")
+    few = [(r["nfe"][str(k)]["ratio"], k, r["row"]) for r in peers for k in NFES if k <= 8]
+    peer_few = min(few)
+    if "flowmatch-distilled" in done:
+        d = done["flowmatch-distilled"]["nfe"]["1"]["ratio"]
+        out.append(f"one step: flowmatch distilled W2/floor {d:.3f} vs the peers' best at NFE <= 8: {peer_few[0]:.3f} "
+                   f"({peer_few[2]}, NFE {peer_few[1]})")
+    peer_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in peers)
+    fm_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in fms if not r.get("one_step"))
+    out.append(f"100 steps: best flowmatch W2/floor {fm_100[0]:.3f} ({fm_100[1]}) vs the peers' best {peer_100[0]:.3f} ({peer_100[1]})")
+    return "\n".join(out)
+
+
+def measure_sampling(work: Path, n: int) -> list[dict]:
+    """``flowmatch sample --n N`` on the kept runs, in a fresh process under ``/usr/bin/time -v``:
+    wall-clock (imports included), samples per second and peak resident memory."""
+    jobs = [("flowmatch-distilled", []), ("flowmatch-defaults", ["--nfe", "8", "--solver", "midpoint"])]
+    timer = Path("/usr/bin/time")
+    out = []
+    for lib, extra in jobs:
+        run = work / lib
+        if not (run / "ema.safetensors").exists():
             continue
-        entry = {}
-        if "flowmatch" in done:
-            entry["steps_per_s"] = done["flowmatch"]["steps_per_s"] / peer["steps_per_s"]
-        for fm in ("flowmatch", "flowmatch-defaults"):
-            if fm in done and done[fm]["time_to_target_s"] is not None and peer["time_to_target_s"] is not None:
-                entry[f"time_to_target[{fm}]"] = done[fm]["time_to_target_s"] / peer["time_to_target_s"]
-        out[lib] = entry
+        argv = [sys.executable, "-m", "flowmatch", "sample", str(run), "--n", str(n), "--out", str(work / f"{lib}-samples.npy"),
+                "--no-progress", *extra]
+        print(f"\n== flowmatch sample {run.name} --n {n} {' '.join(extra)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(([str(timer), "-v"] if timer.exists() else []) + argv, capture_output=True, text=True,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        wall = time.perf_counter() - t0
+        rss = next((int(ln.split(":")[1]) / 1024 for ln in proc.stderr.splitlines() if "Maximum resident set size" in ln), None)
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], flush=True)
+            continue
+        out.append({"run": lib, "args": " ".join(extra), "n": n, "wall_s": wall, "samples_per_s": n / wall, "max_rss_mb": rss})
     return out
 
 
-def ratio_table(rat: dict, rows: list[dict], spec: dict) -> str:
-    label = {r["lib"]: r["row"] for r in rows}
-    target = format(spec["target"], "g")
-    lines = [f"{'flowmatch / peer':<24}{'steps/s':>16}{'time to W2/floor<=' + target:>26}{'same, flowmatch defaults':>27}",
-             f"{'':<24}{'(>1: fm faster)':>16}{'(<1: fm sooner)':>26}{'(<1: fm sooner)':>27}"]
-
-    def cell(entry, key, width):
-        return f"{entry[key]:{width - 1}.2f}x" if key in entry else f"{'n/a':>{width}}"
-
-    for lib, entry in rat.items():
-        lines.append(f"{label[lib]:<24}{cell(entry, 'steps_per_s', 16)}{cell(entry, 'time_to_target[flowmatch]', 26)}"
-                     f"{cell(entry, 'time_to_target[flowmatch-defaults]', 27)}")
+def sampling_table(jobs: list[dict]) -> str:
+    lines = [f"{'flowmatch sample --n':<44}{'wall s':>9}{'samples/s':>12}{'peak RSS MB':>13}"]
+    for j in jobs:
+        rss = "n/a" if j["max_rss_mb"] is None else f"{j['max_rss_mb']:.0f}"
+        lines.append(f"{j['n']} {j['run']} {j['args']:<20}"[:44].ljust(44) + f"{j['wall_s']:9.1f}{j['samples_per_s']:12.0f}{rss:>13}")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], spec: dict, folder: Path) -> list[Path]:
+    """Quality against NFE and against training wall-clock, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "skipped" not in r]
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in done:
+        ks = [k for k in NFES]
+        style = dict(lw=2.2) if r["lib"].startswith("flowmatch") else dict(ls="--", lw=1.4)
+        ax.plot(ks, [r["nfe"][str(k)]["ratio"] for k in ks], marker="o", label=r["row"], **style)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="velocity evaluations (Euler steps)", ylabel="W2 / floor (4000 samples)",
+           title="quality against sampling cost")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [folder / "peers-nfe.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in done:
+        if r.get("one_step"):
+            ax.scatter([r["pipeline_s"]], [r["nfe"]["1"]["ratio"]], marker="*", s=120, zorder=3, label=r["row"] + " (1 step)")
+            continue
+        style = dict(lw=2.2) if r["lib"].startswith("flowmatch") else dict(ls="--", lw=1.4)
+        ax.plot([p["train_s"] for p in r["curve"]], [p["ratio"] for p in r["curve"]], marker=".", label=r["row"], **style)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
+    ax.set(yscale="log", xlabel="training wall-clock (s, evaluations excluded)",
+           ylabel=f"W2 / floor ({spec['eval_n']} samples, 100 Euler steps)", title="quality against training time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "peers-time.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
 
 
 def list_peers() -> None:
@@ -545,6 +705,11 @@ def main() -> None:
     ap.add_argument("--peer-adamw", choices=("default", "fused"), default="default",
                     help="peer rows' AdamW: torch's default implementation, or fused as flowmatch's loop uses")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument("--plots", metavar="DIR", help="write peers-nfe.png and peers-time.png to DIR")
+    ap.add_argument("--work", metavar="DIR", help="keep flowmatch's runs here (default: a temporary folder)")
+    ap.add_argument("--rf-pairs", type=int, default=20000, help="distilled row: teacher pairs for reflow and for distillation")
+    ap.add_argument("--rf-steps", type=int, default=4000, help="distilled row: training steps of reflow and of distillation")
+    ap.add_argument("--sample-n", type=int, default=1_000_000, help="samples for the flowmatch sample measurement (0: skip)")
     ap.add_argument("--list", action="store_true", help="only print which peers import")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -568,21 +733,34 @@ def main() -> None:
           + ", ".join(f"{floors[n]:.4f} at {n} points" for n in sizes), flush=True)
     spec = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "eval_every": args.eval_every, "eval_n": args.eval_n,
             "target": args.target, "tol": args.tol, "peer_adamw": args.peer_adamw, "floors": floors, "nfes": list(NFES),
-            "n_final": N_FINAL, "seed": SEED, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    rows = run_rows(libs, spec)
-    rat = ratios(rows)
+            "n_final": N_FINAL, "seed": SEED, "rf_pairs": args.rf_pairs, "rf_steps": args.rf_steps,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        spec["work"] = str(work)
+        rows = run_rows(libs, spec)
+        jobs = measure_sampling(work, args.sample_n) if args.sample_n > 0 else []
 
     print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr:g} (flowmatch defaults: its own), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; W2/floor during training on {args.eval_n} samples every {args.eval_every} steps\n")
     print(table(rows, spec))
-    if rat:
-        print("\n" + ratio_table(rat, rows, spec))
+    for text in (ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
+        if text:
+            print("\n" + text)
     print("\nNotes")
     for r in rows:
         for n in r.get("notes", []):
             print(f"  {r['row']}: {n}")
+        curve = [p for p in r.get("curve", []) if p.get("rss_mb")]
+        if len(curve) > 1:
+            print(f"  {r['row']}: resident memory {curve[0]['rss_mb']:.0f} MB at step {curve[0]['step']}, "
+                  f"{curve[-1]['rss_mb']:.0f} MB at step {curve[-1]['step']}")
+    if args.plots:
+        for path in plot(rows, spec, Path(args.plots)):
+            print(f"wrote {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": spec, "rows": rows, "ratios": rat}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"settings": spec, "rows": rows, "sampling": jobs}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 
 
