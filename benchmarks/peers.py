@@ -92,7 +92,7 @@ ROWS = {  # --libs name -> the row's label
     "rectified-flow": "rectified-flow-pytorch",
     "notebook": "notebook (plain torch)",
 }
-DEFAULT_LIBS = [k for k in ROWS if k != "notebook"]
+DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
 FM_SETTINGS = {"flowmatch": {}, "flowmatch-bf16": {"precision": "bf16"},  # TrainConfig changes of the speed rows
                "flowmatch-bf16-compile": {"precision": "bf16", "compile": True}}
 NFES = (1, 2, 4, 8, 100)
@@ -365,11 +365,13 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         loss.backward()
         opt.step()
         train_s += time.perf_counter() - t0
-        if step % every == 0 or step == steps:
+        if not spec.get("speed_only") and (step % every == 0 or step == steps):
             with torch.inference_mode():
                 x = peer.sample(x0_eval, 100)
             curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x.float())})
             log.say(progress_line(curve[-1], steps))
+    if spec.get("speed_only"):
+        return {"steps": steps, "train_s": train_s}
     final = final_measures(peer.sample, lambda x, t: model(x, t), model, quality, spec["tol"])
     return {"steps": steps, "batch": batch, "lr": spec["lr"], "train_s": train_s, "curve": curve, **final}
 
@@ -423,6 +425,11 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x)})
         log.say(progress_line(curve[-1], cfg.steps))
 
+    if spec.get("speed_only"):  # one checkpoint, at the end, after the time is logged
+        cfg.checkpoint_every = cfg.log_every = cfg.steps
+        with tempfile.TemporaryDirectory() as tmp:
+            training.train(cfg, out=Path(tmp) / "run", progress=False)
+            return {"steps": cfg.steps, "train_s": json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])["time"]}
     training.train(cfg, out=run_dir, progress=False, on_checkpoint=evaluate_now)
     train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
     return {"steps": cfg.steps, "batch": cfg.batch_size, "lr": cfg.lr, "train_s": train_s, "curve": curve,
@@ -479,6 +486,9 @@ def worker(lib: str, spec_path: str, result_path: str) -> None:
         run = run_distilled if lib == "flowmatch-distilled" else run_flowmatch if lib.startswith("flowmatch") else run_peer
         result.update(run(lib, spec, quality, log))
         result["steps_per_s"] = result["steps"] / result["train_s"]
+        if spec.get("speed_only"):
+            Path(result_path).write_text(json.dumps(result))
+            return
         hit = reached(result["curve"], spec["target"])
         result["time_to_target_s"] = hit and hit["train_s"]
         result["step_to_target"] = hit and hit["step"]
@@ -493,6 +503,35 @@ def worker(lib: str, spec_path: str, result_path: str) -> None:
 
 
 # ---------------------------------------------------------------- the parent: run rows, print the table
+
+
+def speed_rounds(libs: list[str], spec: dict, rounds: int, steps: int) -> dict:
+    """Training steps/s measured side by side: ``rounds`` rounds, each training every row for
+    ``steps`` steps in a fresh process with nothing else in the loop (no evaluation, no
+    checkpoint), the rows interleaved so that drift in the machine's speed hits all alike."""
+    libs = [lib for lib in libs if lib in SPEED_ROWS or not lib.startswith("flowmatch")]
+    speed_spec = {**spec, "steps": steps, "eval_every": steps, "speed_only": True}
+    out = {lib: [] for lib in libs}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(speed_spec))
+        for r in range(rounds):
+            for lib in libs:
+                result_path = Path(tmp) / f"{lib}-{r}.json"
+                subprocess.run([sys.executable, __file__, "--worker", lib, "--spec", str(spec_path), "--result", str(result_path)],
+                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), stdout=subprocess.DEVNULL)
+                if result_path.exists() and "steps_per_s" in (res := json.loads(result_path.read_text())):
+                    out[lib].append(res["steps_per_s"])
+            print(f"speed round {r + 1}/{rounds}: " + ", ".join(f"{lib} {v[-1]:.1f}" for lib, v in out.items() if len(v) > r),
+                  flush=True)
+    return {lib: v for lib, v in out.items() if v}
+
+
+def speed_table(speed: dict, rounds: int, steps: int) -> str:
+    lines = [f"training steps/s, {rounds} interleaved rounds of {steps} steps (median; each round's value)"]
+    for lib, values in speed.items():
+        lines.append(f"{ROWS[lib]:<28}{float(np.median(values)):9.2f}   " + " ".join(f"{v:.1f}" for v in values))
+    return "\n".join(lines)
 
 
 def run_rows(libs: list[str], spec: dict) -> list[dict]:
@@ -698,8 +737,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10000, help="training steps per row (caps flowmatch-defaults' own)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--eval-every", type=int, default=1000, help="steps between W2 evaluations for the time to quality")
-    ap.add_argument("--eval-n", type=int, default=4000, help="samples per evaluation during training")
+    ap.add_argument("--eval-every", type=int, default=500, help="steps between W2 evaluations for the time to quality")
+    ap.add_argument("--eval-n", type=int, default=2000, help="samples per evaluation during training")
     ap.add_argument("--target", type=float, default=1.3, help="W2/floor that counts as reached")
     ap.add_argument("--tol", type=float, default=1e-5, help="dopri5 atol = rtol")
     ap.add_argument("--peer-adamw", choices=("default", "fused"), default="default",
@@ -707,6 +746,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--plots", metavar="DIR", help="write peers-nfe.png and peers-time.png to DIR")
     ap.add_argument("--work", metavar="DIR", help="keep flowmatch's runs here (default: a temporary folder)")
+    ap.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds of the steps/s measurement (0: skip)")
+    ap.add_argument("--speed-steps", type=int, default=1500, help="training steps per row and round of the steps/s measurement")
     ap.add_argument("--rf-pairs", type=int, default=20000, help="distilled row: teacher pairs for reflow and for distillation")
     ap.add_argument("--rf-steps", type=int, default=4000, help="distilled row: training steps of reflow and of distillation")
     ap.add_argument("--sample-n", type=int, default=1_000_000, help="samples for the flowmatch sample measurement (0: skip)")
@@ -739,13 +780,22 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
         spec["work"] = str(work)
+        speed = {}
+        if args.speed_rounds > 0:
+            print("\n== training steps/s, side by side", flush=True)
+            speed = speed_rounds(libs, spec, args.speed_rounds, args.speed_steps)
         rows = run_rows(libs, spec)
+        for r in rows:  # the table's steps/s: the side-by-side median; the long run's own is kept
+            if r["lib"] in speed and "skipped" not in r:
+                r["steps_per_s_long_run"] = r["steps_per_s"]
+                r["steps_per_s"] = float(np.median(speed[r["lib"]]))
         jobs = measure_sampling(work, args.sample_n) if args.sample_n > 0 else []
 
     print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr:g} (flowmatch defaults: its own), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; W2/floor during training on {args.eval_n} samples every {args.eval_every} steps\n")
     print(table(rows, spec))
-    for text in (ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
+    speed_text = speed_table(speed, args.speed_rounds, args.speed_steps) if speed else ""
+    for text in (speed_text, ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
         if text:
             print("\n" + text)
     print("\nNotes")
@@ -760,7 +810,7 @@ def main() -> None:
         for path in plot(rows, spec, Path(args.plots)):
             print(f"wrote {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": spec, "rows": rows, "sampling": jobs}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"settings": spec, "rows": rows, "speed": speed, "sampling": jobs}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 
 
