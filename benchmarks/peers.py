@@ -2,12 +2,14 @@
 and quality against sampling steps.
 
     . .venv/bin/activate && bash benchmarks/install_peers.sh       # once: the peers, torch untouched
-    python benchmarks/peers.py                                      # every row, 10000 steps each (hours on 2 cores)
-    python benchmarks/peers.py --libs flowmatch,torchcfm --json peers.json
-    python benchmarks/peers.py --steps 50 --eval-every 25 --eval-n 500   # smoke test (~15 min on 2 busy cores: exact W2s)
+    python benchmarks/peers.py --work runs/peers/work --plots runs/peers/plots --json runs/peers/peers.json
+                                                                    # every row, 10000 steps each (about 55 min on 2 cores)
+    python benchmarks/peers.py --libs flowmatch,torchcfm --speed-rounds 0
+    python benchmarks/peers.py --steps 40 --eval-every 20 --eval-n 500 --rf-pairs 600 --rf-steps 30 --sample-n 20000 --tol 1e-3
+                                                                    # smoke test (about 9 minutes: the exact W2s)
     python benchmarks/peers.py --list                               # which peers import here
 
-Rows (``--libs``, comma list; default all but ``notebook``):
+Rows (``--libs``, comma list; default all but ``notebook`` and ``flowmatch-bf16-compile``):
 
     flowmatch            flowmatch's own loop (train), AdamW lr 1e-4, batch 256, constant lr, no clipping
     flowmatch-bf16       the same with --precision bf16 (autocast; AMX on recent Intel CPUs)
@@ -33,13 +35,19 @@ wall-clock: run it on an otherwise idle machine.
 
 What is measured, per row:
 
-- steps/s: wall-clock of the training loop only (setup, evaluations and flowmatch's checkpoint
-  writes excluded);
+- steps/s: measured first, side by side: --speed-rounds rounds in which every row trains
+  --speed-steps steps in a fresh process with nothing else in the loop (no evaluation, no
+  checkpoint), the rows interleaved so that drift in the machine's speed hits all alike; the
+  median is the table's figure (the long run's own, evaluations in between, is kept in --json);
 - time to W2/floor <= --target (1.3): every --eval-every steps, W2 of --eval-n samples at 100 Euler
   steps; the first training time (evaluations excluded) at which the ratio is at most the target;
 - W2/floor at NFE 1, 2, 4, 8, 100 on 4000 samples with the library's own sampler (same noise for
   every row); dopri5's NFE at tol 1e-5 through ``flowmatch.solvers.integrate`` for every model (so
-  it is comparable); the seconds the library's sampler takes for 4000 samples at 100 Euler steps.
+  it is comparable); the seconds the library's sampler takes for 4000 samples at 100 Euler steps;
+- resident memory at each evaluation (does training memory grow with steps?);
+- after the rows, ``flowmatch sample --n --sample-n`` on the distilled run (one step) and on the
+  defaults run (8 midpoint NFE) in a fresh process under ``/usr/bin/time -v``: wall-clock,
+  samples/s and peak resident memory.
 
 W2 is exact (``flowmatch.metrics.w2``) against fresh continuous checkerboard draws; as in
 ``flowmatch.metrics.evaluate``, the floor is the mean over 3 pairs of independent draws of the same
