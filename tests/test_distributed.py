@@ -124,3 +124,45 @@ def test_compiled_training_matches_eager(cli, tmp_path):
     eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
+    """One step with --grad-accum 2 moves the weights as AdamW does on the mean of the two
+    micro-batches' gradients, drawn in the loop's order from its generator."""
+    import copy
+
+    import torch
+
+    from flowmatch.config import TrainConfig
+    from flowmatch.data import make_dataset, spec_from_arg
+    from flowmatch.models import make_model
+    from flowmatch.training import cfm_loss, train
+
+    cfg = TrainConfig(n_points=100, steps=1, batch_size=16, grad_accum=2, lr=1e-2, warmup_steps=0, schedule="constant",
+                      grad_clip=None, width=32, depth=2, plots=False)
+    train(copy.deepcopy(cfg), out=tmp_path / "run", progress=False)
+    trained = load_file(tmp_path / "run" / "model.safetensors")
+
+    dataset = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    grads, losses = [], []
+    for _ in range(2):  # the loop's draws: data, noise, times
+        x1 = dataset.sample(cfg.batch_size, gen).x1
+        x0 = torch.randn(len(x1), *dataset.shape, generator=gen)
+        t = torch.rand(len(x1), generator=gen)
+        model.zero_grad()
+        loss = cfm_loss(model, cfg.build_path(), x0, x1, t)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for p, g1, g2 in zip(model.parameters(), *grads):
+        p.grad = (g1 + g2) / 2
+    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
+    expected = model.state_dict()
+    assert set(expected) == set(trained)
+    for k in expected:
+        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches

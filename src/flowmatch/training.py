@@ -184,6 +184,7 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
         lr = lr_at(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
+        step_loss = 0.0
         for micro in range(cfg.grad_accum):
             batch: Batch = dataset.sample(cfg.batch_size, gen)
             x1 = batch.x1
@@ -199,13 +200,14 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = cfm_loss(forward, path, x0, x1, t, label)
                 scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+            step_loss = step_loss + loss.detach()
         if cfg.grad_clip is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        loss = loss.detach()
+        loss = step_loss / cfg.grad_accum if cfg.grad_accum > 1 else step_loss  # the step's mean loss
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)
         running += loss
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
