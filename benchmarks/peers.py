@@ -480,9 +480,10 @@ def run_distilled(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     log.note("pipeline wall-clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + f"; total {pipeline_s:.1f} s")
     metrics = [json.loads(ln) for ln in (work / lib / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     final = final_run_measures(work / lib, quality, spec, log)
+    student = json.loads((work / lib / "config.json").read_text())["train"]
     point = {"step": metrics[-1]["step"], "train_s": pipeline_s, "rss_mb": rss_mb(), **final["nfe"]["1"]}
-    return {"steps": metrics[-1]["step"], "batch": 512, "lr": 5e-4, "train_s": metrics[-1]["time"], "curve": [point],
-            "stages_s": stages, "pipeline_s": pipeline_s, "one_step": True, **final}
+    return {"steps": metrics[-1]["step"], "batch": student["batch_size"], "lr": student["lr"], "train_s": metrics[-1]["time"],
+            "curve": [point], "stages_s": stages, "pipeline_s": pipeline_s, "one_step": True, **final}
 
 
 def worker(lib: str, spec_path: str, result_path: str) -> None:

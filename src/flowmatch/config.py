@@ -47,7 +47,7 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 50
     checkpoint_every: int = 1000
-    precision: str = "fp32"  # bf16 autocast: about 1.8x the steps/s on CPUs with AMX (benchmarks/peers.py)
+    precision: str = "fp32"  # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py)
     compile: bool = False  # torch.compile the network for training steps
     grad_accum: int = 1
     processes: int = 1

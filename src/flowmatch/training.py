@@ -199,7 +199,7 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
             with contextlib.nullcontext() if last or not distributed else accelerator.no_sync(model):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = cfm_loss(forward, path, x0, x1, t, label)
-                scaler.scale(loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()  # / 1 is exact
             step_loss = step_loss + loss.detach()
         if cfg.grad_clip is not None:
             scaler.unscale_(opt)
@@ -207,11 +207,11 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        loss = step_loss / cfg.grad_accum if cfg.grad_accum > 1 else step_loss  # the step's mean loss
+        loss = step_loss / cfg.grad_accum  # the step's mean loss
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)
         running += loss
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():  # one foreach kernel over all parameters
+        with torch.no_grad():  # one foreach call over all parameters
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         bar.update(1)
         done = step + 1
