@@ -64,6 +64,13 @@ def test_eval_json(cli, tiny_run):
     assert res["nfe"]["1"]["floor"] > 0 and res["nfe"]["1"]["w2"] > 0
     assert res["adaptive"]["solver"] == "dopri5" and res["adaptive"]["nfe"] > 0
     assert res["straightness"] >= 0
+    # the sharpness columns are the library's measures of the same samples
+    from flowmatch.metrics import off_support
+
+    x = load_run(tiny_run).sample(300, nfe=4, seed=0)
+    assert res["nfe"]["4"]["off_support"] == off_support("checkerboard", x)
+    assert res["data"]["off_support"] == 0.0
+    assert 0 <= res["nfe"]["4"]["precision"] <= 1 and 0.4 < res["data"]["c2st"] < 0.6
 
 
 def test_plot_redraws(cli, tiny_run):

@@ -251,7 +251,8 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png"),
 ):
-    """W2 against fresh data (and its floor) at several NFEs, dopri5's NFE, straightness."""
+    """W2 against fresh data (and its floor), the share off the support (2-D toys), precision, recall, density,
+    coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness."""
     from .metrics import evaluate as run_eval
     from .metrics import format_table
     from .runs import load_run
@@ -411,7 +412,9 @@ def _eval_images(loaded, n, solver, seed, json_out):
         if not json_out:
             _say(f"{r.dir}: Fréchet/floor {res['classifier']['ratio']:.3f} (classifier features), "
                  f"{res['pca']['ratio']:.3f} (PCA)" + (f"; class-conditional accuracy {res['conditional']['accuracy']:.3f}"
-                                                      if "conditional" in res else ""))
+                                                      if "conditional" in res else "")
+                 + "; in classifier features " + ", ".join(f"{k} {v['value']:.3f} (data {v['data']:.3f})"
+                                                          for k, v in res["prdc"].items()))
     if json_out:
         print(json.dumps(out[0] if len(out) == 1 else {"runs": out}))
 

@@ -92,6 +92,16 @@ def pixel_judge():
     return LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1).numpy(), y.numpy())
 
 
+def _prdc_with_floor(feats: dict) -> dict:
+    """Precision/recall/density/coverage in the classifier's features: generated against the
+    held-out digits, and the training digits against them (the floor a perfect model meets)."""
+    from .metrics import prdc
+
+    test = torch.from_numpy(feats["test"])
+    gen, real = prdc(test, torch.from_numpy(feats["gen"])), prdc(test, torch.from_numpy(feats["train"]))
+    return {key: {"value": gen[key], "data": real[key]} for key in gen}
+
+
 def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", seed: int = 0, guidance: float = 2.0,
                     per_class: int = 100) -> dict:
     """FD and PCA-FD of ``n`` unconditional samples against the held-out digits, with the
@@ -114,6 +124,7 @@ def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", s
     for name, space in (("classifier", feats), ("pca", proj)):
         fd, floor = frechet_distance(space["gen"], space["test"]), frechet_distance(space["train"], space["test"])
         res[name] = {"fd": fd, "floor": floor, "ratio": fd / floor}
+    res["prdc"] = _prdc_with_floor(feats)
     with torch.no_grad():
         res["classifier_accuracy_on_test"] = float((net(test_x).argmax(1) == test_y).float().mean())
     if run.num_classes:

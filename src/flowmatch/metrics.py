@@ -4,14 +4,23 @@
   ``ot.emd2`` on the squared Euclidean cost, then the square root).
 - :func:`straightness`: ``S = ∫ E ||(Z1 - Z0) - v(Z_t, t)||^2 dt`` along the model's own
   trajectories (Liu et al. 2022, "Flow Straight and Fast"); 0 means one Euler step is exact.
-- :func:`evaluate`: W2 against fresh data and its floor at several NFEs, and an adaptive
-  solver's NFE — the numbers ``flowmatch eval`` prints.
+- :func:`sharpness`: measures that see blur, which W2 on a few thousand points does not:
+  the share of samples off the data's support and their mean true log-density (2-D toys,
+  whose density is known); precision, recall, density and coverage of k-nearest-neighbour
+  manifolds (Kynkäänniemi et al. 2019; Naeem et al. 2020, through their ``prdc`` package);
+  and a classifier two-sample test (Lopez-Paz & Oquab 2017) with scikit-learn's k-NN.
+- :func:`evaluate`: W2 against fresh data and its floor at several NFEs, the sharpness
+  measures beside the same measures of fresh data, and an adaptive solver's NFE — the
+  numbers ``flowmatch eval`` prints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
+import numpy as np
 import ot
 import torch
 
@@ -27,6 +36,74 @@ def w2(a: torch.Tensor, b: torch.Tensor) -> float:
     if log.get("warning"):
         raise RuntimeError(f"exact OT did not converge: {log['warning']}")
     return math.sqrt(max(float(value), 0.0))
+
+
+def off_support(name: str, x: torch.Tensor) -> float:
+    """Share of samples ``x`` (data units) off toy ``name``'s support (checkerboard: outside its
+    8 cells; blurred curves: beyond 3 sigma of the curve)."""
+    from .data.toy2d import on_support
+
+    return 1.0 - on_support(name, x).double().mean().item()
+
+
+def mean_log_density(name: str, x: torch.Tensor) -> float:
+    """Mean true log-density (nats) of samples ``x``; ``-inf`` when any sample lies where the
+    density is 0 (off the checkerboard)."""
+    from .data.toy2d import log_density
+
+    return log_density(name, x).mean().item()
+
+
+def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict:
+    """Precision, recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) of
+    ``fake`` against ``real`` (N, ...) in k-nearest-neighbour balls; the authors' ``prdc``.
+
+    Precision: share of fakes inside some real point's k-NN ball (1 - precision is the share
+    of samples where the data is not); recall: share of reals inside some fake's ball."""
+    from prdc import compute_prdc
+
+    real = real.reshape(len(real), -1).double().cpu().numpy()
+    fake = fake.reshape(len(fake), -1).double().cpu().numpy()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the set sizes
+        out = compute_prdc(real, fake, nearest_k=k)
+    return {key: float(v) for key, v in out.items()}
+
+
+def c2st(real: torch.Tensor, fake: torch.Tensor, k: int = 5, folds: int = 5, seed: int = 0) -> float:
+    """Classifier two-sample test: the 5-fold cross-validated accuracy of a k-nearest-neighbour
+    classifier (scikit-learn) telling ``real`` from ``fake`` after standardising with the real
+    data's mean and std. 0.5: indistinguishable; 1: fully separable. At a few thousand points
+    it sees gross differences (a shifted or strongly blurred set), less so a thin blur at
+    sharp edges, where :func:`off_support` and precision are the sharper measures."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    real = real.reshape(len(real), -1).double().cpu().numpy()
+    fake = fake.reshape(len(fake), -1).double().cpu().numpy()
+    mean, std = real.mean(0), real.std(0) + 1e-12
+    x = np.concatenate([(real - mean) / std, (fake - mean) / std])
+    y = np.concatenate([np.zeros(len(real)), np.ones(len(fake))])
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), x, y, cv=cv).mean())
+
+
+def sharpness(x: torch.Tensor, ref: torch.Tensor, toy: str | None = None) -> dict:
+    """The blur-sensitive measures of samples ``x`` against real data ``ref`` (both in data
+    units): ``off_support`` and ``log_density`` when ``toy`` names a 2-D toy, then
+    ``precision``, ``recall``, ``density``, ``coverage`` and ``c2st``."""
+    out = {}
+    if toy is not None:
+        out["off_support"] = off_support(toy, x)
+        out["log_density"] = mean_log_density(toy, x)
+    return out | prdc(ref, x) | {"c2st": c2st(ref, x)}
+
+
+def toy_name(dataset) -> str | None:
+    """The 2-D toy a dataset draws from (whose density is known), else None."""
+    from .data.toy2d import TOY2D
+
+    name = getattr(dataset, "name", None)
+    return name if name in TOY2D else None
 
 
 @torch.inference_mode()
@@ -47,29 +124,35 @@ def straightness(v, x0: torch.Tensor, nfe: int = 100) -> float:
 
 
 def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solver: str = "euler",
-             adaptive: str | None = "dopri5", tol: float = 1e-5, repeats: int = 3, progress: bool = False) -> dict:
-    """W2 against fresh data and its floor at each NFE, an adaptive solver's NFE and W2, and
-    straightness.
+             adaptive: str | None = "dopri5", tol: float = 1e-5, repeats: int = 3, progress: bool = False,
+             sharp: bool = True) -> dict:
+    """W2 against fresh data and its floor at each NFE, the :func:`sharpness` measures, an
+    adaptive solver's NFE and measures, and straightness.
 
     W2 between two ``n``-point clouds is noisy (in 2-D, mostly the counts per region), so
     each number is the mean over ``repeats`` fresh reference draws: the floor averages
     ``repeats`` pairs of independent data draws, and each model W2 compares one ``n``-sample
-    set against each of the ``repeats`` references. ``ratio`` = W2 / floor.
+    set against each of the ``repeats`` references. ``ratio`` = W2 / floor. The sharpness
+    measures compare against the first reference; ``result["data"]`` holds the same measures
+    for a fresh draw of the data itself (what a perfect model would score).
     """
     from tqdm.auto import tqdm
 
     g = torch.Generator(device=run.device)
     g.manual_seed(seed + 1)
     refs = [run.dataset.reference(n, g).cpu() for _ in range(repeats)]
-    floors = [w2(a, run.dataset.reference(n, g).cpu()) for a in refs]
+    fresh = [run.dataset.reference(n, g).cpu() for _ in refs]
+    floors = [w2(a, b) for a, b in zip(refs, fresh)]
     floor = sum(floors) / repeats
+    toy = toy_name(run.dataset)
 
     def measure(x):
-        ds = [w2(x, ref) for ref in refs]
-        d = sum(ds) / repeats
-        return {"w2": d, "floor": floor, "ratio": d / floor}
+        d = sum(w2(x, ref) for ref in refs) / repeats
+        return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
 
     result = {"n": n, "solver": solver, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
+    if sharp:
+        result["data"] = sharpness(fresh[0], refs[0], toy)
     for k in tqdm(nfes, disable=not progress, desc="eval", unit="nfe"):
         result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed))
     gen = torch.Generator(device=run.device).manual_seed(seed * 1_000_003)
@@ -83,16 +166,32 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
     return result
 
 
+SHARP_COLUMNS = (("off_support", "off%", 100.0), ("log_density", "log p", 1.0), ("precision", "prec", 1.0),
+                 ("recall", "recall", 1.0), ("density", "dens", 1.0), ("coverage", "cover", 1.0), ("c2st", "c2st", 1.0))
+
+
 def format_table(result: dict) -> str:
-    """A plain-text table of :func:`evaluate`'s result."""
-    lines = [f"{'NFE':>6} {'W2':>8} {'W2/floor':>9}   ({result['solver']}, floor {result['floor']:.4f})"]
+    """A plain-text table of :func:`evaluate`'s result: one row per NFE, the data's own row
+    first (the sharpness measures of a fresh draw: what a perfect model scores)."""
+    ref = result.get("data", {})
+    cols = [c for c in SHARP_COLUMNS if c[0] in ref]
+
+    def sharp(row):
+        return "".join(f" {row[key] * scale:7.3f}" if key in row else f" {'':7}" for key, _, scale in cols)
+
+    lines = [f"{'NFE':>8} {'W2':>8} {'W2/floor':>9}" + "".join(f" {name:>7}" for _, name, _ in cols)
+             + f"   ({result['solver']}, floor {result['floor']:.4f})"]
+    if ref:
+        lines.append(f"{'data':>8} {'':>8} {'':>9}" + sharp(ref))
     for k, row in result["nfe"].items():
-        lines.append(f"{k:>6} {row['w2']:8.4f} {row['ratio']:9.3f}")
+        lines.append(f"{k:>8} {row['w2']:8.4f} {row['ratio']:9.3f}" + sharp(row))
     if "adaptive" in result:
         a = result["adaptive"]
-        lines.append(f"{a['solver']} (tol {a['tol']:g}): NFE {a['nfe']}, W2 {a['w2']:.4f}, W2/floor {a['ratio']:.3f}")
+        lines.append(f"{a['solver']:>8} {a['w2']:8.4f} {a['ratio']:9.3f}" + sharp(a)
+                     + f"   ({a['nfe']} NFE at tol {a['tol']:g})")
     lines.append(f"straightness {result['straightness']:.4f}")
     return "\n".join(lines)
 
 
-__all__ = ["w2", "straightness", "evaluate", "format_table"]
+__all__ = ["w2", "off_support", "mean_log_density", "prdc", "c2st", "sharpness", "toy_name", "straightness", "evaluate",
+           "format_table"]

@@ -76,6 +76,84 @@ def rings(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.Tens
     return pts + noise * _randn(n, generator, 2)
 
 
+# --- Known densities: what a sample "off the support" means, and log p(x) ------------------
+#
+# The checkerboard is uniform on its 8 cells (density 1/32 there, 0 elsewhere). The other toys
+# are a curve (or 8 points) blurred by isotropic Gaussian noise of std ``sigma``: their density
+# is the mixture ``p(x) = sum_m w_m N(x; c_m, sigma^2 I)`` over the curve's points ``c_m``,
+# exact up to a quadrature of the curve's parameter on a fine grid (spacing << sigma). Their
+# support is taken as the points within 3 sigma of the curve, which the data itself leaves
+# about 1% of the time (the 2-D chi-square tail exp(-4.5)); report that beside the samples'.
+
+
+def in_checkerboard(x: torch.Tensor) -> torch.Tensor:
+    """(N, 2) -> (N,) bool: inside one of the checkerboard's 8 cells."""
+    i, j = torch.floor((x[:, 0] + 4) / 2), torch.floor((x[:, 1] + 4) / 2)
+    return (x.abs() < 4).all(1) & ((i + j).remainder(2) == 1)
+
+
+def _grid(m: int) -> torch.Tensor:
+    return (torch.arange(m, dtype=torch.float64) + 0.5) / m  # midpoints of [0, 1]
+
+
+def _moons_curve(m=500):
+    theta = math.pi * _grid(m)
+    upper = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    lower = torch.stack([1 - torch.cos(theta), 0.5 - torch.sin(theta)], 1)
+    pts = (torch.cat([upper, lower]) - torch.tensor([0.5, 0.25], dtype=torch.float64)) * 2.5
+    return pts, torch.full((2 * m,), 1 / (2 * m), dtype=torch.float64), 0.08 * 2.5
+
+
+def _eight_gaussians_curve():
+    angle = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    return 3.0 * torch.stack([torch.cos(angle), torch.sin(angle)], 1), torch.full((8,), 1 / 8, dtype=torch.float64), 0.35
+
+
+def _spirals_curve(m=1500):
+    u = _grid(m)  # u = sqrt(U) has density 2u on [0, 1]
+    r, theta = 3.5 * u, 3 * math.pi * u
+    arm = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], 1)
+    w = 2 * u / m
+    w = w / w.sum()
+    return torch.cat([arm, -arm]), torch.cat([w, w]) / 2, 0.1
+
+
+def _rings_curve(m=1000):
+    theta = 2 * math.pi * _grid(m)
+    circle = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
+    radii = torch.arange(1, 5, dtype=torch.float64)  # floor(sqrt(16 U)) + 1: P(r) = (2 r - 1) / 16
+    pts = torch.cat([r * circle for r in radii])
+    w = torch.cat([torch.full((m,), float(2 * r - 1) / 16 / m, dtype=torch.float64) for r in radii])
+    return pts, w, 0.08
+
+
+CURVES = {"moons": _moons_curve, "8gaussians": _eight_gaussians_curve, "spirals": _spirals_curve, "rings": _rings_curve}
+
+
+def log_density(name: str, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """True log-density (nats) of toy ``name`` at points ``x`` (N, 2); ``-inf`` off the
+    checkerboard's cells."""
+    x = x.detach().double().cpu()
+    if name == "checkerboard":
+        return torch.where(in_checkerboard(x), -math.log(32.0), -math.inf).double()
+    pts, w, sigma = CURVES[name]()
+    out = []
+    for xb in x.split(chunk):
+        d2 = torch.cdist(xb, pts).pow(2)
+        out.append(torch.logsumexp(w.log() - d2 / (2 * sigma**2), dim=1) - math.log(2 * math.pi * sigma**2))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def on_support(name: str, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) bool: inside the checkerboard's cells, or within 3 sigma of a blurred toy's curve."""
+    x = x.detach().double().cpu()
+    if name == "checkerboard":
+        return in_checkerboard(x)
+    pts, _, sigma = CURVES[name]()
+    near = [torch.cdist(xb, pts).min(1).values <= 3 * sigma for xb in x.split(chunk)]
+    return torch.cat(near) if near else torch.empty(0, dtype=torch.bool)
+
+
 TOY2D = {
     "checkerboard": checkerboard,
     "moons": moons,
