@@ -65,6 +65,9 @@ def train(
     model: str = typer.Option(_D.model, help="network: auto (mlp for vectors, unet for images), mlp, unet"),
     width: int = typer.Option(_D.width, help="hidden width"),
     depth: int = typer.Option(_D.depth, help="hidden layers"),
+    fourier: int = typer.Option(_D.fourier, help="MLP: random Fourier features of x (0: raw coordinates)"),
+    fourier_scale: float = typer.Option(_D.fourier_scale, help="MLP: std of the Fourier frequencies (cycles per unit)"),
+    time_scale: float = typer.Option(_D.time_scale, help="MLP: the time embedding's sines see time_scale * t"),
     label_dropout: float = typer.Option(_D.label_dropout, help="labelled data: probability of dropping a label "
                                                                "(classifier-free guidance)"),
     log_every: int = typer.Option(_D.log_every),
@@ -90,7 +93,8 @@ def train(
         weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
         path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
-        time_std=time_std, label_dropout=label_dropout, model=model, width=width, depth=depth, log_every=log_every,
+        time_std=time_std, label_dropout=label_dropout, model=model, width=width, depth=depth, fourier=fourier,
+        fourier_scale=fourier_scale, time_scale=time_scale, log_every=log_every,
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
         processes=processes, compile=compile,
     )

@@ -41,6 +41,9 @@ class TrainConfig:
     model: str = "auto"  # mlp for vectors, unet for images
     width: int = 512
     depth: int = 5
+    time_scale: float = 10000.0  # the MLP embeds sin/cos of time_scale * t
+    fourier: int = 0  # the MLP's random Fourier features of x (0: raw coordinates only)
+    fourier_scale: float = 1.0  # their frequencies' standard deviation (cycles per data unit)
     init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
     # labels (class-conditional data): probability of dropping a label for guidance
     label_dropout: float = 0.2
@@ -62,6 +65,12 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise UserError(f"--{name.replace('_', '-')}: expected a positive value, got {value}")
+        if self.fourier < 0:
+            raise UserError(f"--fourier: expected a count >= 0, got {self.fourier}")
+        if not (math.isfinite(self.fourier_scale) and self.fourier_scale > 0):
+            raise UserError(f"--fourier-scale: expected a positive value, got {self.fourier_scale}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise UserError(f"--time-scale: expected a positive value, got {self.time_scale}")
         if self.warmup_steps < 0:
             raise UserError(f"--warmup-steps: expected a value >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
@@ -93,7 +102,8 @@ class TrainConfig:
         return make_time_sampler(self.time_dist)
 
     def model_spec(self) -> dict:
-        return {"name": self.model, "width": self.width, "depth": self.depth}
+        return {"name": self.model, "width": self.width, "depth": self.depth, "time_scale": self.time_scale,
+                "fourier": self.fourier, "fourier_scale": self.fourier_scale}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

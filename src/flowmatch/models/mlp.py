@@ -31,12 +31,19 @@ class MLP(nn.Module):
     ``num_classes``) for classifier-free guidance.
     """
 
-    def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0, num_classes: int = 0):
+    def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0, num_classes: int = 0,
+                 fourier: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even integer >= 2, got {width}")
         self.dim, self.width, self.time_scale, self.num_classes = dim, width, time_scale, num_classes
-        self.inp = nn.Linear(dim, width)
+        self.fourier = fourier
+        if fourier:
+            # Random Fourier features of x (Tancik et al. 2020): a fixed Gaussian frequency
+            # matrix, drawn from its own generator so the network's init does not depend on it.
+            freqs = torch.randn(dim, fourier, generator=torch.Generator().manual_seed(0)) * fourier_scale
+            self.register_buffer("freqs", freqs)
+        self.inp = nn.Linear(dim + 2 * fourier, width)
         self.time = nn.Linear(width, width)
         self.label = nn.Embedding(num_classes + 1, width) if num_classes else None
         self.blocks = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
@@ -45,7 +52,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(len(x), -1)
-        h = self.inp(x) + self.time(sinusoidal_embedding(t, self.width, self.time_scale).to(x.dtype))
+        feats = x
+        if self.fourier:
+            proj = 2 * math.pi * x @ self.freqs.to(x.dtype)
+            feats = torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=1)
+        h = self.inp(feats) + self.time(sinusoidal_embedding(t, self.width, self.time_scale).to(x.dtype))
         if self.label is not None:
             if label is None:  # unconditional: the null class
                 label = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)

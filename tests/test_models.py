@@ -1,0 +1,52 @@
+"""The MLP's input features: random Fourier features of x and the time embedding's scale."""
+
+import math
+
+import pytest
+import torch
+
+from flowmatch.config import TrainConfig
+from flowmatch.errors import UserError
+from flowmatch.models import MLP, make_model
+
+
+def test_fourier_features_are_sines_of_fixed_projections():
+    """The first layer sees [x, sin(2 pi x B), cos(2 pi x B)] with B ~ N(0, scale^2) fixed by its
+    own seed: the same B in every network, whatever the global random state."""
+    torch.manual_seed(1)
+    a = MLP(2, width=16, depth=1, fourier=8, fourier_scale=3.0)
+    torch.manual_seed(2)
+    b = MLP(2, width=16, depth=1, fourier=8, fourier_scale=3.0)
+    assert torch.equal(a.freqs, b.freqs)
+    assert a.freqs.std().item() == pytest.approx(3.0, rel=0.5)
+    x = torch.randn(5, 2)
+    proj = 2 * math.pi * x @ a.freqs
+    feats = torch.cat([x, proj.sin(), proj.cos()], 1)
+    seen = []
+    a.inp.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    a(x, torch.rand(5))
+    torch.testing.assert_close(seen[0], feats)
+
+
+def test_network_without_fourier_features_is_the_notebooks():
+    torch.manual_seed(0)
+    plain = MLP(2)
+    assert sum(p.numel() for p in plain.parameters()) == 1_578_498
+    assert "freqs" not in plain.state_dict()
+
+
+def test_spec_carries_the_features_into_a_rebuilt_network():
+    cfg = TrainConfig(fourier=16, fourier_scale=2.0, time_scale=100.0, width=32, depth=2)
+    net = make_model(cfg.model_spec(), (2,))
+    assert net.fourier == 16 and net.time_scale == 100.0 and net.inp.in_features == 2 + 32
+    again = make_model(TrainConfig.from_dict(cfg.to_dict()).model_spec(), (2,))
+    again.load_state_dict(net.state_dict())
+    x, t = torch.randn(4, 2), torch.rand(4)
+    torch.testing.assert_close(again(x, t), net(x, t))
+
+
+@pytest.mark.parametrize("field,value", [("fourier", -1), ("fourier_scale", 0.0), ("fourier_scale", float("nan")),
+                                         ("time_scale", -2.0), ("time_scale", float("inf"))])
+def test_bad_feature_settings_name_the_option(field, value):
+    with pytest.raises(UserError, match="--" + field.replace("_", "-")):
+        TrainConfig(**{field: value}).validate()
