@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
+from levers import parse_variant  # noqa: I001 (benchmarks/ is the script's folder)
 
 from flowmatch.config import TrainConfig
 from flowmatch.metrics import off_support
 from flowmatch.solvers import integrate
 from flowmatch.training import train
-
-from levers import parse_variant  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main():
