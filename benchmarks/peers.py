@@ -84,7 +84,7 @@ from torch import nn
 
 from flowmatch.data import ToyDataset
 from flowmatch.data.toy2d import checkerboard
-from flowmatch.metrics import w2
+from flowmatch.metrics import off_support, prdc, w2
 from flowmatch.models import MLP
 from flowmatch.solvers import integrate
 
@@ -123,7 +123,9 @@ def w2_floor(n: int) -> float:
 
 
 class Quality:
-    """W2 of a sample set against the 3 reference draws of its size, and its ratio to the floor."""
+    """W2 of a sample set against the 3 reference draws of its size, its ratio to the floor, and
+    the measures that see blur: the share off the checkerboard's cells (the data: 0) and
+    precision/recall against the first reference."""
 
     def __init__(self, floors: dict[int, float]):
         self.floors = floors
@@ -132,7 +134,9 @@ class Quality:
     def __call__(self, x: torch.Tensor) -> dict:
         n = len(x)
         d = sum(w2(x, r) for r in self.refs[n]) / len(self.refs[n])
-        return {"w2": d, "ratio": d / self.floors[n]}
+        pr = prdc(self.refs[n][0], x)
+        return {"w2": d, "ratio": d / self.floors[n], "off": off_support("checkerboard", x),
+                "precision": pr["precision"], "recall": pr["recall"]}
 
 
 def noise(n: int) -> torch.Tensor:
@@ -589,6 +593,19 @@ def table(rows: list[dict], spec: dict) -> str:
     return "\n".join(lines)
 
 
+def sharp_table(rows: list[dict]) -> str:
+    """Per row and NFE: % of the 4000 samples off the checkerboard's cells (the data: 0) and
+    precision (share of samples inside the data's 5-NN manifold)."""
+    nfe_cols = "".join(f"{'NFE ' + str(k):>14}" for k in NFES)
+    lines = ["sharpness: % off the cells / precision (4000 samples, own sampler)", f"{'library':<28}{nfe_cols}"]
+    for r in rows:
+        if "skipped" in r:
+            continue
+        cells = "".join(f"{100 * r['nfe'][str(k)]['off']:7.2f} / {r['nfe'][str(k)]['precision']:4.2f}" for k in NFES)
+        lines.append(f"{r['row']:<28}{cells}")
+    return "\n".join(lines)
+
+
 SPEED_ROWS = [k for k in FM_SETTINGS]  # same work as the peers: their steps/s compare
 
 
@@ -647,6 +664,11 @@ def verdicts(rows: list[dict], spec: dict) -> str:
     peer_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in peers)
     fm_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in fms if not r.get("one_step"))
     out.append(f"100 steps: best flowmatch W2/floor {fm_100[0]:.3f} ({fm_100[1]}) vs the peers' best {peer_100[0]:.3f} ({peer_100[1]})")
+    for k in (1, 8, 100):  # the sharpness verdicts: at equal training steps, who leaves the cells least
+        peer_off = min((r["nfe"][str(k)]["off"], r["row"]) for r in peers)
+        fm_off = min((r["nfe"][str(k)]["off"], r["row"]) for r in fms)
+        out.append(f"off the cells at NFE {k}: best flowmatch {100 * fm_off[0]:.2f}% ({fm_off[1]}) vs the peers' best "
+                   f"{100 * peer_off[0]:.2f}% ({peer_off[1]})" + (" - flowmatch sharper" if fm_off[0] < peer_off[0] else ""))
     return "\n".join(out)
 
 
@@ -804,7 +826,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; W2/floor during training on {args.eval_n} samples every {args.eval_every} steps\n")
     print(table(rows, spec))
     speed_text = speed_table(speed, args.speed_rounds, args.speed_steps) if speed else ""
-    for text in (speed_text, ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
+    for text in (sharp_table(rows), speed_text, ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
         if text:
             print("\n" + text)
     print("\nNotes")

@@ -183,7 +183,12 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     ref = run.dataset.reference(n, g).cpu()
     k = run.default_nfe
     x = run.sample(n, nfe=k, solver="euler", seed=seed)
-    written.append(scatter(x, run_dir / "samples.png", f"samples ({k} Euler step{'s' if k > 1 else ''})", reference=ref))
+    title = f"samples ({k} Euler step{'s' if k > 1 else ''})"
+    from .metrics import off_support, toy_name
+
+    if (toy := toy_name(run.dataset)) is not None:  # every picture with its number
+        title += f"\n{100 * off_support(toy, x):.1f}% off the support (data: {100 * off_support(toy, ref):.1f}%)"
+    written.append(scatter(x, run_dir / "samples.png", title, reference=ref))
     if (run_dir / "metrics.jsonl").exists():
         written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
     written.append(trajectories(run, run_dir / "trajectories.png"))
