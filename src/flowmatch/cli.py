@@ -291,7 +291,7 @@ def evaluate(
 
 
 def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=1, processes=1):
+                     resume, progress, plots, k=1, processes=1, loss="mse"):
     from . import reflow as rf
     from .teachers import make_teacher
 
@@ -315,7 +315,7 @@ def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr
     fn = rf.reflow if kind == "reflow" else rf.distill
     extra = {"k": k} if kind == "distill" else {}
     result = fn(t, out, pairs=pairs, shard_size=shard_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                resume=resume, progress=progress, plots=plots, **extra)
+                resume=resume, progress=progress, plots=plots, loss=loss, **extra)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {result}")
 
@@ -336,12 +336,13 @@ def reflow(
     shard_size: int = typer.Option(4096, help="pairs per shard (each shard has its own seed)"),
     resume: bool = typer.Option(False, help="finish an interrupted pair generation or training"),
     processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
+    loss: str = typer.Option("mse", help="mse or pseudo-huber (RF++)"),
     progress: bool = typer.Option(True),
     plots: bool = typer.Option(True),
 ):
     """k-rectified flow: train a student on a teacher's (noise, sample) pairs."""
     _student_command("reflow", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, processes=processes)
+                     resume, progress, plots, processes=processes, loss=loss)
 
 
 @app.command()
@@ -360,12 +361,13 @@ def distill(
     shard_size: int = typer.Option(4096),
     resume: bool = typer.Option(False),
     processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
+    loss: str = typer.Option("mse", help="mse or pseudo-huber (picks a side where mse averages two cells)"),
     progress: bool = typer.Option(True),
     plots: bool = typer.Option(True),
 ):
     """Distil a teacher into a one-step (or k-step) generator: z1 ≈ z0 + v(z0, 0)."""
     _student_command("distill", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=k, processes=processes)
+                     resume, progress, plots, k=k, processes=processes, loss=loss)
 
 
 @app.command()

@@ -37,6 +37,8 @@ class TrainConfig:
     time_mean: float = 0.0
     time_std: float = 1.0
     time_steps: int = 1  # time_dist "grid": t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)
+    loss: str = "mse"  # or "pseudo-huber" (meant for fixed pairs: reflow, distillation)
+    huber_c: float | None = None  # pseudo-Huber's c (None: 0.00054 sqrt(D))
     # the network
     model: str = "auto"  # mlp for vectors, unet for images
     width: int = 512
@@ -81,6 +83,10 @@ class TrainConfig:
             raise UserError(f"--ema-decay: expected a value in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"--label-dropout: expected a value in [0, 1), got {self.label_dropout}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss: unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if self.huber_c is not None and not (math.isfinite(self.huber_c) and self.huber_c > 0):
+            raise UserError(f"--huber-c: expected a positive value, got {self.huber_c}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule: unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -124,6 +130,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+LOSSES = ("mse", "pseudo-huber")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
