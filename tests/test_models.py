@@ -50,3 +50,32 @@ def test_spec_carries_the_features_into_a_rebuilt_network():
 def test_bad_feature_settings_name_the_option(field, value):
     with pytest.raises(UserError, match="--" + field.replace("_", "-")):
         TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("path_name", ["linear", "cosine", "vp"])
+def test_data_prediction_is_the_paths_conversion(path_name):
+    """A network predicting x1 gives the velocity the path assigns to that x1-prediction, with
+    sigma clipped at 0.05 near t = 1 (where the division would blow up)."""
+    from flowmatch.models import DataPrediction
+    from flowmatch.paths import make_path
+
+    path = make_path(path_name)
+    target = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, t):
+            return target
+
+    v = DataPrediction(Fixed(), path)
+    x, t = torch.randn(6, 2), torch.tensor([0.0, 0.2, 0.5, 0.8, 0.9, 0.999])
+    out = v(x, t)
+    torch.testing.assert_close(out[:5], path.x1_to_velocity(target, x, t)[:5])
+    assert torch.isfinite(out).all()
+
+
+def test_data_prediction_round_trips_through_a_run_config():
+    cfg = TrainConfig(prediction="data", width=16, depth=1)
+    net = make_model(cfg.model_spec(), (2,), path=cfg.build_path())
+    assert type(net).__name__ == "DataPrediction" and all(k.startswith("net.") for k in net.state_dict())
+    with pytest.raises(UserError, match="--prediction"):
+        make_model(TrainConfig(prediction="eps").model_spec(), (2,))

@@ -46,6 +46,7 @@ class TrainConfig:
     time_scale: float = 10000.0  # the MLP embeds sin/cos of time_scale * t
     fourier: int = 0  # the MLP's random Fourier features of x (0: raw coordinates only)
     fourier_scale: float = 1.0  # their frequencies' standard deviation (cycles per data unit)
+    prediction: str = "velocity"  # or "data": the network predicts x1, turned into a velocity by the path
     init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
     # labels (class-conditional data): probability of dropping a label for guidance
     label_dropout: float = 0.2
@@ -109,7 +110,7 @@ class TrainConfig:
 
     def model_spec(self) -> dict:
         return {"name": self.model, "width": self.width, "depth": self.depth, "time_scale": self.time_scale,
-                "fourier": self.fourier, "fourier_scale": self.fourier_scale}
+                "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": self.prediction}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from ..errors import UserError
 from .mlp import MLP
 
@@ -26,15 +28,42 @@ def _auto(shape, num_classes=0, **kw):
 
 
 MODELS = {"mlp": _mlp, "unet": _unet, "auto": _auto}
+PREDICTIONS = ("velocity", "data")
 
 
-def make_model(spec: dict, shape: tuple, num_classes: int = 0):
-    """Build a model from ``{"name": ..., **options}`` for samples of ``shape``."""
+class DataPrediction(nn.Module):
+    """``v(x, t)`` from a network ``D(x, t)`` that predicts the data ``x1`` (Li & He 2025, "Back
+    to Basics: Let Denoising Generative Models Denoise"): ``v = alpha' D + sigma' (x - alpha D) /
+    sigma`` (the path's :meth:`~flowmatch.paths.AffinePath.x1_to_velocity`), with ``sigma``
+    clipped below at ``min_sigma`` near t = 1. Near the data, ``D`` is bounded and step-like
+    where the velocity it implies is large and confined to thin bands."""
+
+    def __init__(self, net: nn.Module, path, min_sigma: float = 0.05):
+        super().__init__()
+        self.net, self.path, self.min_sigma = net, path, min_sigma
+
+    def forward(self, x, t, label=None):
+        d = self.net(x, t, label) if label is not None else self.net(x, t)
+        a, s, da, ds = (w.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for w in self.path.schedule(t))
+        return da * d + ds * (x - a * d) / s.clamp_min(self.min_sigma)
+
+
+def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None):
+    """Build a model from ``{"name": ..., **options}`` for samples of ``shape``; with
+    ``prediction: "data"`` the network predicts ``x1`` and ``path`` turns it into a velocity."""
     spec = dict(spec)
     name = spec.pop("name")
+    prediction = spec.pop("prediction", "velocity")
     if name not in MODELS:
         raise UserError(f"--model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
-    return MODELS[name](tuple(shape), num_classes=num_classes, **spec)
+    if prediction not in PREDICTIONS:
+        raise UserError(f"--prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    net = MODELS[name](tuple(shape), num_classes=num_classes, **spec)
+    if prediction == "data":
+        from ..paths import LinearPath
+
+        return DataPrediction(net, path if path is not None else LinearPath())
+    return net
 
 
 __all__ = ["MLP", "MODELS", "make_model"]
