@@ -36,7 +36,7 @@ def test_network_without_fourier_features_is_the_notebooks():
 
 
 def test_spec_carries_the_features_into_a_rebuilt_network():
-    cfg = TrainConfig(fourier=16, fourier_scale=2.0, time_scale=100.0, width=32, depth=2)
+    cfg = TrainConfig(fourier=16, fourier_scale=2.0, time_scale=100.0, width=32, depth=2, prediction="velocity")
     net = make_model(cfg.model_spec(), (2,))
     assert net.fourier == 16 and net.time_scale == 100.0 and net.inp.in_features == 2 + 32
     again = make_model(TrainConfig.from_dict(cfg.to_dict()).model_spec(), (2,))
@@ -79,3 +79,17 @@ def test_data_prediction_round_trips_through_a_run_config():
     assert type(net).__name__ == "DataPrediction" and all(k.startswith("net.") for k in net.state_dict())
     with pytest.raises(UserError, match="--prediction"):
         make_model(TrainConfig(prediction="eps").model_spec(), (2,))
+
+
+def test_defaults_predict_data_for_vectors_and_velocity_for_images():
+    assert TrainConfig().model_spec((2,))["prediction"] == "data"
+    assert TrainConfig().model_spec((1, 8, 8))["prediction"] == "velocity"
+
+
+def test_a_run_written_before_the_sharpness_settings_keeps_its_network():
+    """config.json of an older run has no fourier/prediction keys: it rebuilds the plain MLP."""
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("fourier", "fourier_scale", "time_scale",
+                                                                         "prediction", "loss", "huber_c")}
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.fourier, cfg.prediction, cfg.loss) == (0, "velocity", "mse")
+    assert sum(p.numel() for p in make_model(cfg.model_spec((2,)), (2,)).parameters()) == 1_578_498

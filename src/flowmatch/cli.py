@@ -68,7 +68,7 @@ def train(
     fourier: int = typer.Option(_D.fourier, help="MLP: random Fourier features of x (0: raw coordinates)"),
     fourier_scale: float = typer.Option(_D.fourier_scale, help="MLP: std of the Fourier frequencies (cycles per unit)"),
     time_scale: float = typer.Option(_D.time_scale, help="MLP: the time embedding's sines see time_scale * t"),
-    prediction: str = typer.Option(_D.prediction, help="velocity, or data: the network predicts x1 (turned into a velocity)"),
+    prediction: str = typer.Option(_D.prediction, help="velocity, data (the network predicts x1) or auto (data for vectors)"),
     label_dropout: float = typer.Option(_D.label_dropout, help="labelled data: probability of dropping a label "
                                                                "(classifier-free guidance)"),
     log_every: int = typer.Option(_D.log_every),
@@ -108,7 +108,7 @@ def train(
 
         make_coupling(cfg.coupling)
         ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
-        make_model(cfg.model_spec(), ds.shape, ds.num_classes, path=cfg.build_path())
+        make_model(cfg.model_spec(ds.shape), ds.shape, ds.num_classes, path=cfg.build_path())
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:

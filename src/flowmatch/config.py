@@ -44,9 +44,11 @@ class TrainConfig:
     width: int = 512
     depth: int = 5
     time_scale: float = 10000.0  # the MLP embeds sin/cos of time_scale * t
-    fourier: int = 0  # the MLP's random Fourier features of x (0: raw coordinates only)
+    # Sharp samples (benchmarks/levers.py): the MLP sees 64 random Fourier features of x beside
+    # x, and predicts the data x1 (auto: "data" for vectors, "velocity" for images).
+    fourier: int = 64  # the MLP's random Fourier features of x (0: raw coordinates only)
     fourier_scale: float = 1.0  # their frequencies' standard deviation (cycles per data unit)
-    prediction: str = "velocity"  # or "data": the network predicts x1, turned into a velocity by the path
+    prediction: str = "auto"  # velocity, data (the network predicts x1; the path gives the velocity) or auto
     init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
     # labels (class-conditional data): probability of dropping a label for guidance
     label_dropout: float = 0.2
@@ -84,6 +86,8 @@ class TrainConfig:
             raise UserError(f"--ema-decay: expected a value in [0, 1), got {self.ema_decay}")
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"--label-dropout: expected a value in [0, 1), got {self.label_dropout}")
+        if self.prediction not in ("auto", "velocity", "data"):
+            raise UserError(f"--prediction: expected one of auto, velocity, data, got {self.prediction!r}")
         if self.loss not in LOSSES:
             raise UserError(f"--loss: unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
         if self.huber_c is not None and not (math.isfinite(self.huber_c) and self.huber_c > 0):
@@ -108,9 +112,14 @@ class TrainConfig:
             return make_time_sampler(self.time_dist, k=self.time_steps)
         return make_time_sampler(self.time_dist)
 
-    def model_spec(self) -> dict:
+    def model_spec(self, shape: tuple | None = None) -> dict:
+        """The network's spec; ``prediction="auto"`` resolves to "data" for vectors and
+        "velocity" for images (``shape`` of one sample)."""
+        prediction = self.prediction
+        if prediction == "auto":
+            prediction = "velocity" if shape is not None and len(shape) == 3 else "data"
         return {"name": self.model, "width": self.width, "depth": self.depth, "time_scale": self.time_scale,
-                "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": self.prediction}
+                "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,6 +130,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise UserError(f"{where}: 'train' must be a JSON object")
         hints = typing.get_type_hints(cls)
+        d = {**LEGACY, **d}  # a run written before a setting existed had its old behaviour
         unknown = sorted(set(d) - set(hints))
         if unknown:
             raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}")
@@ -131,6 +141,9 @@ class TrainConfig:
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+# Settings added after runs were first written, with the value that reproduces those runs.
+LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
+          "huber_c": None}
 LOSSES = ("mse", "pseudo-huber")
 
 

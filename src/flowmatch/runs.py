@@ -161,7 +161,7 @@ class Run:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights not in ("ema", "model"):
             raise UserError(f"--weights: expected ema or model, got {weights!r}")
-        self.model = make_model(self.cfg.model_spec(), self.shape, self.num_classes, path=self.path)
+        self.model = make_model(self.cfg.model_spec(self.shape), self.shape, self.num_classes, path=self.path)
         state = load_weights(self.dir / f"{weights}.safetensors")
         try:
             self.model.load_state_dict(state)

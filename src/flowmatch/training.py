@@ -113,7 +113,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     coupling = make_coupling(cfg.coupling)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching global state
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes, path=path)
+        model = make_model(cfg.model_spec(dataset.shape), dataset.shape, dataset.num_classes, path=path)
         if cfg.init_from and state is None:
             weights = load_weights(cfg.init_from)
             try:
