@@ -101,8 +101,11 @@ ROWS = {  # --libs name -> the row's label
     "notebook": "notebook (plain torch)",
 }
 DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
-FM_SETTINGS = {"flowmatch": {}, "flowmatch-bf16": {"precision": "bf16"},  # TrainConfig changes of the speed rows
-               "flowmatch-bf16-compile": {"precision": "bf16", "compile": True}}
+# TrainConfig changes of the speed rows: the notebook's network as the peers train it (raw
+# coordinates in, velocity out), so that their steps/s compare; flowmatch-defaults has the rest.
+_PEERS_NET = {"fourier": 0, "prediction": "velocity"}
+FM_SETTINGS = {"flowmatch": _PEERS_NET, "flowmatch-bf16": {**_PEERS_NET, "precision": "bf16"},
+               "flowmatch-bf16-compile": {**_PEERS_NET, "precision": "bf16", "compile": True}}
 NFES = (1, 2, 4, 8, 100)
 N_FINAL = 4000  # samples for the NFE table, dopri5 and the sampling time
 REF_SEEDS, PARTNER_SEEDS = (1, 2, 3), (4, 5, 6)  # fresh draws; the training points use seed 0
