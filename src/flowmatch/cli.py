@@ -107,9 +107,9 @@ def train(
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        from .training import check_run_dir
+        from .training import check_run_dir, default_run_dir
 
-        out = out if out is not None else default_run_dir_for(cfg)
+        out = out if out is not None else default_run_dir(cfg)
         check_run_dir(out, resume)
         return _launch(processes, out)
     run_dir = run_training(cfg, out=out, resume=resume, progress=progress)
@@ -140,12 +140,6 @@ def _distributed_device():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available()).device
-
-
-def default_run_dir_for(cfg):
-    from .training import default_run_dir
-
-    return default_run_dir(cfg)
 
 
 def _argv_without_processes(argv: list[str]) -> list[str]:

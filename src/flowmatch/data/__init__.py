@@ -188,10 +188,6 @@ class ImageDataset(Dataset):
         idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
         return x[idx].to(generator.device)
 
-    def held_out_set(self):
-        self._data()
-        return self.held_out
-
 
 class DecodeOnly(Dataset):
     """Samples of known shape and scale but no data to draw (a diffusers teacher's space)."""
