@@ -20,7 +20,7 @@ import torch
 from torchdiffeq import odeint
 
 from .errors import UserError
-from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_method, fixed_grid
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_method, check_tolerance, fixed_grid
 
 EXACT_MAX_DIM = 16
 
@@ -77,6 +77,8 @@ def log_prob(velocity, x: torch.Tensor, method: str = "dopri5", nfe: int | None 
 
     state = (x, torch.zeros(len(x), device=x.device, dtype=x.dtype))
     if method in ADAPTIVE_METHODS:
+        check_tolerance(atol, "atol")
+        check_tolerance(rtol, "rtol")
         times = torch.tensor([t_data, 0.0], device=x.device, dtype=x.dtype)
         xs, ls = odeint(f, state, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol)
     else:
