@@ -495,9 +495,10 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
     except UserError as e:
-        _say(f"flowmatch: error: {e}")
-        if os.environ.get(ERROR_DIR):  # a process under _launch: tell the launcher it was bad input
+        if os.environ.get(ERROR_DIR):  # a process under _launch: the launcher says it, once
             Path(os.environ[ERROR_DIR], f"rank-{os.environ.get('RANK', '0')}").write_text(str(e), encoding="utf-8")
+        else:
+            _say(f"flowmatch: error: {e}")
         return 2
     except typer.Abort:
         _say("flowmatch: aborted")
