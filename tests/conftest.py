@@ -42,3 +42,18 @@ def tiny_run(tmp_path_factory):
     rc = run(["train", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "30", "--out", str(out), *TINY])
     assert rc == 0
     return out
+
+
+# Property-based tests (tests/test_fuzz.py): derandomized, so CI sees the same examples every
+# run, and bounded so that the whole file runs in a few minutes on 2 CPU cores.
+# HYPOTHESIS_PROFILE=thorough draws more (and fresh) examples locally; =examples runs only the
+# pinned @example cases (the reports), in seconds.
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=30, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                 HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("examples", phases=[Phase.explicit], deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

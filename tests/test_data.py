@@ -98,7 +98,10 @@ def _write(tmp_path, name, content):
         ("vector.npy", np.arange(5.0), "2 dimensions"),
         ("onerow.npy", np.ones((1, 3)), "at least 2 rows"),
         ("objects.npy", np.array([{"a": 1}, {"b": 2}], dtype=object), "numeric"),
-        ("strings.npy", np.array([["a", "b"], ["c", "d"]]), "expected numbers"),
+        ("strings.npy", np.array([["a", "b"], ["c", "d"]]), "expected real numbers"),
+        ("complex.npy", np.ones((3, 2), dtype=np.complex64), "expected real numbers"),
+        ("huge.csv", "1,2\n3,1e300\n", "beyond float32's range"),
+        ("huge.npy", np.array([[1.0, 2.0], [-1e300, 0.0]]), "beyond float32's range"),
         ("bad.npy", "not an npy file", "not a readable"),
         ("bad.pt", "garbage", "weights_only"),
         ("data.txt", "1,2\n", "unsupported file type"),
@@ -109,6 +112,29 @@ def test_bad_arrays_name_the_file(tmp_path, name, content, message):
     with pytest.raises(UserError, match=message) as e:
         load_array(str(p))
     assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.float64])
+def test_real_tensors_of_any_precision_become_float32(tmp_path, dtype):
+    t = torch.tensor([[1.0, 2.0], [3.0, 250.0], [0.0, 8.0]]).to(dtype)
+    torch.save(t, tmp_path / "d.pt")
+    x = load_array(str(tmp_path / "d.pt"))
+    assert x.dtype == torch.float32
+    assert torch.equal(x, t.float())
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int16, np.uint32, np.bool_])
+def test_real_npy_of_any_precision_becomes_float32(tmp_path, dtype):
+    a = np.array([[1, 0], [0, 1], [1, 1]]).astype(dtype)
+    np.save(tmp_path / "d.npy", a)
+    x = load_array(str(tmp_path / "d.npy"))
+    assert x.dtype == torch.float32 and torch.equal(x, torch.from_numpy(a.astype(np.float32)))
+
+
+def test_complex_tensor_is_refused(tmp_path):
+    torch.save(torch.ones(3, 2, dtype=torch.complex64), tmp_path / "c.pt")
+    with pytest.raises(UserError, match="expected real numbers"):
+        load_array(str(tmp_path / "c.pt"))
 
 
 def test_missing_file(tmp_path):

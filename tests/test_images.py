@@ -142,6 +142,7 @@ def test_digit_eval_reports_fd_floor_and_accuracy(cli, tmp_path, monkeypatch):
     rc, out, err = cli("eval", run, "--n", "200", "--nfe", "4", "--json")
     assert rc == 0, err
     res = json.loads(out)
+    assert res["n"] == 200 and res["nfe"] == 4  # the options given, not defaults
     for space in ("classifier", "pca"):
         assert res[space]["fd"] > 0 and res[space]["floor"] > 0
     assert res["classifier_accuracy_on_test"] > 0.9  # the feature network is a real digit classifier

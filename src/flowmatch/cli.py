@@ -6,10 +6,14 @@ Bad input prints one line ``flowmatch: error: ...`` on stderr and exits with sta
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
+import typing
 from pathlib import Path
 
 import typer
@@ -29,6 +33,33 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _finite_float_options(fn):
+    """Refuse NaN and Inf in every float option of a command (click's FLOAT accepts both)."""
+    hints = typing.get_type_hints(fn)
+    floats = [name for name, hint in hints.items() if hint is float or float in typing.get_args(hint)]
+
+    @functools.wraps(fn)
+    def checked(**kwargs):
+        for name in floats:
+            value = kwargs.get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')}: expected a finite number, got {value}")
+        return fn(**kwargs)
+
+    return checked
+
+
+def command(*args, **kwargs):
+    """``app.command`` with the checks every command shares."""
+    return lambda fn: app.command(*args, **kwargs)(_finite_float_options(fn))
+
+
+def _check_tol(tol: float) -> None:
+    from .solvers import check_tolerance
+
+    check_tolerance(tol, "--tol")
+
+
 def _parse_nfes(text: str) -> list[int]:
     try:
         nfes = [int(k) for k in text.split(",") if k.strip()]
@@ -39,14 +70,15 @@ def _parse_nfes(text: str) -> list[int]:
     return nfes
 
 
-@app.command()
+@command()
 def train(
     data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, digits; "
                                           "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder"),
     image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
     skip_bad: bool = typer.Option(False, help="image folders: skip unreadable files with a warning"),
     n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
-    steps: int | None = typer.Option(None, help=f"optimizer steps [default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]"),
+    steps: int | None = typer.Option(None, help=f"optimizer steps [default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]; "
+                                                "with --resume, the new total (at least the steps already done)"),
     batch_size: int | None = typer.Option(None, help=f"batch size per process [default: {_D.batch_size}; "
                                                      f"images {IMAGE_DEFAULTS['batch_size']}]"),
     lr: float = typer.Option(_D.lr, help="peak learning rate (AdamW)"),
@@ -86,6 +118,7 @@ def train(
     from .data import is_image_spec, spec_from_arg
     from .training import train as run_training
 
+    new_total = steps if resume else None
     image = not resume and is_image_spec(spec_from_arg(data, n_points, seed, image_size, skip_bad))
     steps = steps if steps is not None else (IMAGE_DEFAULTS["steps"] if image else _D.steps)
     batch_size = batch_size if batch_size is not None else (IMAGE_DEFAULTS["batch_size"] if image else _D.batch_size)
@@ -104,20 +137,20 @@ def train(
         cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
         from .couplings import make_coupling
         from .data import make_dataset
-        from .models import make_model
+        from .training import build_model
 
         make_coupling(cfg.coupling)
         ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
-        make_model(cfg.model_spec(ds.shape), ds.shape, ds.num_classes, path=cfg.build_path())
+        build_model(cfg, ds.shape, ds.num_classes, path=cfg.build_path())
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     if processes > 1 and "WORLD_SIZE" not in os.environ:
-        from .training import check_run_dir
+        from .training import check_run_dir, default_run_dir
 
-        out = out if out is not None else default_run_dir_for(cfg)
+        out = out if out is not None else default_run_dir(cfg)
         check_run_dir(out, resume)
         return _launch(processes, out)
-    run_dir = run_training(cfg, out=out, resume=resume, progress=progress)
+    run_dir = run_training(cfg, out=out, resume=resume, progress=progress, steps=new_total)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {run_dir}")
 
@@ -132,9 +165,22 @@ def _launch(processes: int, out) -> None:
         argv += ["--out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "flowmatch", *argv]
-    rc = subprocess.run(cmd).returncode
-    if rc != 0:
-        raise typer.Exit(2 if rc == 1 else rc)
+    with tempfile.TemporaryDirectory(prefix="flowmatch-errors-") as errors:
+        rc = subprocess.run(cmd, env={**os.environ, ERROR_DIR: errors}).returncode
+        reported = sorted(Path(errors).iterdir())
+        message = reported[0].read_text(encoding="utf-8").strip() if reported else None
+    if rc == 0:
+        return
+    if message:  # a process refused the input: the one line it printed, and status 2
+        raise UserError(message)
+    # anything else is an internal failure of a process (a crash, a signal): status 1
+    _say(f"flowmatch: error: a worker process failed (torchrun exit status {rc}); see the messages above")
+    raise typer.Exit(1)
+
+
+#: under ``_launch``, each process writes the message of a UserError here (rank-R), so that the
+#: launcher can tell bad input (status 2) from a crash (status 1)
+ERROR_DIR = "FLOWMATCH_ERROR_DIR"
 
 
 def _distributed_device():
@@ -145,12 +191,6 @@ def _distributed_device():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available()).device
-
-
-def default_run_dir_for(cfg):
-    from .training import default_run_dir
-
-    return default_run_dir(cfg)
 
 
 def _argv_without_processes(argv: list[str]) -> list[str]:
@@ -168,14 +208,7 @@ def _argv_without_processes(argv: list[str]) -> list[str]:
     return out
 
 
-def _check_out(out: Path, suffixes: tuple[str, ...], option: str = "--out") -> None:
-    if out.suffix.lower() not in suffixes:
-        raise UserError(f"{option}: {out} has an unsupported extension; expected one of {', '.join(suffixes)}")
-    if not out.parent.exists():
-        raise UserError(f"{option}: folder {out.parent} does not exist")
-
-
-@app.command()
+@command()
 def sample(
     run: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
@@ -191,14 +224,17 @@ def sample(
     guidance: float = typer.Option(1.0, help="classifier-free guidance weight with --label (1: none)"),
     processes: int = typer.Option(1, help="local processes sharing the batches (the samples do not depend on it)"),
     progress: bool = typer.Option(True),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ):
     """Draw samples from a trained run."""
     import numpy as np
     import torch
 
-    from .runs import atomic_path, load_run
+    from .runs import atomic_path, check_output, load_run
 
-    _check_out(out, (".npy", ".png"))
+    # under torchrun the launcher has checked --out; the processes write it only at the end
+    check_output(out, (".npy", ".png"), overwrite=overwrite or "WORLD_SIZE" in os.environ)
+    _check_tol(tol)
     if n < 1:
         raise UserError(f"--n: expected a positive integer, got {n}")
     if batch_size < 1:
@@ -206,7 +242,10 @@ def sample(
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     r = load_run(run, weights=weights, device=_distributed_device())
-    r.check_label(label)
+    r.check_label(label, guidance)
+    from .solvers import check_method
+
+    check_method(solver, nfe)
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(processes, out)
     nfe = r.default_nfe if nfe is None else nfe
@@ -244,40 +283,57 @@ def sample(
     _say(f"wrote {n} samples to {out}")
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(
     runs: list[Path] = typer.Argument(..., help="one or more run directories"),
-    nfe: str = typer.Option("1,2,4,8,16,100", help="comma-separated NFEs"),
-    n: int = typer.Option(4000, help="samples per measurement (and reference samples)"),
-    solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep"),
+    nfe: str | None = typer.Option(None, help="comma-separated NFEs [default: 1,2,4,8,16,100; image runs: one NFE, 100]"),
+    n: int | None = typer.Option(None, help="samples per measurement (and reference samples) [default: 4000; images 1000]"),
+    solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep: euler, midpoint, heun, rk4"),
     seed: int = typer.Option(0),
-    tol: float = typer.Option(1e-5, help="tolerance of the adaptive solver"),
-    repeats: int = typer.Option(3, help="average each W2 over this many fresh reference draws"),
+    tol: float | None = typer.Option(None, help="tolerance of the adaptive solver (dopri5) [default: 1e-5; not for images]"),
+    repeats: int | None = typer.Option(None, help="average each W2 over this many fresh reference draws "
+                                                  "[default: 3; not for images]"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
-    plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png"),
+    plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png (not for images)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --plot file"),
 ):
     """W2 against fresh data (and its floor), the share off the support (2-D toys), precision, recall, density,
-    coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness."""
+    coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness; Fréchet
+    distances, precision and recall in a classifier's features for digits runs."""
     from .metrics import evaluate as run_eval
     from .metrics import format_table
-    from .runs import load_run
-    from .solvers import check_method
+    from .runs import check_output, load_run
+    from .solvers import ADAPTIVE_METHODS, check_method
 
-    nfes = _parse_nfes(nfe)
+    if solver in ADAPTIVE_METHODS:
+        raise UserError(f"--solver: eval sweeps --nfe with a fixed-step solver (euler, midpoint, heun, rk4), got {solver!r}; "
+                        "dopri5 is measured on its own, at --tol")
+    nfes = _parse_nfes(nfe if nfe is not None else "1,2,4,8,16,100")
     for k in nfes:
         check_method(solver, k)
-    if n < 2:
+    if n is not None and n < 2:
         raise UserError(f"--n: expected an integer >= 2, got {n}")
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         raise UserError(f"--repeats: expected a positive integer, got {repeats}")
+    if tol is not None:
+        _check_tol(tol)
     if plot is not None:
-        _check_out(plot, (".png",), "--plot")
+        check_output(plot, (".png",), "--plot", overwrite)
     loaded = [load_run(r) for r in runs]
+    images = [len(r.shape) == 3 for r in loaded]
+    if any(images):
+        if not all(images):
+            raise UserError("RUNS: give image runs and vector runs to separate eval commands (they are measured differently)")
+        for option, value in (("--tol", tol), ("--repeats", repeats), ("--plot", plot)):
+            if value is not None:
+                raise UserError(f"{option}: does not apply to image runs (Fréchet distances at one fixed-step NFE)")
+        if nfe is not None and len(nfes) != 1:
+            raise UserError(f"--nfe: image runs are measured at one NFE, got {nfe!r}")
+        return _eval_images(loaded, n or 1000, nfes[0] if nfe is not None else 100, solver, seed, json_out)
     results = {}
-    if any(len(r.shape) == 3 for r in loaded):
-        return _eval_images(loaded, n, solver, seed, json_out)
     for r in loaded:
-        res = run_eval(r, nfes, n=n, seed=seed, solver=solver, tol=tol, repeats=repeats, progress=not json_out)
+        res = run_eval(r, nfes, n=n or 4000, seed=seed, solver=solver, tol=tol or 1e-5, repeats=repeats or 3,
+                       progress=not json_out)
         res["run"] = str(r.dir)
         results[str(r.dir)] = res
         if not json_out:
@@ -298,6 +354,7 @@ def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr
 
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
+    _check_tol(tol)
     if (run is None) == (teacher is None):
         raise UserError("give either RUN (a flowmatch run as teacher) or --teacher diffusers:DIR, not both or neither")
     if teacher is None and not Path(run).is_dir():
@@ -321,7 +378,7 @@ def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr
         _say(f"run written to {result}")
 
 
-@app.command()
+@command()
 def reflow(
     run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
     out: Path = typer.Option(..., help="the student's run directory"),
@@ -346,7 +403,7 @@ def reflow(
                      resume, progress, plots, processes=processes, loss=loss)
 
 
-@app.command()
+@command()
 def distill(
     run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
     out: Path = typer.Option(..., help="the distilled run's directory"),
@@ -371,7 +428,7 @@ def distill(
                      resume, progress, plots, k=k, processes=processes, loss=loss)
 
 
-@app.command()
+@command()
 def nll(
     run: Path = typer.Argument(..., help="run directory"),
     n: int = typer.Option(1000, help="fresh data samples to score"),
@@ -390,6 +447,7 @@ def nll(
 
     if n < 2:
         raise UserError(f"--n: expected an integer >= 2, got {n}")
+    _check_tol(tol)
     if divergence not in ("auto", "exact", "hutchinson"):
         raise UserError(f"--divergence: expected auto, exact or hutchinson, got {divergence!r}")
     r = load_run(run)
@@ -405,7 +463,7 @@ def nll(
              + (f", {res['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in res else ""))
 
 
-def _eval_images(loaded, n, solver, seed, json_out):
+def _eval_images(loaded, n, nfe, solver, seed, json_out):
     from .image_metrics import evaluate_digits
 
     out = []
@@ -413,7 +471,7 @@ def _eval_images(loaded, n, solver, seed, json_out):
         if r.doc["data"].get("name") != "digits" and (r.doc["data"].get("base") or {}).get("name") != "digits":
             raise UserError(f"{r.dir}: image quality is measured for digits runs; for other images use FID "
                             "from torch-fidelity or clean-fid (see README)")
-        res = evaluate_digits(r, n=min(n, 1000) if n == 4000 else n, solver=solver, seed=seed)
+        res = evaluate_digits(r, n=n, nfe=nfe, solver=solver, seed=seed)
         res["run"] = str(r.dir)
         out.append(res)
         if not json_out:
@@ -426,7 +484,7 @@ def _eval_images(loaded, n, solver, seed, json_out):
         print(json.dumps(out[0] if len(out) == 1 else {"runs": out}))
 
 
-@app.command()
+@command()
 def plot(run: Path = typer.Argument(..., help="run directory")):
     """(Re)draw a run's pictures into its directory."""
     from .plots import plot_run
@@ -447,7 +505,10 @@ def run(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
     except UserError as e:
-        _say(f"flowmatch: error: {e}")
+        if os.environ.get(ERROR_DIR):  # a process under _launch: the launcher says it, once
+            Path(os.environ[ERROR_DIR], f"rank-{os.environ.get('RANK', '0')}").write_text(str(e), encoding="utf-8")
+        else:
+            _say(f"flowmatch: error: {e}")
         return 2
     except typer.Abort:
         _say("flowmatch: aborted")

@@ -62,40 +62,56 @@ class TrainConfig:
     plots: bool = True
     lineage: dict = field(default_factory=dict)
 
-    def validate(self) -> TrainConfig:
-        """Check ranges; raise :class:`UserError` naming the option."""
+    def validate(self, where: str | None = None) -> TrainConfig:
+        """Check ranges; raise :class:`UserError` naming the option (or, with ``where``, the
+        setting in that file: a config.json read back is checked by the same rules)."""
+
+        def bad(name: str, expected: str, value) -> UserError:
+            option = {"time_steps": "--k"}.get(name, f"--{name.replace('_', '-')}")  # distill --k sets time_steps
+            subject = option if where is None else f"{where}: setting {name!r}"
+            return UserError(f"{subject}: expected {expected}, got {value!r}")
+
+        hints = typing.get_type_hints(type(self))
+        for name, hint in hints.items():  # every float setting (click's FLOAT accepts nan and inf)
+            value = getattr(self, name)
+            if float in typing.get_args(hint) + (hint,) and isinstance(value, float) and not math.isfinite(value):
+                raise bad(name, "a finite number", value)
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "log_every": self.log_every,
                     "checkpoint_every": self.checkpoint_every, "width": self.width, "depth": self.depth,
-                    "grad_accum": self.grad_accum, "processes": self.processes, "time_steps": self.time_steps}
+                    "grad_accum": self.grad_accum, "processes": self.processes, "time_steps": self.time_steps,
+                    "image_size": self.image_size}
         for name, value in positive.items():
             if not value > 0:
-                raise UserError(f"--{name.replace('_', '-')}: expected a positive value, got {value}")
+                raise bad(name, "a positive value", value)
+        if self.width % 2:  # the network's time embedding has width/2 sines and width/2 cosines
+            raise bad("width", "an even number", self.width)
+        if self.n_points is not None and self.n_points < 2:
+            raise bad("n_points", "an integer >= 2", self.n_points)
         if self.fourier < 0:
-            raise UserError(f"--fourier: expected a count >= 0, got {self.fourier}")
-        if not (math.isfinite(self.fourier_scale) and self.fourier_scale > 0):
-            raise UserError(f"--fourier-scale: expected a positive value, got {self.fourier_scale}")
-        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
-            raise UserError(f"--time-scale: expected a positive value, got {self.time_scale}")
+            raise bad("fourier", "a count >= 0", self.fourier)
+        for name in ("fourier_scale", "time_scale"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "a positive value", getattr(self, name))
         if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps: expected a value >= 0, got {self.warmup_steps}")
+            raise bad("warmup_steps", "a value >= 0", self.warmup_steps)
         if self.weight_decay < 0:
-            raise UserError(f"--weight-decay: expected a value >= 0, got {self.weight_decay}")
+            raise bad("weight_decay", "a value >= 0", self.weight_decay)
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UserError(f"--grad-clip: expected a positive value, got {self.grad_clip}")
+            raise bad("grad_clip", "a positive value", self.grad_clip)
         if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay: expected a value in [0, 1), got {self.ema_decay}")
+            raise bad("ema_decay", "a value in [0, 1)", self.ema_decay)
         if not 0 <= self.label_dropout < 1:
-            raise UserError(f"--label-dropout: expected a value in [0, 1), got {self.label_dropout}")
+            raise bad("label_dropout", "a value in [0, 1)", self.label_dropout)
         if self.prediction not in ("auto", "velocity", "data"):
-            raise UserError(f"--prediction: expected one of auto, velocity, data, got {self.prediction!r}")
+            raise bad("prediction", "one of auto, velocity, data", self.prediction)
         if self.loss not in LOSSES:
-            raise UserError(f"--loss: unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
-        if self.huber_c is not None and not (math.isfinite(self.huber_c) and self.huber_c > 0):
-            raise UserError(f"--huber-c: expected a positive value, got {self.huber_c}")
+            raise bad("loss", f"one of {', '.join(LOSSES)}", self.loss)
+        if self.huber_c is not None and not self.huber_c > 0:
+            raise bad("huber_c", "a positive value", self.huber_c)
         if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule: unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+            raise bad("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"--precision: expected one of fp32, bf16, fp16, got {self.precision!r}")
+            raise bad("precision", "one of fp32, bf16, fp16", self.precision)
         return self
 
     def build_path(self):

@@ -50,7 +50,7 @@ class OTCoupling:
 
     def __init__(self, method: str = "exact", reg: float = 0.05, by_class: bool = False):
         if method not in ("exact", "sinkhorn"):
-            raise UserError(f"--ot-method: expected one of exact, sinkhorn, got {method!r}")
+            raise UserError(f"OTCoupling(method=...): expected exact or sinkhorn, got {method!r}")
         self.method, self.reg, self.by_class = method, float(reg), bool(by_class)
 
     def _plan(self, x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:

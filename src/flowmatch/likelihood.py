@@ -20,7 +20,7 @@ import torch
 from torchdiffeq import odeint
 
 from .errors import UserError
-from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_method, fixed_grid
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, check_method, check_tolerance, fixed_grid
 
 EXACT_MAX_DIM = 16
 
@@ -77,6 +77,8 @@ def log_prob(velocity, x: torch.Tensor, method: str = "dopri5", nfe: int | None 
 
     state = (x, torch.zeros(len(x), device=x.device, dtype=x.dtype))
     if method in ADAPTIVE_METHODS:
+        check_tolerance(atol, "atol")
+        check_tolerance(rtol, "rtol")
         times = torch.tensor([t_data, 0.0], device=x.device, dtype=x.dtype)
         xs, ls = odeint(f, state, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol)
     else:
@@ -88,10 +90,10 @@ def log_prob(velocity, x: torch.Tensor, method: str = "dopri5", nfe: int | None 
     return LogProb(log_p0 + l0, count[0], divergence)
 
 
-def nll_summary(lp: torch.Tensor, dim: int, log_scale: float = 0.0, images: bool = False) -> dict:
-    """Mean NLL (nats per sample) with its standard error; ``log_scale`` = sum of log std of
-    the data normalisation (data units); bits per dimension for images."""
-    nll = -(lp - log_scale)
+def nll_summary(lp: torch.Tensor, dim: int, images: bool = False) -> dict:
+    """Mean NLL (nats per sample) of log-densities ``lp`` with its standard error; bits per
+    dimension for images."""
+    nll = -lp
     mean, se = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item() if len(nll) > 1 else float("nan")
     out = {"nll": mean, "se": se, "n": len(nll), "dim": dim}
     if images:

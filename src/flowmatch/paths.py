@@ -152,11 +152,6 @@ def make_path(name: str, **kwargs) -> AffinePath:
     return PATHS[name](**kwargs)
 
 
-def path_from_config(cfg: dict) -> AffinePath:
-    cfg = dict(cfg)
-    return make_path(cfg.pop("name"), **cfg)
-
-
 def marginal_velocity(path: AffinePath, x: torch.Tensor, t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Exact marginal field ``v*(x, t) = E[u_t | x_t = x]`` when ``x1`` is uniform on ``data``.
 

@@ -1,10 +1,13 @@
 """Pictures of a run (matplotlib, Agg backend): samples beside data, trajectories, the
 learned field at several times, the loss curve, an animated GIF of the flow, and
-quality against NFE. Every function writes one file atomically and returns its path."""
+quality against NFE. Every function writes one file atomically and returns its path.
+
+Vectors of two or more dimensions are drawn as point clouds of their first two coordinates;
+one-dimensional data as histograms (samples beside data, the flow over time) and
+trajectories as lines against t."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
-from .runs import atomic_path  # noqa: E402
+from .runs import atomic_path, read_metrics  # noqa: E402
 from .solvers import integrate  # noqa: E402
 
 
@@ -34,14 +37,49 @@ def _limits(*clouds, margin=0.5):
 
 
 def scatter(samples: torch.Tensor, path, title: str = "samples", reference: torch.Tensor | None = None) -> Path:
-    """Samples (first two dimensions), beside the data when ``reference`` is given."""
+    """Samples (first two dimensions; a histogram for 1-D data), beside the data when
+    ``reference`` is given."""
     panels = [("data", reference), (title, samples)] if reference is not None else [(title, samples)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    if samples.shape[1] == 1:
+        bins = _bins(*[p for _, p in panels])
+        for ax, (name, pts) in zip(axes[0], panels):
+            ax.hist(pts[:, 0].numpy(), bins=bins.numpy(), density=True, color="C0" if name == "data" else "C1", alpha=0.8)
+            ax.set(title=name, xlabel="x", ylabel="density")
+        return _save(fig, path)
     xl, yl = _limits(*[p for _, p in panels if p is not None])
     for ax, (name, pts) in zip(axes[0], panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="C0" if name == "data" else "C1")
         ax.set(title=name, xlim=xl, ylim=yl, aspect="equal")
     return _save(fig, path)
+
+
+def _bins(*clouds, n: int = 60) -> torch.Tensor:
+    """Shared histogram bins over the central 99.8% of 1-D clouds (N, 1)."""
+    pts = torch.cat([c[:, 0] for c in clouds]).float()
+    lo, hi = pts.quantile(0.001).item(), pts.quantile(0.999).item()
+    pad = 0.05 * (hi - lo) or 0.5
+    return torch.linspace(lo - pad, hi + pad, n + 1)
+
+
+def _draw_trajectories(ax, traj: torch.Tensor, times: torch.Tensor, title: str, legend: bool = True) -> None:
+    """Paths (T, n, D): in the plane of the first two coordinates, or for 1-D data as x against t."""
+    n = traj.shape[1]
+    if traj.shape[2] == 1:
+        t = times.cpu().numpy()
+        for i in range(n):
+            ax.plot(t, traj[:, i, 0], lw=0.5, alpha=0.35, color="C0")
+        ax.scatter([t[0]] * n, traj[0, :, 0], s=3, color="grey", label="noise, t=0")
+        ax.scatter([t[-1]] * n, traj[-1, :, 0], s=3, color="C1", label="sample, t=1")
+        ax.set(xlabel="t", ylabel="x", title=title)
+    else:
+        for i in range(n):
+            ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, alpha=0.35, color="C0")
+        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey", label="noise, t=0")
+        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C1", label="sample, t=1")
+        ax.set(aspect="equal", title=title)
+    if legend:
+        ax.legend(loc="upper right", fontsize=7)
 
 
 def trajectories(run, path, n: int = 300, nfe: int = 100, seed: int = 0, title: str | None = None) -> Path:
@@ -51,12 +89,7 @@ def trajectories(run, path, n: int = 300, nfe: int = 100, seed: int = 0, title: 
         res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
     traj = run.dataset.decode(res.trajectory).cpu()
     fig, ax = plt.subplots(figsize=(5, 5))
-    for i in range(n):
-        ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, alpha=0.35, color="C0")
-    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey", label="noise, t=0")
-    ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C1", label="sample, t=1")
-    ax.set(aspect="equal", title=title or f"trajectories ({nfe} Euler steps)")
-    ax.legend(loc="upper right", fontsize=7)
+    _draw_trajectories(ax, traj, res.times, title or f"trajectories ({nfe} Euler steps)")
     return _save(fig, path)
 
 
@@ -75,8 +108,8 @@ def vector_field(run, path, times=(0.0, 0.25, 0.5, 0.75, 0.95), grid: int = 21, 
     return _save(fig, path)
 
 
-def loss_curve(metrics_file, path) -> Path:
-    rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
+def loss_curve(rows: list[dict], path) -> Path:
+    """The loss against the step, from the rows of metrics.jsonl (:func:`~flowmatch.runs.read_metrics`)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss")
@@ -90,16 +123,27 @@ def flow_gif(run, path, n: int = 1500, frames: int = 40, seed: int = 0) -> Path:
     with torch.inference_mode():
         res = integrate(run.velocity, run.noise(n, g), "euler", frames, trajectory=True)
     traj = run.dataset.decode(res.trajectory).cpu()
-    xl, yl = _limits(traj[0], traj[-1])
     fig, ax = plt.subplots(figsize=(4, 4))
-    dots = ax.scatter(traj[0, :, 0], traj[0, :, 1], s=2, color="C1")
-    ax.set(xlim=xl, ylim=yl, aspect="equal", xticks=[], yticks=[])
     title = ax.set_title("t = 0.00")
+    if traj.shape[2] == 1:  # 1-D: the histogram of x_t
+        bins = _bins(traj[0], traj[-1]).numpy()
+        top = max(torch.histogram(traj[k, :, 0].float(), torch.from_numpy(bins), density=True).hist.max().item()
+                  for k in range(len(traj)))
 
-    def update(k):
-        dots.set_offsets(traj[k, :, :2])
-        title.set_text(f"t = {res.times[k].item():.2f}")
-        return dots, title
+        def update(k):
+            ax.clear()
+            ax.hist(traj[k, :, 0].numpy(), bins=bins, density=True, color="C1")
+            ax.set(ylim=(0, 1.05 * top), yticks=[], title=f"t = {res.times[k].item():.2f}")
+            return ()
+    else:
+        xl, yl = _limits(traj[0], traj[-1])
+        dots = ax.scatter(traj[0, :, 0], traj[0, :, 1], s=2, color="C1")
+        ax.set(xlim=xl, ylim=yl, aspect="equal", xticks=[], yticks=[])
+
+        def update(k):
+            dots.set_offsets(traj[k, :, :2])
+            title.set_text(f"t = {res.times[k].item():.2f}")
+            return dots, title
 
     anim = FuncAnimation(fig, update, frames=list(range(len(traj))) + [len(traj) - 1] * 8, blit=False)
     path = Path(path)
@@ -155,7 +199,7 @@ def image_flow(run, path, n: int = 8, steps: int = 8, nfe: int = 64, seed: int =
     return image_grid(grid, path, nrow=steps + 1, title="noise (t=0) -> data (t=1)")
 
 
-def plot_image_run(run, run_dir: Path, seed: int = 0) -> list[Path]:
+def plot_image_run(run, run_dir: Path, seed: int = 0, metrics: list[dict] | None = None) -> list[Path]:
     written = [image_grid(run.sample(64, nfe=100, seed=seed).clamp(0, 1), run_dir / "samples.png",
                           title="samples (100 Euler steps)")]
     if run.num_classes:
@@ -164,6 +208,8 @@ def plot_image_run(run, run_dir: Path, seed: int = 0) -> list[Path]:
         written.append(image_grid(torch.cat(rows).clamp(0, 1), run_dir / "samples_by_class.png", nrow=per,
                                   title="one row per class (guidance 2)"))
     written.append(image_flow(run, run_dir / "trajectories.png"))
+    if metrics:
+        written.append(loss_curve(metrics, run_dir / "loss.png"))
     return written
 
 
@@ -173,11 +219,9 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    metrics = read_metrics(run_dir / "metrics.jsonl")  # checked before any picture is redrawn
     if len(run.shape) == 3:
-        written = plot_image_run(run, run_dir, seed)
-        if (run_dir / "metrics.jsonl").exists():
-            written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
-        return written
+        return plot_image_run(run, run_dir, seed, metrics)
     written = []
     g = torch.Generator(device=run.device).manual_seed(seed + 1)
     ref = run.dataset.reference(n, g).cpu()
@@ -189,8 +233,8 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     if (toy := toy_name(run.dataset)) is not None:  # every picture with its number
         title += f"\n{100 * off_support(toy, x):.1f}% off the support (data: {100 * off_support(toy, ref):.1f}%)"
     written.append(scatter(x, run_dir / "samples.png", title, reference=ref))
-    if (run_dir / "metrics.jsonl").exists():
-        written.append(loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png"))
+    if metrics:
+        written.append(loss_curve(metrics, run_dir / "loss.png"))
     written.append(trajectories(run, run_dir / "trajectories.png"))
     if run.shape == (2,):
         written.append(vector_field(run, run_dir / "field.png"))
@@ -206,9 +250,5 @@ def compare_trajectories(runs: dict, path, n: int = 300, nfe: int = 100, seed: i
         with torch.inference_mode():
             res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
         traj = run.dataset.decode(res.trajectory).cpu()
-        for i in range(n):
-            ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.5, alpha=0.35, color="C0")
-        ax.scatter(traj[0, :, 0], traj[0, :, 1], s=3, color="grey")
-        ax.scatter(traj[-1, :, 0], traj[-1, :, 1], s=3, color="C1")
-        ax.set(aspect="equal", title=f"{label} trajectories")
+        _draw_trajectories(ax, traj, res.times, f"{label} trajectories", legend=False)
     return _save(fig, path)

@@ -4,10 +4,11 @@
     RUN/model.safetensors    weights;  RUN/ema.safetensors  the EMA copy (used for sampling)
     RUN/trainer_state.pt     step, optimizer, RNG states and both weight sets, for exact resume
                              (loaded with torch.load(weights_only=True))
-    RUN/metrics.jsonl        one JSON line per logging step
+    RUN/metrics.jsonl        one JSON line per logging step (appended; a torn last line is skipped)
     RUN/*.png, RUN/*.gif     pictures
 
-Every file is written atomically (temporary file in the same folder, then ``os.replace``).
+Every file but metrics.jsonl is written atomically (temporary file in the same folder, then
+``os.replace``); metrics.jsonl is appended to, one line per logging step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output(path, suffixes: tuple[str, ...], option: str = "--out", overwrite: bool = False) -> Path:
+    """What every command checks of an output file before it computes anything: a supported
+    extension, an existing writable folder, and not an existing file unless ``overwrite``
+    (never an existing directory). The one overwrite rule of the command line."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{option}: {path} has an unsupported extension; expected one of {', '.join(suffixes)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{option}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option}: folder {parent} is not writable")
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a directory; expected a file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{option}: {path} already exists; pass --overwrite to replace it")
+    return path
 
 
 def write_text(path, text: str) -> None:
@@ -90,7 +110,9 @@ def load_state(path) -> dict:
 
 
 def read_config(run_dir) -> dict:
-    """Read and check ``RUN/config.json``: it must exist, parse, and not be from a newer format."""
+    """Read and check ``RUN/config.json``: it must exist, parse, not be from a newer format,
+    and hold valid settings (the same rules as the command line's), shape and classes. The one
+    place a run's configuration is checked; every command that reads a run comes through here."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -108,7 +130,77 @@ def read_config(run_dir) -> dict:
         raise UserError(f"{path}: missing or invalid format_version")
     if version > FORMAT_VERSION:
         raise UserError(f"{path}: format version {version} is newer than this flowmatch understands ({FORMAT_VERSION}); upgrade flowmatch")
+    _check_doc(cfg, str(path))
     return cfg
+
+
+def _check_doc(doc: dict, where: str) -> None:
+    from .config import TrainConfig
+
+    cfg = TrainConfig.from_dict(doc.get("train"), where=where).validate(where=where)
+    for key, minimum in (("steps", 1), ("k", 0), ("pairs", 1)):  # a student's record of its teacher
+        value = cfg.lineage.get(key, minimum)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise UserError(f"{where}: setting 'lineage.{key}' should be an integer >= {minimum}, got {value!r}")
+    shape = doc.get("shape")
+    if not (isinstance(shape, list) and len(shape) in (1, 3)
+            and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shape)):
+        raise UserError(f"{where}: 'shape' should be a list of 1 (vectors) or 3 (images) positive integers, got {shape!r}")
+    classes = doc.get("num_classes", 0)
+    if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0):
+        raise UserError(f"{where}: 'num_classes' should be an integer >= 0, got {classes!r}")
+    data = doc.get("data")
+    if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
+        raise UserError(f"{where}: 'data' should be a JSON object with a 'name', got {data!r}")
+
+
+def dataset_from_doc(doc: dict, where: str, build=None):
+    """The data set a checked ``config.json`` describes (``build``: ``make_dataset`` to train,
+    ``eval_dataset`` to sample and evaluate); a malformed 'data' entry names the file."""
+    from .data import make_dataset
+
+    try:
+        dataset = (build or make_dataset)(doc["data"])
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{where}: malformed 'data' entry ({type(e).__name__}: {str(e)[:80]})") from None
+    if list(dataset.shape) != doc["shape"]:
+        raise UserError(f"{where}: 'shape' {doc['shape']} does not match the data's {list(dataset.shape)}")
+    return dataset
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of ``RUN/metrics.jsonl``. The file is appended to, so a process killed during
+    an append leaves a torn last line: that line is skipped. A bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not readable ({type(e).__name__})") from None
+    rows = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row = _metrics_row(line)
+        if row is None:
+            if k == len(lines) - 1:
+                break  # torn by an interrupted append
+            raise UserError(f"{path}: line {k + 1} is not a JSON object with an integer step and a numeric loss")
+        rows.append(row)
+    return rows
+
+
+def _metrics_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)
+          and isinstance(row.get("loss"), (int, float)) and not isinstance(row.get("loss"), bool))
+    return row if ok else None
 
 
 class RunLock:
@@ -150,14 +242,11 @@ class Run:
         self.dir = Path(run_dir)
         self.doc = read_config(self.dir)
         where = str(self.dir / "config.json")
-        try:
-            self.cfg = TrainConfig.from_dict(self.doc.get("train"), where=where)
-            self.shape = tuple(self.doc["shape"])
-            self.num_classes = int(self.doc.get("num_classes", 0))
-            self.dataset = eval_dataset(self.doc["data"])
-            self.path = self.cfg.build_path()
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{where}: missing or malformed entry {e}") from None
+        self.cfg = TrainConfig.from_dict(self.doc["train"], where=where)
+        self.shape = tuple(self.doc["shape"])
+        self.num_classes = self.doc.get("num_classes", 0)
+        self.dataset = dataset_from_doc(self.doc, where, eval_dataset)
+        self.path = self.cfg.build_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights not in ("ema", "model"):
             raise UserError(f"--weights: expected ema or model, got {weights!r}")
@@ -190,8 +279,16 @@ class Run:
             return self.velocity
         return guided(self.velocity, label, guidance)
 
-    def check_label(self, label: int | None) -> None:
+    def check_label(self, label: int | None, guidance: float = 1.0) -> None:
+        """A label fits this run's classes; guidance (other than 1, none) is a finite weight given with a label."""
+        import math
+
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
+            raise UserError(f"--guidance: expected a finite weight, got {guidance!r}")
         if label is None:
+            if guidance != 1.0:
+                raise UserError(f"--guidance: weighs a class against the unconditional field, so it needs --label; "
+                                f"got --guidance {guidance:g} without --label")
             return
         if self.num_classes == 0:
             raise UserError(f"--label: {self.dir} is an unconditional run; it takes no label")
@@ -232,7 +329,7 @@ class Run:
         from .solvers import check_method, integrate
 
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
-        self.check_label(label)
+        self.check_label(label, guidance)
         out = []
         starts = list(enumerate(range(0, n, batch_size)))
         if part is not None:

@@ -8,6 +8,7 @@ calls of the velocity field, exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,12 @@ def check_method(method: str, nfe: int | None = None) -> None:
             raise UserError(f"--nfe: expected a positive integer, got {nfe}")
         if nfe % per:
             raise UserError(f"--nfe: {method} uses {per} evaluations per step, so NFE must be a multiple of {per}; got {nfe}")
+
+
+def check_tolerance(tol: float, option: str = "--tol") -> None:
+    """An adaptive solver's tolerance must be a positive finite number (torchdiffeq asserts otherwise)."""
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise UserError(f"{option}: expected a positive finite tolerance such as 1e-5, got {tol!r}")
 
 
 def fixed_grid(method: str, nfe: int, t_start: float = 0.0, t_end: float = 1.0, time_shift: float = 1.0,
@@ -98,6 +105,8 @@ def integrate(
         ys = odeint(f, x0, ends, method=tdq, options={"grid_constructor": lambda *_: grid})
         return SolveResult(ys[-1], count[0])
 
+    check_tolerance(atol, "atol")
+    check_tolerance(rtol, "rtol")
     n_out = 2 if trajectory is False else (int(trajectory) if not isinstance(trajectory, bool) else 101)
     times = torch.linspace(t_start, t_end, max(n_out, 2), device=x0.device, dtype=x0.dtype)
     ys = odeint(f, x0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol)

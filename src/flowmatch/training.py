@@ -27,7 +27,19 @@ from .data import Batch, make_dataset, spec_from_arg
 from .errors import UserError
 from .models import make_model
 from .paths import AffinePath
-from .runs import FORMAT_VERSION, RunLock, load_state, load_weights, read_config, save_state, save_weights, write_json, write_text
+from .runs import (
+    FORMAT_VERSION,
+    RunLock,
+    dataset_from_doc,
+    load_state,
+    load_weights,
+    read_config,
+    read_metrics,
+    save_state,
+    save_weights,
+    write_json,
+    write_text,
+)
 
 
 def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None) -> torch.Tensor:
@@ -57,6 +69,20 @@ def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
     return out
 
 
+def build_model(cfg: TrainConfig, shape: tuple, num_classes: int = 0, path=None):
+    """The network of ``cfg`` for samples of ``shape``. Images the UNet cannot halve down to its
+    lowest resolution are refused here, naming the data, before anything is written."""
+    if len(shape) == 3 and cfg.model in ("auto", "unet"):
+        from .models.unet import default_channels
+
+        _, h, w = shape
+        factor = 2 ** (len(default_channels(min(h, w))) - 1)
+        if h % factor or w % factor:
+            raise UserError(f"--data {cfg.data}: images of {h}x{w} pixels do not fit the UNet, whose height and width "
+                            f"must be multiples of {factor}; crop or resize them (image folders: --image-size)")
+    return make_model(cfg.model_spec(shape), shape, num_classes, path=path if path is not None else cfg.build_path())
+
+
 def check_run_dir(out, resume: bool) -> None:
     """What ``train`` checks of its run directory before starting (also in a launcher)."""
     out = Path(out)
@@ -75,23 +101,27 @@ def check_new_run_dir(out: Path, allow_existing=()) -> None:
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
           data_spec: dict | None = None, make_plots: bool | None = None, allow_existing=(),
-          on_checkpoint=None) -> Path:
+          on_checkpoint=None, steps: int | None = None) -> Path:
     """Train (or resume) a run; returns its directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume`` the saved settings are used (``cfg`` is
-    ignored). ``allow_existing`` names entries that a new run directory may already hold
+    ignored) and ``steps``, if given, becomes the new total number of steps (recorded in
+    config.json). ``allow_existing`` names entries that a new run directory may already hold
     (the pairs of a reflow run). ``on_checkpoint(step, ema_model)`` is called on the main
     process after each checkpoint (evaluation during training); its time is left out of the
     ``time`` logged in metrics.jsonl."""
     from accelerate import Accelerator
 
+    saved = None
     if resume:
         if out is None:
             raise UserError("--resume: needs --out RUN, the run to continue")
         out = Path(out)
         saved = read_config(out)
-        cfg = TrainConfig.from_dict(saved.get("train"), where=str(out / "config.json")).validate()
-        data_spec = saved["data"]
+        cfg = TrainConfig.from_dict(saved["train"])
         state = load_state(out / "trainer_state.pt")
+        read_metrics(out / "metrics.jsonl")  # a damaged log is refused before anything is rewritten
+        if steps is not None:
+            cfg.steps = resumed_steps(steps, int(state["step"]), out)
     else:
         cfg.validate()
         data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad)
@@ -108,12 +138,13 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     device, main = accelerator.device, accelerator.is_main_process
 
     # Everything that can fail on bad input is built before the run directory is touched.
-    dataset = make_dataset(data_spec)
+    dataset = dataset_from_doc(saved, str(out / "config.json")) if resume else make_dataset(data_spec)
+    data_spec = saved["data"] if resume else data_spec
     path, time_sampler = cfg.build_path(), cfg.build_time_sampler()
     coupling = make_coupling(cfg.coupling)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching global state
         torch.manual_seed(cfg.seed)
-        model = make_model(cfg.model_spec(dataset.shape), dataset.shape, dataset.num_classes, path=path)
+        model = build_model(cfg, dataset.shape, dataset.num_classes, path=path)
         if cfg.init_from and state is None:
             weights = load_weights(cfg.init_from)
             try:
@@ -151,6 +182,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         "global_batch_size": global_batch,
         "num_processes": accelerator.num_processes,
     }
+    fresh = main and not resume and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -161,11 +193,17 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         if main:
             if not resume:
                 write_json(out / "config.json", config_doc)
+            elif cfg.steps != saved["train"]["steps"]:
+                write_json(out / "config.json", saved | {"train": cfg.to_dict()})
             _truncate_metrics(out / "metrics.jsonl", start)
         if accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
             model, opt = accelerator.prepare(model, opt)
         _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
               on_checkpoint)
+    except BaseException:
+        if main and not resume and not (out / "trainer_state.pt").exists():
+            _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
+        raise
     finally:
         if lock:
             lock.__exit__(None, None, None)
@@ -250,8 +288,32 @@ def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, c
 def _check_finite(bad_step, out):
     b = int(bad_step.item())
     if b >= 0:
-        raise UserError(f"training diverged: the loss was NaN or Inf at step {b}; "
-                        f"the last good checkpoint in {out} is kept (lower --lr or set --grad-clip)")
+        kept = (f"the last good checkpoint in {out} is kept" if (out / "trainer_state.pt").exists()
+                else "no checkpoint was written, so nothing is kept")
+        raise UserError(f"training diverged: the loss was NaN or Inf at step {b}; {kept} "
+                        "(lower --lr or --grad-clip)")
+
+
+def resumed_steps(steps: int, done: int, out: Path) -> int:
+    """``train --resume --steps N``: N is the run's new total number of steps. The learning
+    rate is a pure function of (step, total) (:func:`~flowmatch.config.lr_at`), so the
+    schedule after warm-up is stretched (or shrunk) over the new total from the step resumed
+    at: a cosine run resumed with a larger N continues at the higher rate its longer schedule
+    has at that step, and still reaches 0 at step N."""
+    if steps < done:
+        raise UserError(f"--steps: {out} has already trained {done} steps; expected a total of at least {done}, got {steps}")
+    return steps
+
+
+def _remove_unfinished(out: Path, fresh: bool) -> None:
+    """What a new run writes before its first checkpoint, removed after a failure."""
+    import shutil
+
+    for name in ("config.json", "metrics.jsonl", ".lock"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "progress", ignore_errors=True)
+    if fresh and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
@@ -290,5 +352,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint being resumed from."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = [row for row in read_metrics(path) if row["step"] <= step]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

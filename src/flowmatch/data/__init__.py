@@ -98,12 +98,18 @@ class ArrayDataset(Dataset):
         self.data = None
         if mean is None or std is None:
             self.data = load_array(self.path)
-            mean = self.data.mean(0)
-            std = self.data.std(0).clamp_min(1e-8) if len(self.data) > 1 else torch.ones(self.data.shape[1])
+            mean, std = _standardisation(self.data, self.path)
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
         self.shape = (len(self.mean),)
         self.spec = {"name": "array", "path": self.path, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    # in float64: x - mean of float32 values near ±3e38 would overflow float32
+    def encode(self, x):
+        return ((x.double() - self.mean.to(x.device).double()) / self.std.to(x.device).double()).to(x.dtype)
+
+    def decode(self, x):
+        return (x.double() * self.std.to(x.device).double() + self.mean.to(x.device).double()).to(x.dtype)
 
     def _rows(self) -> torch.Tensor:
         if self.data is None:
@@ -125,6 +131,14 @@ class ArrayDataset(Dataset):
         rows = self._rows()
         idx = torch.randint(len(rows), (n,), generator=generator, device=generator.device)
         return rows.to(generator.device)[idx]
+
+
+def _standardisation(data: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and standard deviation (computed in float64), which must fit float32."""
+    mean, std = data.double().mean(0), data.double().std(0).clamp_min(1e-8)
+    if not (torch.isfinite(mean.float()).all() and torch.isfinite(std.float()).all()):
+        raise UserError(f"{path}: the columns' spread exceeds float32's range (±3.4e38); expected smaller values")
+    return mean, std
 
 
 class ImageDataset(Dataset):
@@ -187,10 +201,6 @@ class ImageDataset(Dataset):
         x = self.held_out[0]
         idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
         return x[idx].to(generator.device)
-
-    def held_out_set(self):
-        self._data()
-        return self.held_out
 
 
 class DecodeOnly(Dataset):

@@ -1,6 +1,10 @@
 """User arrays of shape (N, D): ``.npy``, ``.csv`` (comma-separated, optional header) and
 ``.pt`` (a tensor saved with ``torch.save``, loaded with ``weights_only=True``).
 
+Real numbers of any precision (integers, booleans, float16, bfloat16, float64) are converted
+to float32; complex numbers, strings and objects are refused. Values are checked after the
+conversion, so a float64 value beyond float32's range (1e300) is refused, not turned into Inf.
+
 Every problem is reported as a :class:`~flowmatch.errors.UserError` naming the file.
 """
 
@@ -52,7 +56,10 @@ def _read(path: str) -> np.ndarray:
             raise UserError(f"{path}: not a tensor file readable with weights_only=True ({type(e).__name__})") from None
         if not isinstance(obj, torch.Tensor):
             raise UserError(f"{path}: expected a saved tensor, found {type(obj).__name__}")
-        return obj.detach().cpu().numpy()
+        if obj.is_complex() or obj.is_quantized or obj.is_sparse:
+            raise UserError(f"{path}: expected real numbers, found a tensor of dtype {obj.dtype}")
+        # NumPy has no bfloat16: every real dtype goes through float64, which holds them all
+        return obj.detach().cpu().to(torch.float64).numpy()
     raise UserError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(ARRAY_SUFFIXES)}")
 
 
@@ -70,13 +77,21 @@ def load_array(path: str, ndim: int = 2) -> torch.Tensor:
         raise UserError(f"{path}: no such file")
     arr = _read(path)
     if arr.dtype.kind not in "fiub":
-        raise UserError(f"{path}: expected numbers, found dtype {arr.dtype}")
+        raise UserError(f"{path}: expected real numbers, found dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise UserError(f"{path}: expected an array of {ndim} dimensions, found shape {arr.shape}")
     if arr.shape[0] < 2 or arr.size == 0:
         raise UserError(f"{path}: expected at least 2 rows of data, found shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).any(axis=tuple(range(1, arr.ndim))).nonzero()[0][0])
-        raise UserError(f"{path}: row {bad} holds NaN or Inf; expected finite numbers")
-    return torch.from_numpy(arr.astype(np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(np.float32)  # overflow becomes Inf, caught just below
+    check_finite(arr, path)
+    return torch.from_numpy(arr)
+
+
+def check_finite(arr: np.ndarray, path: str) -> None:
+    """Refuse NaN, Inf and values beyond float32's range (checked on the float32 array)."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int((~finite).any(axis=tuple(range(1, arr.ndim))).nonzero()[0][0])
+        raise UserError(f"{path}: row {bad} holds NaN or Inf, or a value beyond float32's range (±3.4e38); "
+                        "expected finite numbers")
