@@ -54,6 +54,10 @@ def test_sample_matches_the_python_api(cli, tiny_run, tmp_path):
     cli("sample", tiny_run, "--n", 64, "--nfe", 4, "--seed", 3, "--out", tmp_path / "x.npy", "--no-progress")
     api = load_run(tiny_run).sample(64, nfe=4, seed=3)
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), api.numpy())
+    # streamed to disk batch by batch (the last one short): the same rows as the API's batches
+    cli("sample", tiny_run, "--n", 50, "--nfe", 4, "--seed", 3, "--batch-size", 16, "--out", tmp_path / "y.npy", "--no-progress")
+    api = load_run(tiny_run).sample(50, nfe=4, seed=3, batch_size=16)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), api.numpy())
 
 
 def test_eval_json(cli, tiny_run):

@@ -264,6 +264,15 @@ def sample(
         for p, chunks in enumerate(parts):
             batches[p::world] = chunks
         x = torch.cat(batches)
+    elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
+        with atomic_path(out) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *r.shape))
+            for i, xb in r.sample_batches(n, progress=progress, **kw):
+                arr[i:i + len(xb)] = (xb.clamp(0, 1) if len(r.shape) == 3 else xb).numpy()
+            arr.flush()
+            del arr
+        _say(f"wrote {n} samples to {out}")
+        return
     else:
         x = r.sample(n, progress=progress, **kw)
     if len(r.shape) == 3:

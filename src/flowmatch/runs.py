@@ -324,13 +324,22 @@ class Run:
         ``batch_size``. ``part=(i, p)`` draws only the batches ``k = i, i + p, ...`` (process
         ``i`` of ``p``); their concatenation in ``k`` order is the full result.
         """
+        out = [x for _, x in self.sample_batches(n, nfe, solver, seed, batch_size, label, guidance, progress, part,
+                                                 **solver_kw)]
+        return torch.cat(out) if out else torch.empty(0, *self.shape)
+
+    @torch.inference_mode()
+    def sample_batches(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
+                       label: int | None = None, guidance: float = 1.0, progress: bool = False,
+                       part: tuple[int, int] | None = None, **solver_kw):
+        """:meth:`sample` one batch at a time: yields ``(start, x)`` with ``x`` the samples
+        ``start .. start + len(x)`` (CPU float32, data units), so a caller can stream them to disk."""
         from tqdm.auto import tqdm
 
         from .solvers import check_method, integrate
 
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
         self.check_label(label, guidance)
-        out = []
         starts = list(enumerate(range(0, n, batch_size)))
         if part is not None:
             starts = starts[part[0]::part[1]]
@@ -339,8 +348,7 @@ class Run:
             x0 = self.noise(min(batch_size, n - i), g)
             lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
             res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
-            out.append(self.dataset.decode(res.x).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, *self.shape)
+            yield i, self.dataset.decode(res.x).float().cpu()
 
 
 def log_scale(dataset, shape) -> float:
