@@ -263,7 +263,7 @@ def test_image_eval_honours_nfe_and_n(cli, image_run, monkeypatch):
 
     def fake(run, **kw):
         seen.update(kw)
-        return {"classifier": {"ratio": 1.0}, "pca": {"ratio": 1.0}}
+        return {"classifier": {"ratio": 1.0}, "pca": {"ratio": 1.0}, "prdc": {"precision": {"value": 1.0, "data": 1.0}}}
 
     monkeypatch.setattr(flowmatch.image_metrics, "evaluate_digits", fake)
     rc, _, err = cli("eval", image_run, "--nfe", "8", "--n", "4000", "--solver", "midpoint")
