@@ -33,6 +33,15 @@ def one_line_error(rc, err):
 TINY = ["--width", "32", "--depth", "2", "--no-progress"]
 
 
+def copy_run(src, dst):
+    """A writable copy of a run directory's files (for tests that damage it)."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A small trained checkerboard run shared by read-only tests."""

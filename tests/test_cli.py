@@ -9,7 +9,7 @@ import torch
 
 from flowmatch.runs import RunLock, load_run
 
-from conftest import TINY, one_line_error
+from conftest import TINY, copy_run, one_line_error
 
 
 def _tree(path):
@@ -176,18 +176,10 @@ def test_eval_bad_nfe_list(cli, tiny_run):
     assert "--nfe" in one_line_error(rc, err)
 
 
-def _copy_run(src, dst):
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.is_file():
-            (dst / p.name).write_bytes(p.read_bytes())
-    return dst
-
-
 @pytest.mark.parametrize("damage", ["missing", "no-config", "garbage-config", "newer-format", "unknown-key",
                                     "wrong-type", "truncated-weights", "wrong-weights"])
 def test_damaged_run_directories(cli, tiny_run, tmp_path, damage):
-    run = tmp_path / "missing" if damage == "missing" else _copy_run(tiny_run, tmp_path / "run")
+    run = tmp_path / "missing" if damage == "missing" else copy_run(tiny_run, tmp_path / "run")
     cfg_file = run / "config.json"
     if damage == "no-config":
         cfg_file.unlink()
@@ -215,7 +207,7 @@ def test_damaged_run_directories(cli, tiny_run, tmp_path, damage):
 
 
 def test_pickle_payload_in_trainer_state_is_never_run(cli, tiny_run, tmp_path):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -231,7 +223,7 @@ def test_pickle_payload_in_trainer_state_is_never_run(cli, tiny_run, tmp_path):
 
 
 def test_a_second_trainer_is_refused(cli, tiny_run, tmp_path):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     with RunLock(run):
         rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
     assert "another trainer" in one_line_error(rc, err)

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, one_line_error
+from conftest import TINY, copy_run, one_line_error
 
 TRAIN = ["--steps", "2", "--batch-size", "16", "--width", "16", "--depth", "1", "--no-progress", "--no-plots"]
 
 
 def _tree(path):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).rglob("*") if p.is_file()}
-
-
-def _copy_run(src, dst):
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.is_file():
-            (dst / p.name).write_bytes(p.read_bytes())
-    return dst
 
 
 # --- numbers -------------------------------------------------------------------------------
@@ -155,7 +147,7 @@ CONFIG_DAMAGE = {
 
 @pytest.mark.parametrize("damage", CONFIG_DAMAGE)
 def test_malformed_config_names_config_json(cli, tiny_run, tmp_path, damage):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     cfg = json.loads((run / "config.json").read_text())
     CONFIG_DAMAGE[damage](cfg)
     (run / "config.json").write_text(json.dumps(cfg))
@@ -169,7 +161,7 @@ def test_malformed_config_names_config_json(cli, tiny_run, tmp_path, damage):
 
 
 def test_torn_last_metrics_line_is_skipped(cli, tiny_run, tmp_path):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 61, "lo')  # what SIGKILL during an append leaves
     rc, _, err = cli("plot", run)
@@ -181,7 +173,7 @@ def test_torn_last_metrics_line_is_skipped(cli, tiny_run, tmp_path):
 
 
 def test_torn_metrics_line_elsewhere_is_an_error_and_nothing_is_redrawn(cli, tiny_run, tmp_path):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text(lines[0][:7] + "\n" + "\n".join(lines[1:]) + "\n")
     before = _tree(run)
@@ -194,7 +186,7 @@ def test_torn_metrics_line_elsewhere_is_an_error_and_nothing_is_redrawn(cli, tin
 # --- resume --------------------------------------------------------------------------------
 
 def test_resume_steps_is_the_new_total(cli, tiny_run, tmp_path):
-    run = _copy_run(tiny_run, tmp_path / "run")
+    run = copy_run(tiny_run, tmp_path / "run")
     before = _tree(run)
     rc, _, err = cli("train", "--resume", "--out", run, "--steps", "40", "--no-progress")
     assert "--steps" in one_line_error(rc, err) and "60" in err
