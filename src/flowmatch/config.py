@@ -20,7 +20,7 @@ class TrainConfig:
     image_size: int = 32  # image folders: resized and centre-cropped to this
     skip_bad: bool = False  # image folders: skip unreadable files with a warning
     # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 512
     lr: float = 2e-3
     weight_decay: float = 0.0
