@@ -76,6 +76,8 @@ def train(
                                           "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder"),
     image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
     skip_bad: bool = typer.Option(False, help="image folders: skip unreadable files with a warning"),
+    holdout: float = typer.Option(_D.holdout, help="user tables and images: share of rows held out of training "
+                                                   "(eval and nll measure on them)"),
     n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
     steps: int | None = typer.Option(None, help=f"optimizer steps [default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]; "
                                                 "with --resume, the new total (at least the steps already done)"),
@@ -91,6 +93,9 @@ def train(
     path: str = typer.Option(_D.path, help="probability path: linear, vp, cosine"),
     sigma_min: float = typer.Option(_D.sigma_min, help="linear path: noise left at t = 1"),
     coupling: str = typer.Option(_D.coupling, help="independent or ot (minibatch optimal transport)"),
+    ot_method: str = typer.Option(_D.ot_method, help="--coupling ot: exact or sinkhorn (entropic)"),
+    ot_reg: float = typer.Option(_D.ot_reg, help="--ot-method sinkhorn: regularisation, relative to the mean cost"),
+    ot_by_class: bool = typer.Option(_D.ot_by_class, help="--coupling ot on labelled data: pair within each class"),
     time_dist: str = typer.Option(_D.time_dist, help="uniform or logit-normal"),
     time_mean: float = typer.Option(_D.time_mean, help="logit-normal location"),
     time_std: float = typer.Option(_D.time_std, help="logit-normal scale"),
@@ -119,14 +124,15 @@ def train(
     from .training import train as run_training
 
     new_total = steps if resume else None
-    image = not resume and is_image_spec(spec_from_arg(data, n_points, seed, image_size, skip_bad))
+    image = not resume and is_image_spec(spec_from_arg(data, n_points, seed, image_size, skip_bad, holdout))
     steps = steps if steps is not None else (IMAGE_DEFAULTS["steps"] if image else _D.steps)
     batch_size = batch_size if batch_size is not None else (IMAGE_DEFAULTS["batch_size"] if image else _D.batch_size)
     cfg = TrainConfig(
-        data=data, n_points=n_points, image_size=image_size, skip_bad=skip_bad, steps=steps, batch_size=batch_size, lr=lr,
+        data=data, n_points=n_points, image_size=image_size, skip_bad=skip_bad, holdout=holdout, steps=steps, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay,
         warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
-        path=path, sigma_min=sigma_min, coupling=coupling, time_dist=time_dist, time_mean=time_mean,
+        path=path, sigma_min=sigma_min, coupling=coupling, ot_method=ot_method, ot_reg=ot_reg,
+        ot_by_class=ot_by_class, time_dist=time_dist, time_mean=time_mean,
         time_std=time_std, label_dropout=label_dropout, model=model, width=width, depth=depth, fourier=fourier,
         fourier_scale=fourier_scale, time_scale=time_scale, prediction=prediction, log_every=log_every,
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
@@ -135,12 +141,11 @@ def train(
     if not resume:
         cfg.validate()
         cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
-        from .couplings import make_coupling
         from .data import make_dataset
         from .training import build_model
 
-        make_coupling(cfg.coupling)
-        ds = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
+        cfg.build_coupling()
+        ds = make_dataset(cfg.data_spec())
         build_model(cfg, ds.shape, ds.num_classes, path=cfg.build_path())
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")

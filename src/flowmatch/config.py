@@ -19,6 +19,7 @@ class TrainConfig:
     n_points: int | None = None
     image_size: int = 32  # image folders: resized and centre-cropped to this
     skip_bad: bool = False  # image folders: skip unreadable files with a warning
+    holdout: float = 0.1  # user tables and images: share of rows kept out of training, for eval and nll
     # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
     steps: int = 4000
     batch_size: int = 512
@@ -33,6 +34,9 @@ class TrainConfig:
     path: str = "linear"
     sigma_min: float = 0.0
     coupling: str = "independent"
+    ot_method: str = "exact"  # coupling "ot": exact (ot.emd) or sinkhorn (entropic, ot.sinkhorn)
+    ot_reg: float = 0.05  # sinkhorn's entropic regularisation, relative to the batch's mean cost
+    ot_by_class: bool = False  # labelled data: pair noise only with data of the same class
     time_dist: str = "uniform"
     time_mean: float = 0.0
     time_std: float = 1.0
@@ -102,6 +106,12 @@ class TrainConfig:
             raise bad("ema_decay", "a value in [0, 1)", self.ema_decay)
         if not 0 <= self.label_dropout < 1:
             raise bad("label_dropout", "a value in [0, 1)", self.label_dropout)
+        if not 0 <= self.holdout <= 0.5:
+            raise bad("holdout", "a share in [0, 0.5]", self.holdout)
+        if self.ot_method not in ("exact", "sinkhorn"):
+            raise bad("ot_method", "one of exact, sinkhorn", self.ot_method)
+        if not self.ot_reg > 0:
+            raise bad("ot_reg", "a positive value", self.ot_reg)
         if self.prediction not in ("auto", "velocity", "data"):
             raise bad("prediction", "one of auto, velocity, data", self.prediction)
         if self.loss not in LOSSES:
@@ -113,6 +123,19 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise bad("precision", "one of fp32, bf16, fp16", self.precision)
         return self
+
+    def data_spec(self) -> dict:
+        """The dataset spec that ``data`` (a name or a path) and the data settings describe."""
+        from .data import spec_from_arg
+
+        return spec_from_arg(self.data, self.n_points, self.seed, self.image_size, self.skip_bad, self.holdout)
+
+    def build_coupling(self):
+        from .couplings import make_coupling
+
+        if self.coupling == "ot":
+            return make_coupling("ot", method=self.ot_method, reg=self.ot_reg, by_class=self.ot_by_class)
+        return make_coupling(self.coupling)
 
     def build_path(self):
         from .paths import make_path

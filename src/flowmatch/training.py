@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import TrainConfig, lr_at
-from .couplings import make_coupling
-from .data import Batch, make_dataset, spec_from_arg
+from .data import Batch, make_dataset
 from .errors import UserError
 from .models import make_model
 from .paths import AffinePath
@@ -124,7 +123,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
             cfg.steps = resumed_steps(steps, int(state["step"]), out)
     else:
         cfg.validate()
-        data_spec = data_spec or spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad)
+        data_spec = data_spec or cfg.data_spec()
         out = Path(out) if out is not None else default_run_dir(cfg)
         check_new_run_dir(out, allow_existing)
         state = None
@@ -141,7 +140,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     dataset = dataset_from_doc(saved, str(out / "config.json")) if resume else make_dataset(data_spec)
     data_spec = saved["data"] if resume else data_spec
     path, time_sampler = cfg.build_path(), cfg.build_time_sampler()
-    coupling = make_coupling(cfg.coupling)
+    coupling = cfg.build_coupling()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching global state
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, dataset.shape, dataset.num_classes, path=path)

@@ -10,6 +10,7 @@ A dataset is built from a small JSON-able *spec* (saved in ``config.json``) and 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,20 +90,35 @@ class ToyDataset(Dataset):
         return self.sampler(n, generator)
 
 
-class ArrayDataset(Dataset):
-    """Rows of a user array (N, D), standardised per column for training."""
+def split_rows(n: int, holdout: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed split of ``n`` rows into (training, held-out) indices: a share ``holdout`` of
+    them, chosen by a permutation that depends only on ``n`` (the same for every run and seed).
+    Too few rows to hold any out: every row trains, and evaluation uses them (with a warning)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    k = int(n * holdout)
+    if holdout > 0 and k == 0:
+        warnings.warn(f"{where}: {n} rows are too few to hold out {holdout:g} of them; "
+                      "eval and nll measure on the training rows", stacklevel=3)
+    return perm[k:].sort().values, perm[:k].sort().values
 
-    def __init__(self, path: str, mean=None, std=None):
+
+class ArrayDataset(Dataset):
+    """Rows of a user array (N, D), standardised per column for training. A fixed share
+    ``holdout`` of the rows never trains: :meth:`reference` (eval, nll) draws from them."""
+
+    def __init__(self, path: str, mean=None, std=None, holdout: float = 0.0):
         super().__init__()
         self.path = os.path.abspath(path)
-        self.data = None
+        self.holdout = float(holdout)  # runs written before the split existed: 0 (every row trains)
+        self.data = self.held = None
         if mean is None or std is None:
-            self.data = load_array(self.path)
+            self._rows()
             mean, std = _standardisation(self.data, self.path)
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
         self.shape = (len(self.mean),)
-        self.spec = {"name": "array", "path": self.path, "mean": self.mean.tolist(), "std": self.std.tolist()}
+        self.spec = {"name": "array", "path": self.path, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                     "holdout": self.holdout}
 
     # in float64: x - mean of float32 values near ±3e38 would overflow float32
     def encode(self, x):
@@ -112,14 +128,17 @@ class ArrayDataset(Dataset):
         return (x.double() * self.std.to(x.device).double() + self.mean.to(x.device).double()).to(x.dtype)
 
     def _rows(self) -> torch.Tensor:
+        """The training rows (loading the file and splitting off the held-out rows once)."""
         if self.data is None:
-            self.data = load_array(self.path)
-            if tuple(self.data.shape[1:]) != self.shape:
-                raise UserError(f"{self.path}: rows have shape {tuple(self.data.shape[1:])}, the run expects {self.shape}")
+            rows = load_array(self.path)
+            if self.shape and tuple(rows.shape[1:]) != self.shape:
+                raise UserError(f"{self.path}: rows have shape {tuple(rows.shape[1:])}, the run expects {self.shape}")
+            train, held = split_rows(len(rows), self.holdout, self.path)
+            self.data, self.held = rows[train], (rows[held] if len(held) else rows[train])
         return self.data
 
     def to(self, device):
-        self.data = self._rows().to(device)
+        self.data, self.held = self._rows().to(device), self.held.to(device)
         return self
 
     def sample(self, n, generator):
@@ -128,9 +147,11 @@ class ArrayDataset(Dataset):
         return Batch(self.encode(rows.to(generator.device)[idx]))
 
     def reference(self, n, generator):
-        rows = self._rows()
-        idx = torch.randint(len(rows), (n,), generator=generator, device=generator.device)
-        return rows.to(generator.device)[idx]
+        """Held-out rows (the training rows where the table was too small to hold any out),
+        drawn with replacement, in the data's units."""
+        self._rows()
+        idx = torch.randint(len(self.held), (n,), generator=generator, device=generator.device)
+        return self.held.to(generator.device)[idx]
 
 
 def _standardisation(data: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +168,10 @@ class ImageDataset(Dataset):
     Loaded lazily: a run rebuilt for sampling needs only the spec (shape, classes)."""
 
     def __init__(self, name: str, path: str | None = None, image_size: int | None = None, skip_bad: bool = False,
-                 shape=None, num_classes: int | None = None, classes=None):
+                 shape=None, num_classes: int | None = None, classes=None, holdout: float = 0.0):
         super().__init__()
         self.name, self.path, self.image_size, self.skip_bad = name, path, image_size, skip_bad
+        self.holdout = float(holdout)  # user images: the share held out for eval (digits: its test split)
         self.mean, self.std = torch.tensor(0.5), torch.tensor(0.5)
         self.x = self.y = self.held_out = None
         self.classes = classes
@@ -159,6 +181,8 @@ class ImageDataset(Dataset):
         self.shape, self.num_classes = tuple(shape), int(num_classes)
         self.spec = {"name": name, "path": path, "image_size": image_size, "skip_bad": skip_bad,
                      "shape": list(self.shape), "num_classes": self.num_classes, "classes": self.classes}
+        if name != "digits":
+            self.spec["holdout"] = self.holdout
         self.device = torch.device("cpu")
 
     def _load(self):
@@ -174,7 +198,12 @@ class ImageDataset(Dataset):
         else:
             self.x, self.y = load_image_array(self.path), None
         if self.held_out is None:
-            self.held_out = (self.x, self.y)
+            train, held = split_rows(len(self.x), self.holdout, self.path)
+            if len(held):
+                self.held_out = (self.x[held], None if self.y is None else self.y[held])
+                self.x, self.y = self.x[train], (None if self.y is None else self.y[train])
+            else:
+                self.held_out = (self.x, self.y)
 
     def _data(self):
         if self.x is None:
@@ -196,7 +225,8 @@ class ImageDataset(Dataset):
         return Batch(x1=x1, label=label)
 
     def reference(self, n, generator):
-        """Held-out real images (digits: the test split), drawn with replacement."""
+        """Held-out real images (digits: its test split; user images: the ``holdout`` share),
+        drawn with replacement."""
         self._data()
         x = self.held_out[0]
         idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
@@ -234,8 +264,9 @@ def valid_names() -> list[str]:
 
 
 def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_size: int = 32,
-                  skip_bad: bool = False) -> dict:
-    """Turn ``--data NAME|PATH`` into a dataset spec; unknown names list the valid ones."""
+                  skip_bad: bool = False, holdout: float = 0.1) -> dict:
+    """Turn ``--data NAME|PATH`` into a dataset spec; unknown names list the valid ones. User
+    tables and images hold out a share ``holdout`` of their rows for evaluation."""
     from .images import is_image_array
 
     if data in TOY2D:
@@ -245,11 +276,12 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
     if data == "digits":
         return {"name": "digits"}
     if os.path.isdir(data):
-        return {"name": "images", "path": os.path.abspath(data), "image_size": image_size, "skip_bad": skip_bad}
+        return {"name": "images", "path": os.path.abspath(data), "image_size": image_size, "skip_bad": skip_bad,
+                "holdout": holdout}
     if is_image_array(data):
-        return {"name": "image-array", "path": os.path.abspath(data)}
+        return {"name": "image-array", "path": os.path.abspath(data), "holdout": holdout}
     if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
-        return {"name": "array", "path": os.path.abspath(data)}
+        return {"name": "array", "path": os.path.abspath(data), "holdout": holdout}
     raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} "
                     "or a .npy/.csv/.pt file or an image folder")
 
