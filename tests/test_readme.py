@@ -1,0 +1,140 @@
+"""README's commands, run as written at tiny budgets: every `flowmatch ...` line of its bash
+blocks in order (later ones read the runs earlier ones wrote), its Python block, and each
+benchmark script it names (`--help`: they take minutes to hours). The budget options appended
+below are the only change; a README command that stops working fails here."""
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# per subcommand, the options that make it tiny (appended: the last occurrence of an option wins)
+TINY = {
+    "train": ["--steps", "6", "--batch-size", "32", "--width", "32", "--depth", "2", "--checkpoint-every", "6"],
+    "reflow": ["--pairs", "64", "--steps", "4", "--teacher-nfe", "4", "--batch-size", "32"],
+    "distill": ["--pairs", "64", "--steps", "4", "--teacher-nfe", "4", "--batch-size", "32"],
+    "sample": ["--nfe", "2"],  # not for a distilled run: it samples at its own NFE
+    "eval": ["--n", "200"],
+}
+QUIET = {"train": ["--no-progress"], "reflow": ["--no-progress", "--no-plots"],
+         "distill": ["--no-progress", "--no-plots"], "sample": ["--no-progress"]}
+
+
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+def commands(block: str) -> list[list[str]]:
+    """The block's commands: continuation lines joined, comments and `a && b` split."""
+    text = block.replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            out += [shlex.split(part) for part in line.split("&&")]
+    return out
+
+
+def flowmatch_commands() -> list[list[str]]:
+    return [c for block in bash_blocks() for c in commands(block) if c[0] == "flowmatch"]
+
+
+def test_readme_opens_with_the_two_fresh_machine_commands():
+    first = commands(bash_blocks()[0])
+    setup = [" ".join(c) for c in first]
+    assert setup[:3] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install -c constraints.txt -e ."]
+    assert first[3] == ["flowmatch", "train"]  # the main job: the default data set, the checkerboard
+    assert "pip install -c constraints.txt -e .[dev]" in setup and setup[-1] == "python -m pytest"
+    assert (ROOT / ".ci" / "run").read_text().count("python -m pytest") == 1
+
+
+def test_the_first_install_brings_everything_readme_commands_need():
+    """README's first command installs the core package only: the dev extra may hold test tools
+    and nothing a README command needs (the image stack, plots, diffusers are core)."""
+    from importlib.metadata import requires
+
+    reqs = requires("flowmatch")  # what pip installed, from pyproject.toml
+    core = " ".join(r for r in reqs if "extra ==" not in r).lower()
+    for needed in ("torch", "torchdiffeq", "pot", "safetensors", "accelerate", "diffusers", "matplotlib", "tqdm",
+                   "typer", "pillow", "scikit-learn", "prdc"):
+        assert needed in core, needed
+    dev = [re.split(r"[<>=\[ ;]", r)[0].lower() for r in reqs if 'extra == "dev"' in r]
+    assert set(dev) <= {"pytest", "hypothesis", "ruff"}, dev
+    assert "[images]" not in README and ".[" not in bash_blocks()[0].split("\n")[1]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """README's commands run from a fresh directory; `path/to/folder` is a small image folder."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "path" / "to" / "folder" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+                tmp_path / "path" / "to" / "folder" / cls / f"{i}.png")
+    return tmp_path
+
+
+def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
+    cmds = flowmatch_commands()
+    assert len(cmds) >= 10, cmds
+    for cmd in cmds:
+        sub = cmd[1]
+        args = cmd[2:] + TINY.get(sub, []) + QUIET.get(sub, [])
+        if sub == "train" and "--data" in args and "digits" not in args:
+            args += ["--image-size", "8"]
+        if sub == "sample" and "distilled" in cmd[2]:
+            args.remove("--nfe"), args.remove("2")
+        if sub == "eval":  # image runs are measured at one NFE; 2-D runs at several, with an adaptive row
+            args += ["--nfe", "2"] if "digits" in cmd[2] else ["--nfe", "1,2", "--repeats", "1", "--tol", "1e-3"]
+        t0 = time.perf_counter()
+        rc, out, err = cli(sub, *args)
+        print(f"{time.perf_counter() - t0:6.1f} s  {' '.join(cmd)}", file=sys.__stderr__)
+        assert rc == 0, (cmd, err[-2000:])
+    # what the commands say they leave behind
+    main = sorted(workdir.glob("runs/checkerboard-*"))
+    assert len(main) == 1 and (main[0] / "samples.png").exists(), sorted(workdir.rglob("*"))
+    for f in ("quality.png", "x.png", "threes.png", "digits.npy"):
+        assert (workdir / f).exists(), f
+    assert np.load(workdir / "digits.npy").shape == (1000, 1, 8, 8)
+
+
+def test_readme_python_block_runs(workdir):
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    assert "TrainConfig(steps=2000)" in code
+    code = code.replace("TrainConfig(steps=2000)", "TrainConfig(steps=6, width=32, depth=2, plots=False)")
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 (README's own example)
+    assert env["x"].shape == (1000, 2) and env["logp"].shape == (100,) and env["res"].nfe > 0
+
+
+def test_every_benchmark_script_readme_names_exists_and_parses_its_options():
+    scripts = sorted(set(re.findall(r"python (benchmarks/\w+\.py)", README)))
+    assert "benchmarks/levers.py" in scripts and len(scripts) >= 4, scripts
+    for script in scripts:
+        p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), (script, p.stderr[-1000:])
+
+
+@pytest.mark.slow
+def test_readme_accelerate_launch_command(workdir):
+    """README's one-machine `accelerate launch` line, with 2 processes (this machine's cores)
+    in place of 8; the two-machine line needs two machines."""
+    cmd = next(c for block in bash_blocks() for c in commands(block)
+               if c[:2] == ["accelerate", "launch"] and "--num_machines" not in c)
+    i = cmd.index("--num_processes")
+    cmd[i + 1] = "2"
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *cmd[2:], *TINY["train"], "--no-progress",
+                        "--no-plots"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (workdir / "runs" / "digits8" / "ema.safetensors").exists()
