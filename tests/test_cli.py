@@ -68,6 +68,41 @@ def test_eval_json(cli, tiny_run):
     assert res["nfe"]["1"]["floor"] > 0 and res["nfe"]["1"]["w2"] > 0
     assert res["adaptive"]["solver"] == "dopri5" and res["adaptive"]["nfe"] > 0
     assert res["straightness"] >= 0
+    # W2 recomputed independently: equal-size, equal-weight clouds, so the optimal plan is a
+    # permutation (scipy's Hungarian method), on the samples and data draws eval is documented
+    # to use (the run's samples at each NFE from --seed, 3 reference and 3 fresh draws from seed + 1)
+    from scipy.optimize import linear_sum_assignment
+
+    from flowmatch.solvers import integrate
+
+    def w2(a, b):
+        cost = torch.cdist(a.double(), b.double()).pow(2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        return float(np.sqrt(cost[rows, cols].mean()))
+
+    r = load_run(tiny_run)
+    g = torch.Generator().manual_seed(1)
+    refs = [r.dataset.reference(300, g) for _ in range(3)]
+    fresh = [r.dataset.reference(300, g) for _ in range(3)]
+    floor = np.mean([w2(a, b) for a, b in zip(refs, fresh)])
+    for k in (1, 4):
+        row = res["nfe"][str(k)]
+        assert row["floor"] == pytest.approx(floor, rel=1e-9)
+        x = r.sample(300, nfe=k, seed=0)
+        assert row["w2"] == pytest.approx(np.mean([w2(x, ref) for ref in refs]), rel=1e-9), k
+        assert row["ratio"] == pytest.approx(row["w2"] / floor, rel=1e-9)
+    assert res["nfe"]["1"]["w2"] != res["nfe"]["4"]["w2"]  # --nfe reached the sampler
+    # the adaptive NFE is the number of velocity evaluations dopri5 makes from the same noise
+    calls = [0]
+
+    def counted(x, t):
+        calls[0] += 1
+        return r.velocity(x, t)
+
+    with torch.inference_mode():
+        end = integrate(counted, r.noise(300, torch.Generator().manual_seed(0)), "dopri5", None, atol=1e-3, rtol=1e-3)
+    assert res["adaptive"]["nfe"] == calls[0]
+    assert res["adaptive"]["w2"] == pytest.approx(np.mean([w2(r.dataset.decode(end.x), ref) for ref in refs]), rel=1e-9)
     # the sharpness columns are the library's measures of the same samples
     from flowmatch.metrics import off_support
 

@@ -15,19 +15,31 @@ def _cost(x0, x1):
     return (x0 - x1).pow(2).sum(1).mean().item()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("method", ["exact", "sinkhorn"])
-def test_ot_lowers_the_transport_cost(method):
-    g = torch.Generator().manual_seed(0)
+def test_ot_reaches_the_optimal_assignment(method, seed):
+    """The pairing's transport cost against the optimal assignment, solved independently by
+    scipy's Hungarian method on the same squared-distance matrix (equal batch sizes: the OT
+    plan is a permutation)."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(seed)
     x0, x1 = torch.randn(256, 2, generator=g), 3 + torch.randn(256, 2, generator=g) * 2
     p0, p1, _ = OTCoupling(method=method, reg=0.05).pair(x0, x1, g)
     assert torch.equal(p1, x1)
-    assert _cost(p0, p1) < 0.8 * _cost(x0, x1)
-    if method == "exact":  # a permutation of the noise
+    cost = torch.cdist(x0.double(), x1.double()).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    optimum = cost[rows, cols].mean()
+    independent = np.trace(cost) / len(cost)
+    assert independent > 1.3 * optimum  # the problem leaves room: the product coupling is far off
+    if method == "exact":
+        # a permutation of the noise that reaches the optimum
         assert torch.equal(torch.sort(p0[:, 0]).values, torch.sort(x0[:, 0]).values)
-        # no pairing does better than the exact plan (here: against random permutations)
-        for _ in range(20):
-            perm = torch.randperm(256, generator=g)
-            assert _cost(p0, p1) <= _cost(x0[perm], x1) + 1e-6
+        assert abs(_cost(p0.double(), p1.double()) - optimum) <= 1e-6 * optimum
+    else:
+        # pairs drawn from the entropic plan (reg 0.05 of the mean cost): measured 3.5-8.4% above
+        # the optimum over seeds 0-9; the product coupling is 35-45% above it
+        assert _cost(p0.double(), p1.double()) <= 1.12 * optimum
 
 
 def test_class_aware_ot_pairs_only_within_a_class():

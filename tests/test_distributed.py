@@ -1,6 +1,7 @@
 """Multi-process training (torchrun + accelerate, gloo on the CPU), precision, divergence."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,34 +14,57 @@ HOOK = '''
 import os, sys
 _run = os.environ.get("FM_WATCH_DIR")
 _log = os.environ.get("FM_WATCH_LOG")
+_rank = os.environ.get("RANK", "none")
+if _log:  # proof that this process runs the audit (written outside the watched folder)
+    with open(_log + ".loaded." + _rank, "w") as f:
+        f.write(str(os.getpid()))
 def _hook(event, args):
     if event in ("open", "os.rename", "os.replace", "os.remove", "os.mkdir") and args and _run:
         path = str(args[0]) if not isinstance(args[0], int) else ""
         mode = args[1] if event == "open" and len(args) > 1 and isinstance(args[1], str) else "w"
         writing = event != "open" or any(c in mode for c in "wax+")
         if writing and os.path.abspath(path).startswith(_run):
-            with open(_log + "." + os.environ.get("RANK", "none"), "a") as f:
+            with open(_log + "." + _rank, "a") as f:
                 f.write(event + " " + path + "\\n")
 sys.addaudithook(_hook)
 '''
 
 
-def test_two_processes_train_and_only_the_main_one_writes(tmp_path, cli):
+def _audited(tmp_path, watch):
+    """The environment of a command whose every process (torchrun's workers and the launcher)
+    logs its writes under ``watch`` to ``tmp_path/writes.RANK``, and marks that it loaded the audit."""
     hook_dir = tmp_path / "hook"
-    hook_dir.mkdir()
+    hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(HOOK)
+    return {**os.environ, "PYTHONPATH": f"{hook_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "FM_WATCH_DIR": str(watch), "FM_WATCH_LOG": str(tmp_path / "writes")}
+
+
+def _writes(tmp_path):
+    """{rank: [written paths]} from the audit logs, after checking that both workers ran it."""
+    loaded = sorted(f.name.rsplit(".", 1)[1] for f in tmp_path.glob("writes.loaded.*"))
+    assert {"0", "1"} <= set(loaded), loaded  # the audit was active in both worker processes
+    logs = {f.name.split(".", 1)[1]: f.read_text().splitlines() for f in tmp_path.glob("writes.*")
+            if not f.name.startswith("writes.loaded.")}
+    return {rank: [ln.split(" ", 1)[1] for ln in lines] for rank, lines in logs.items()}
+
+
+def _names(paths):
+    """The files written, a temporary copy ``.NAME.tmp.XXX.ext`` counted as ``NAME``."""
+    return {os.path.basename(w).split(".tmp.")[0].lstrip(".") for w in paths}
+
+
+def test_two_processes_train_and_only_the_main_one_writes(tmp_path, cli):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": f"{hook_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "FM_WATCH_DIR": str(run), "FM_WATCH_LOG": str(tmp_path / "writes")}
     cmd = [sys.executable, "-m", "flowmatch", "train", "--processes", "2", "--steps", "30", "--batch-size", "32",
            "--checkpoint-every", "10", "--out", str(run), *TINY]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, env=_audited(tmp_path, run), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 64
-    logs = sorted(f.name for f in tmp_path.glob("writes.*"))
-    assert logs == ["writes.0"], logs  # rank 1 never touched the run directory
-    assert "model.safetensors" in (tmp_path / "writes.0").read_text()
+    writes = _writes(tmp_path)
+    assert list(writes) == ["0"], list(writes)  # rank 1 (and the launcher) never touched the run directory
+    assert {"config.json", "trainer_state.pt", "model.safetensors", "ema.safetensors"} <= _names(writes["0"])
     # the checkpoint samples like any other
     rc, _, err = cli("sample", run, "--n", "50", "--out", tmp_path / "x.npy", "--no-progress")
     assert rc == 0, err
@@ -66,13 +90,46 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(cli, tmp_path)
     assert all((after[k] == good[k]).all() for k in good)  # the last good checkpoint is intact
 
 
-def test_bf16_and_gradient_accumulation_train(cli, tmp_path):
-    run = tmp_path / "run"
-    rc, _, err = cli("train", "--steps", "10", "--precision", "bf16", "--grad-accum", "2", "--batch-size", "32",
-                     "--out", run, "--no-plots", *TINY)
-    assert rc == 0, err
-    cfg = json.loads((run / "config.json").read_text())
-    assert cfg["global_batch_size"] == 64 and cfg["train"]["precision"] == "bf16"
+def test_bf16_and_gradient_accumulation_train(cli, tmp_path, monkeypatch):
+    """bf16 runs the network's forward pass under autocast (its output is bfloat16), in two
+    micro-batches of 32 per step; it lands near the fp32 run of the same seed, not on it."""
+    import torch
+
+    from flowmatch import training
+
+    seen = []
+    original = training.cfm_loss
+
+    def spy(model, *args, **kwargs):  # the loop's loss, with the network's own outputs recorded
+        net = getattr(model, "net", model)  # inside the data-prediction wrapper (which returns fp32)
+        hook = net.register_forward_hook(lambda _, inputs, out: seen.append((len(inputs[0]), out.dtype)))
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(training, "cfm_loss", spy)
+    runs, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        run = runs[precision] = tmp_path / precision
+        rc, _, err = cli("train", "--steps", "10", "--precision", precision, "--grad-accum", "2", "--batch-size", "32",
+                         "--log-every", "2", "--out", run, "--no-plots", *TINY)
+        assert rc == 0, err
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert seen == [(32, dtype)] * 20, seen[:3]  # 10 steps x 2 micro-batches of 32
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["global_batch_size"] == 64 and cfg["train"]["precision"] == precision
+        losses[precision] = [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["bf16"]) == 5 and all(math.isfinite(v) for v in losses["bf16"])
+    # bf16 keeps 8 significant bits (relative rounding 4e-3 per operation); the logged losses of
+    # seeds 0-2 came within 7e-4 of fp32's, so 5e-3 leaves a margin of 7
+    for a, b in zip(losses["bf16"], losses["fp32"]):
+        assert abs(a - b) < 5e-3 * abs(b), (losses["bf16"], losses["fp32"])
+    w16, w32 = load_file(runs["bf16"] / "model.safetensors"), load_file(runs["fp32"] / "model.safetensors")
+    assert any(not torch.equal(w16[k], w32[k]) for k in w32)  # rounding did happen: autocast was on
+    for k in w32:  # and moved the weights by rounding only (measured: 0.4% of their scale at most)
+        assert (w16[k] - w32[k]).abs().max() <= 0.02 * w32[k].abs().max(), k
 
 
 def test_pairs_do_not_depend_on_the_number_of_processes(cli, tmp_path):
@@ -85,9 +142,19 @@ def test_pairs_do_not_depend_on_the_number_of_processes(cli, tmp_path):
               "--no-progress", "--no-plots"]
     rc, _, err = cli("reflow", teacher, "--out", tmp_path / "one", *common)
     assert rc == 0, err
-    p = subprocess.run([sys.executable, "-m", "flowmatch", "reflow", str(teacher), "--out", str(tmp_path / "two"),
-                        "--processes", "2", *common], capture_output=True, text=True, timeout=600)
+    two = tmp_path / "two"
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "reflow", str(teacher), "--out", str(two),
+                        "--processes", "2", *common], env=_audited(tmp_path, two), capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    # rank 1 writes its own pair shards (1 and 3 of 0-3) and nothing else; rank 0 everything else
+    writes = _writes(tmp_path)
+    assert sorted(writes) == ["0", "1"], sorted(writes)
+    names = {rank: _names(ws) for rank, ws in writes.items()}
+    assert names["1"] == {"shard-00001.safetensors", "shard-00003.safetensors"}, writes["1"]
+    assert all(os.path.dirname(w) == str(two / "pairs") for w in writes["1"]), writes["1"]
+    assert {"shard-00000.safetensors", "shard-00002.safetensors", "pairs.json", "config.json",
+            "model.safetensors"} <= names["0"] and not names["0"] & names["1"], names["0"]
     one = sorted((tmp_path / "one" / "pairs").glob("shard-*.safetensors"))
     two = sorted((tmp_path / "two" / "pairs").glob("shard-*.safetensors"))
     assert [f.name for f in one] == [f.name for f in two] and len(one) == 4
@@ -105,10 +172,15 @@ def test_sampling_across_processes_gives_the_same_samples(cli, tiny_run, tmp_pat
     common = ["--n", "700", "--batch-size", "128", "--nfe", "4", "--no-progress"]
     rc, _, err = cli("sample", tiny_run, "--out", tmp_path / "one.npy", *common)
     assert rc == 0, err
-    p = subprocess.run([sys.executable, "-m", "flowmatch", "sample", str(tiny_run), "--out", str(tmp_path / "two.npy"),
-                        "--processes", "2", *common], capture_output=True, text=True, timeout=600)
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "sample", str(tiny_run), "--out", str(out / "two.npy"),
+                        "--processes", "2", *common], env=_audited(tmp_path, out), capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(out / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
+    writes = _writes(tmp_path)
+    assert list(writes) == ["0"] and _names(writes["0"]) == {"two.npy"}, writes  # only rank 0 writes, only the file
 
 
 def test_compiled_training_matches_eager(cli, tmp_path):

@@ -109,7 +109,9 @@ def integrate(
     check_tolerance(rtol, "rtol")
     n_out = 2 if trajectory is False else (int(trajectory) if not isinstance(trajectory, bool) else 101)
     times = torch.linspace(t_start, t_end, max(n_out, 2), device=x0.device, dtype=x0.dtype)
-    ys = odeint(f, x0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol)
+    # Land a step on t_end: torchdiffeq otherwise steps past it and reads the answer off its dense
+    # output, whose interpolant is of lower order than dopri8 and bosh3 (errors 100x the tolerance).
+    ys = odeint(f, x0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol, options={"step_t": times[-1:]})
     if trajectory is False:
         return SolveResult(ys[-1], count[0])
     return SolveResult(ys[-1], count[0], times, ys)

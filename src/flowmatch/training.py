@@ -194,6 +194,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                 write_json(out / "config.json", config_doc)
             elif cfg.steps != saved["train"]["steps"]:
                 write_json(out / "config.json", saved | {"train": cfg.to_dict()})
+            if resume:
+                _remove_stale_temporaries(out)
             _truncate_metrics(out / "metrics.jsonl", start)
         if accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
             model, opt = accelerator.prepare(model, opt)
@@ -313,6 +315,14 @@ def _remove_unfinished(out: Path, fresh: bool) -> None:
     shutil.rmtree(out / "progress", ignore_errors=True)
     if fresh and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """The temporary copies (:func:`~flowmatch.runs.atomic_path`) of the trainer's own files that a
+    process killed while writing them left behind; the run is locked, so none is being written."""
+    for name in ("config.json", "metrics.jsonl", "trainer_state.pt", "model.safetensors", "ema.safetensors"):
+        for tmp in out.glob(f".{name}.tmp.*"):
+            tmp.unlink(missing_ok=True)
 
 
 def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
