@@ -4,7 +4,6 @@ or option, exit status 2, nothing written or overwritten; an internal failure ex
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ def test_float_options_must_be_finite(cli, tiny_run, tmp_path, command, option, 
     assert not out.exists() and not (tmp_path / "x.npy").exists()
 
 
-@pytest.mark.parametrize("tol", ["0", "-1", "nan"])
+@pytest.mark.parametrize("tol", ["0", "-1", "nan", "1e-14"])  # 1e-14: float32 cannot resolve it (it crawled)
 @pytest.mark.parametrize("command", ["sample", "eval", "nll", "reflow", "distill"])
 def test_tolerance_must_be_positive(cli, tiny_run, tmp_path, command, tol):
     out = tmp_path / "student"
@@ -199,13 +198,25 @@ def test_resume_steps_is_the_new_total(cli, tiny_run, tmp_path):
     assert [r["step"] for r in rows] == [50, 60, 80]
 
 
+def test_resume_refuses_settings_it_would_ignore(cli, tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = _tree(run)
+    for args in (["--lr", "5"], ["--data", "moons"], ["--width", "64"], ["--compile"]):
+        rc, _, err = cli("train", "--resume", "--out", run, *args, "--no-progress")
+        assert args[0] in one_line_error(rc, err) and "config.json" in err
+        assert _tree(run) == before
+    # the run's own command line with --resume added is accepted (it is complete: nothing to do)
+    rc, _, err = cli("train", "--resume", "--out", run, "--steps", "60", "--batch-size", "128", *TINY)
+    assert rc == 0, err
+
+
 # --- launcher and messages -----------------------------------------------------------------
 
 def _fake_torchrun(rc, message=None):
     def run(cmd, env=None, **kw):
         if message is not None:
             Path(env["FLOWMATCH_ERROR_DIR"], "rank-1").write_text(message)
-        return subprocess.CompletedProcess(cmd, rc)
+        return rc, "E1129 08:06:38.520000 1 torch/distributed/elastic/multiprocessing/api.py:1] failed\n"
 
     return run
 
@@ -214,10 +225,10 @@ def test_a_crashed_process_exits_1_and_bad_input_2(cli, tmp_path, monkeypatch):
     import flowmatch.cli
 
     args = ("train", "--processes", "2", "--out", tmp_path / "run", *TRAIN)
-    monkeypatch.setattr(flowmatch.cli.subprocess, "run", _fake_torchrun(1))
+    monkeypatch.setattr(flowmatch.cli, "_torchrun", _fake_torchrun(1))
     rc, _, err = cli(*args)
     assert rc == 1 and "Traceback" not in err
-    monkeypatch.setattr(flowmatch.cli.subprocess, "run", _fake_torchrun(1, "--data: something a process refused"))
+    monkeypatch.setattr(flowmatch.cli, "_torchrun", _fake_torchrun(1, "--data: something a process refused"))
     rc, _, err = cli(*args)
     assert "something a process refused" in one_line_error(rc, err)
 

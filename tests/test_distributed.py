@@ -238,3 +238,15 @@ def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
         torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches
+
+
+def test_bad_input_found_by_a_worker_is_one_line(tmp_path):
+    """A worker that stops on bad input (here: a loss that diverges) makes the launcher say one
+    line and exit 2; torchrun's own failure report is held back."""
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--processes", "2", "--steps", "40", "--batch-size", "32",
+           "--lr", "1e12", "--grad-clip", "0", "--warmup-steps", "0", "--schedule", "constant",
+           "--out", str(tmp_path / "run"), "--no-plots", *TINY]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith("flowmatch: error: training diverged")

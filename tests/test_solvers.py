@@ -104,3 +104,18 @@ def test_bad_solver_choices_raise_user_errors():
         integrate(lambda x, t: x, _x0(), "rk4", 6)
     with pytest.raises(UserError, match="positive integer"):
         integrate(lambda x, t: x, _x0(), "euler", 0)
+
+
+def test_an_adaptive_solve_that_cannot_finish_is_a_user_error(monkeypatch):
+    """A tolerance the arithmetic cannot resolve is refused up front; a solve that needs more
+    steps than the cap stops with a message naming --tol instead of crawling for hours."""
+    import flowmatch.solvers
+
+    x0 = torch.ones(4, 2)
+    with pytest.raises(UserError, match="--tol: 1e-08 is below what float32"):
+        integrate(lambda x, t: -x, x0, "dopri5", None, atol=1e-8, rtol=1e-8)
+    monkeypatch.setattr(flowmatch.solvers, "MAX_ADAPTIVE_STEPS", 20)
+    stiff = lambda x, t: -1e4 * (x - torch.cos(t)[:, None])  # noqa: E731
+    with pytest.raises(UserError, match="--tol: dopri5 could not meet tolerance"):
+        integrate(stiff, x0.double(), "dopri5", None, atol=1e-9, rtol=1e-9)
+    integrate(lambda x, t: -x, x0.double(), "dopri5", None, atol=1e-9, rtol=1e-9)  # an easy one still finishes

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,9 +56,11 @@ def command(*args, **kwargs):
 
 
 def _check_tol(tol: float) -> None:
+    import torch
+
     from .solvers import check_tolerance
 
-    check_tolerance(tol, "--tol")
+    check_tolerance(tol, "--tol", torch.float32)  # runs sample in float32
 
 
 def _parse_nfes(text: str) -> list[int]:
@@ -72,6 +75,7 @@ def _parse_nfes(text: str) -> list[int]:
 
 @command()
 def train(
+    ctx: typer.Context,
     data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, digits; "
                                           "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder"),
     image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
@@ -138,7 +142,9 @@ def train(
         checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
         processes=processes, compile=compile,
     )
-    if not resume:
+    if resume:
+        _refuse_changed_settings_on_resume(ctx, cfg, out)
+    else:
         cfg.validate()
         cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
         from .data import make_dataset
@@ -160,6 +166,28 @@ def train(
         _say(f"run written to {run_dir}")
 
 
+#: what ``train --resume`` may change: everything else is the run's saved setting
+RESUME_OPTIONS = {"out", "resume", "steps", "progress", "plots", "processes"}
+
+
+def _refuse_changed_settings_on_resume(ctx: typer.Context, cfg: TrainConfig, out) -> None:
+    """A resumed run continues with the settings saved in its config.json. The same command line
+    with ``--resume`` added is fine; a setting given with another value would be silently
+    ignored, so it is refused (``--steps`` is the new total)."""
+    from .runs import read_config
+
+    if out is None:
+        raise UserError("--resume: expected --out RUN, the run directory to continue")
+    saved = TrainConfig.from_dict(read_config(out)["train"])
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name)
+        if p.name in RESUME_OPTIONS or source is None or source.name != "COMMANDLINE":
+            continue
+        if getattr(cfg, p.name) != getattr(saved, p.name):
+            raise UserError(f"{p.opts[0]}: this run was trained with {getattr(saved, p.name)!r} (its config.json); "
+                            "a resumed run keeps its settings: expected the same value, or a new run")
+
+
 def _launch(processes: int, out) -> None:
     """Run this same command line in ``processes`` local processes (torchrun; each process's
     ``accelerate`` state picks up its rank), with ``--out`` fixed so that all share one run."""
@@ -171,16 +199,51 @@ def _launch(processes: int, out) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "flowmatch", *argv]
     with tempfile.TemporaryDirectory(prefix="flowmatch-errors-") as errors:
-        rc = subprocess.run(cmd, env={**os.environ, ERROR_DIR: errors}).returncode
+        rc, report = _torchrun(cmd, env={**os.environ, ERROR_DIR: errors})
         reported = sorted(Path(errors).iterdir())
         message = reported[0].read_text(encoding="utf-8").strip() if reported else None
     if rc == 0:
         return
     if message:  # a process refused the input: the one line it printed, and status 2
         raise UserError(message)
-    # anything else is an internal failure of a process (a crash, a signal): status 1
+    # anything else is an internal failure of a process (a crash, a signal): status 1, with
+    # torchrun's own report, which may help
+    sys.stderr.write(report)
     _say(f"flowmatch: error: a worker process failed (torchrun exit status {rc}); see the messages above")
     raise typer.Exit(1)
+
+
+#: torchrun's own log lines (glog style, from torch.distributed), e.g.
+#: ``E1129 08:06:38.520000 28786 torch/distributed/elastic/multiprocessing/api.py:1002] failed ...``
+_TORCHRUN_LOG = re.compile(rb"^[IWEF]\d{4} [\d:.]+ +\d+ .*torch/distributed/")
+
+
+def _torchrun(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run torchrun with its processes' stderr passed through as it comes (progress bars,
+    warnings, a crashing process's traceback), and torchrun's own log lines and failure report
+    held back: bad input then stays one line. Returns (exit status, what was held back)."""
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    held, failing, rest = [], False, b""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+
+    def emit(segment: bytes) -> None:
+        nonlocal failing
+        failing = failing or segment.startswith(b"E") and bool(_TORCHRUN_LOG.match(segment))
+        if failing or _TORCHRUN_LOG.match(segment):
+            held.append(segment)
+        elif out is not None:
+            out.write(segment)
+            out.flush()
+        else:
+            sys.stderr.write(segment.decode(errors="replace"))
+
+    for chunk in iter(lambda: p.stderr.read1(65536), b""):
+        *segments, rest = re.split(rb"(?<=[\r\n])", rest + chunk)  # lines, and tqdm's \r updates
+        for segment in segments:
+            emit(segment)
+    if rest:
+        emit(rest)
+    return p.wait(), b"".join(held).decode(errors="replace")
 
 
 #: under ``_launch``, each process writes the message of a UserError here (rank-R), so that the

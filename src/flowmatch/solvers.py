@@ -50,10 +50,16 @@ def check_method(method: str, nfe: int | None = None) -> None:
             raise UserError(f"--nfe: {method} uses {per} evaluations per step, so NFE must be a multiple of {per}; got {nfe}")
 
 
-def check_tolerance(tol: float, option: str = "--tol") -> None:
-    """An adaptive solver's tolerance must be a positive finite number (torchdiffeq asserts otherwise)."""
+def check_tolerance(tol: float, option: str = "--tol", dtype: torch.dtype | None = None) -> None:
+    """An adaptive solver's tolerance must be a positive finite number (torchdiffeq asserts
+    otherwise) and, for a state of ``dtype``, one its arithmetic resolves (float32: about 1e-6;
+    below it a step's error estimate is rounding, and the solve crawls on for hours)."""
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise UserError(f"{option}: expected a positive finite tolerance such as 1e-5, got {tol!r}")
+    floor = 8 * torch.finfo(dtype).eps if dtype is not None else 0.0  # float32: 9.5e-7
+    if tol < floor:
+        raise UserError(f"{option}: {tol:g} is below what {str(dtype).replace('torch.', '')} arithmetic resolves; "
+                        f"expected a tolerance of at least {floor:.1g}")
 
 
 def fixed_grid(method: str, nfe: int, t_start: float = 0.0, t_end: float = 1.0, time_shift: float = 1.0,
@@ -105,16 +111,33 @@ def integrate(
         ys = odeint(f, x0, ends, method=tdq, options={"grid_constructor": lambda *_: grid})
         return SolveResult(ys[-1], count[0])
 
-    check_tolerance(atol, "atol")
-    check_tolerance(rtol, "rtol")
     n_out = 2 if trajectory is False else (int(trajectory) if not isinstance(trajectory, bool) else 101)
     times = torch.linspace(t_start, t_end, max(n_out, 2), device=x0.device, dtype=x0.dtype)
     # Land a step on t_end: torchdiffeq otherwise steps past it and reads the answer off its dense
     # output, whose interpolant is of lower order than dopri8 and bosh3 (errors 100x the tolerance).
-    ys = odeint(f, x0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol, options={"step_t": times[-1:]})
+    ys = odeint_adaptive(f, x0, times, method, atol, rtol, x0.dtype, step_t=times[-1:])
     if trajectory is False:
         return SolveResult(ys[-1], count[0])
     return SolveResult(ys[-1], count[0], times, ys)
+
+
+#: an adaptive solve that needs more steps than this between two output times gives up
+MAX_ADAPTIVE_STEPS = 100_000
+
+
+def odeint_adaptive(f, y0, times, method: str, atol: float, rtol: float, dtype, **options):
+    """torchdiffeq's adaptive ``odeint`` with tolerances checked first (against ``dtype``'s
+    resolution too) and a bounded number of steps; what cannot be met is a :class:`UserError`."""
+    check_tolerance(min(atol, rtol), "--tol", dtype)
+    check_tolerance(max(atol, rtol), "--tol")
+    try:
+        return odeint(f, y0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol,
+                      options={"max_num_steps": MAX_ADAPTIVE_STEPS, **options})
+    except AssertionError as e:  # torchdiffeq's "max_num_steps exceeded" and "underflow in dt"
+        if "max_num_steps" not in str(e) and "underflow" not in str(e):
+            raise
+        raise UserError(f"--tol: {method} could not meet tolerance {min(atol, rtol):g} ({e}); "
+                        "expected a larger tolerance such as 1e-5") from None
 
 
 def guided(v_cond: Callable, label: torch.Tensor, weight: float) -> Velocity:
