@@ -63,6 +63,11 @@ def _check_tol(tol: float) -> None:
     check_tolerance(tol, "--tol", torch.float32)  # runs sample in float32
 
 
+def _check_shift(shift: float) -> None:
+    if not shift > 0:
+        raise UserError(f"--time-shift: expected a positive value, got {shift}")
+
+
 def _parse_nfes(text: str) -> list[int]:
     try:
         nfes = [int(k) for k in text.split(",") if k.strip()]
@@ -284,6 +289,8 @@ def sample(
     nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
                                               "or k for a distilled k-step run"),
     solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5"),
+    time_shift: float = typer.Option(1.0, help="fixed-step solvers: grid t/(s - (s-1) t); s < 1 puts more steps "
+                                               "near the data (t = 1)"),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(65536, help="samples integrated at once (bounds memory)"),
     tol: float = typer.Option(1e-5, help="adaptive solvers: atol = rtol"),
@@ -317,7 +324,9 @@ def sample(
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(processes, out)
     nfe = r.default_nfe if nfe is None else nfe
-    kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance)
+    _check_shift(time_shift)
+    kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance,
+              time_shift=time_shift)
     if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
         import torch.distributed as dist
 
@@ -366,6 +375,7 @@ def evaluate(
     nfe: str | None = typer.Option(None, help="comma-separated NFEs [default: 1,2,4,8,16,100; image runs: one NFE, 100]"),
     n: int | None = typer.Option(None, help="samples per measurement (and reference samples) [default: 4000; images 1000]"),
     solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep: euler, midpoint, heun, rk4"),
+    time_shift: float = typer.Option(1.0, help="the sweep's grid t/(s - (s-1) t); s < 1: more steps near the data"),
     seed: int = typer.Option(0),
     tol: float | None = typer.Option(None, help="tolerance of the adaptive solver (dopri5) [default: 1e-5; not for images]"),
     repeats: int | None = typer.Option(None, help="average each W2 over this many fresh reference draws "
@@ -394,6 +404,7 @@ def evaluate(
         raise UserError(f"--repeats: expected a positive integer, got {repeats}")
     if tol is not None:
         _check_tol(tol)
+    _check_shift(time_shift)
     if plot is not None:
         check_output(plot, (".png",), "--plot", overwrite)
     loaded = [load_run(r) for r in runs]
@@ -401,7 +412,8 @@ def evaluate(
     if any(images):
         if not all(images):
             raise UserError("RUNS: give image runs and vector runs to separate eval commands (they are measured differently)")
-        for option, value in (("--tol", tol), ("--repeats", repeats), ("--plot", plot)):
+        for option, value in (("--tol", tol), ("--repeats", repeats), ("--plot", plot),
+                              ("--time-shift", None if time_shift == 1.0 else time_shift)):
             if value is not None:
                 raise UserError(f"{option}: does not apply to image runs (Fréchet distances at one fixed-step NFE)")
         if nfe is not None and len(nfes) != 1:
@@ -410,7 +422,7 @@ def evaluate(
     results = {}
     for r in loaded:
         res = run_eval(r, nfes, n=n or 4000, seed=seed, solver=solver, tol=tol or 1e-5, repeats=repeats or 3,
-                       progress=not json_out)
+                       progress=not json_out, time_shift=time_shift)
         res["run"] = str(r.dir)
         results[str(r.dir)] = res
         if not json_out:

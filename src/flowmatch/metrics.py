@@ -125,7 +125,7 @@ def straightness(v, x0: torch.Tensor, nfe: int = 100) -> float:
 
 def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solver: str = "euler",
              adaptive: str | None = "dopri5", tol: float = 1e-5, repeats: int = 3, progress: bool = False,
-             sharp: bool = True) -> dict:
+             sharp: bool = True, time_shift: float = 1.0) -> dict:
     """W2 against fresh data and its floor at each NFE, the :func:`sharpness` measures, an
     adaptive solver's NFE and measures, and straightness.
 
@@ -150,11 +150,11 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
         d = sum(w2(x, ref) for ref in refs) / repeats
         return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
 
-    result = {"n": n, "solver": solver, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
+    result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
     if sharp:
         result["data"] = sharpness(fresh[0], refs[0], toy)
     for k in tqdm(nfes, disable=not progress, desc="eval", unit="nfe"):
-        result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed))
+        result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed, time_shift=time_shift))
     gen = torch.Generator(device=run.device).manual_seed(seed * 1_000_003)
     result["straightness"] = straightness(run.velocity, run.noise(min(n, 2000), gen), nfe=100)
     if adaptive:

@@ -69,5 +69,5 @@ def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     Written in this package's convention (t = 1 is data), it keeps 0 and 1 fixed.
     """
     if not shift > 0:
-        raise UserError(f"time_shift: expected a positive value, got {shift}")
+        raise UserError(f"--time-shift: expected a positive value, got {shift}")
     return t / (shift - (shift - 1) * t)
