@@ -140,3 +140,14 @@ def test_complex_tensor_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_array(str(tmp_path / "nope.npy"))
+
+
+def test_a_student_of_a_student_is_evaluated_on_the_original_data():
+    """A distilled 2-RF run's data are pairs of pairs of the checkerboard: eval and its
+    sharpness measures see the checkerboard."""
+    from flowmatch.data import eval_dataset
+
+    spec = {"name": "pairs", "dir": "d/pairs",
+            "base": {"name": "pairs", "dir": "r/pairs", "base": {"name": "checkerboard", "n_points": None, "seed": 0}}}
+    ds = eval_dataset(spec)
+    assert isinstance(ds, ToyDataset) and ds.name == "checkerboard"

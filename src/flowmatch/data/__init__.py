@@ -248,7 +248,7 @@ class DecodeOnly(Dataset):
 def eval_dataset(spec: dict) -> Dataset:
     """The dataset a trained run decodes and evaluates with: for a student trained on teacher
     pairs, the teacher's data (the pairs themselves are not needed to sample)."""
-    if spec.get("name") == "pairs":
+    while spec.get("name") == "pairs":  # a distilled 2-RF run: pairs of pairs of the data
         spec = spec.get("base") or {}
     if spec.get("name") == "diffusers":
         return DecodeOnly(spec["shape"], spec.get("mean", 0.0), spec.get("std", 1.0))
