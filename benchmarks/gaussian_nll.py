@@ -4,7 +4,7 @@
 
 Writes 20000 draws of N(mu, S) (2-D, correlated, anisotropic) to OUT/gauss.npy, trains
 `flowmatch train --data OUT/gauss.npy` with the defaults, and compares `flowmatch nll`
-(nats per sample, fresh rows of the file) with 0.5 log det(2 pi e S).
+(nats per sample, on the file's held-out rows) with 0.5 log det(2 pi e S).
 """
 
 from __future__ import annotations
