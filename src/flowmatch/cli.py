@@ -342,12 +342,12 @@ def sample(
             batches[p::world] = chunks
         x = torch.cat(batches)
     elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
-        with atomic_path(out) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *r.shape))
-            for i, xb in r.sample_batches(n, progress=progress, **kw):
-                arr[i:i + len(xb)] = (xb.clamp(0, 1) if len(r.shape) == 3 else xb).numpy()
-            arr.flush()
-            del arr
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            # the .npy header, then the batches in order (appended: no mapped pages stay resident)
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                     "fortran_order": False, "shape": (n, *r.shape)})
+            for _, xb in r.sample_batches(n, progress=progress, **kw):
+                f.write((xb.clamp(0, 1) if len(r.shape) == 3 else xb).numpy().astype("<f4").tobytes())
         _say(f"wrote {n} samples to {out}")
         return
     else:
