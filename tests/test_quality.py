@@ -37,7 +37,8 @@ def test_default_quality_on_fresh_data(default_run):
     assert mid["nfe"]["8"]["ratio"] <= 1.5, mid  # 8 evaluations (4 midpoint steps)
     assert mid["nfe"]["16"]["ratio"] <= 1.5, mid  # 8 midpoint steps
     # sharpness, which W2 at this size cannot see: the previous defaults put 12% and 15% of
-    # their samples outside the checkerboard's cells; these measured 3.9% and 6.5% (seed 0)
+    # their samples outside the checkerboard's cells; these measured 5.05-5.35% and 7.9% (seed 0,
+    # two draws of 4000 samples)
     assert euler["nfe"]["100"]["off_support"] <= 0.06, euler
     assert mid["nfe"]["8"]["off_support"] <= 0.09, mid
 
@@ -53,9 +54,14 @@ def test_reflow_straightens_and_distillation_jumps_in_one_step(default_run, tmp_
     assert cli(["reflow", str(rf1), "--out", str(rf2), *small]) == 0
     assert cli(["distill", str(rf2), "--out", str(dist), *small]) == 0
     r1, r2, rd = (evaluate(load_run(d), (1,), seed=7, adaptive=None) for d in (rf1, rf2, dist))
-    assert r2["straightness"] <= r1["straightness"] / 5, (r1["straightness"], r2["straightness"])
-    assert r2["nfe"]["1"]["ratio"] <= r1["nfe"]["1"]["ratio"] / 2
-    assert rd["nfe"]["1"]["ratio"] <= 1.4, rd
+    # measured at this budget (seed 0): straightness 2.09 -> 0.0106 (197x; README's full budget:
+    # ~7000x); one Euler step W2/floor 16.5 -> 1.17 (README: 1.10), distilled 0.97 (README: 1.09)
+    assert r2["straightness"] <= r1["straightness"] / 50, (r1["straightness"], r2["straightness"])
+    assert r2["nfe"]["1"]["ratio"] <= 1.4, (r1["nfe"]["1"], r2["nfe"]["1"])
+    assert rd["nfe"]["1"]["ratio"] <= 1.3, rd
+    # and its one step is sharp: judged on the checkerboard's cells, through two layers of pairs
+    # (measured 6.8%, the teacher's 100 Euler steps 5.05%)
+    assert rd["nfe"]["1"]["off_support"] <= 0.09, rd
 
 
 def test_default_run_likelihood_is_near_the_data_entropy(default_run):
