@@ -40,6 +40,7 @@ class TrainConfig:
     time_dist: str = "uniform"
     time_mean: float = 0.0
     time_std: float = 1.0
+    time_uniform: float = 0.0  # logit-normal: share of times drawn from U[0, 1] instead
     time_steps: int = 1  # time_dist "grid": t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)
     loss: str = "mse"  # or "pseudo-huber" (meant for fixed pairs: reflow, distillation)
     huber_c: float | None = None  # pseudo-Huber's c (None: 0.00054 sqrt(D))
@@ -146,7 +147,7 @@ class TrainConfig:
         from .timesteps import make_time_sampler
 
         if self.time_dist == "logit-normal":
-            return make_time_sampler(self.time_dist, mean=self.time_mean, std=self.time_std)
+            return make_time_sampler(self.time_dist, mean=self.time_mean, std=self.time_std, uniform=self.time_uniform)
         if self.time_dist == "grid":
             return make_time_sampler(self.time_dist, k=self.time_steps)
         return make_time_sampler(self.time_dist)

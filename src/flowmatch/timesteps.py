@@ -20,20 +20,28 @@ class UniformTime:
 
 
 class LogitNormalTime:
-    """``t = sigmoid(m + s * n)``, ``n ~ N(0, 1)``: more weight on middle times (Esser et al. 2024, SD3)."""
+    """``t = sigmoid(m + s * n)``, ``n ~ N(0, 1)``: more weight on middle times (Esser et al. 2024, SD3);
+    ``m > 0`` leans towards the data. With ``uniform = u`` each time is instead drawn from U[0, 1]
+    with probability ``u``, so no stretch of [0, 1] is left untrained (the density is at least ``u``)."""
 
     name = "logit-normal"
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0):
+    def __init__(self, mean: float = 0.0, std: float = 1.0, uniform: float = 0.0):
         if not std > 0:
             raise UserError(f"--time-std: expected a positive value, got {std}")
-        self.mean, self.std = float(mean), float(std)
+        if not 0 <= uniform <= 1:
+            raise UserError(f"--time-uniform: expected a share in [0, 1], got {uniform}")
+        self.mean, self.std, self.uniform = float(mean), float(std), float(uniform)
 
     def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
-        return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=device))
+        t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=device))
+        if self.uniform > 0:
+            pick = torch.rand(n, generator=generator, device=device) < self.uniform
+            t = torch.where(pick, torch.rand(n, generator=generator, device=device), t)
+        return t
 
     def config(self) -> dict:
-        return {"name": self.name, "mean": self.mean, "std": self.std}
+        return {"name": self.name, "mean": self.mean, "std": self.std, "uniform": self.uniform}
 
 
 class GridTime:
