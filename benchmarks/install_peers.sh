@@ -16,7 +16,7 @@
 #        torchdyn.core (torchcfm's sampler)  attrs, torchsde, torchcde, torchmetrics, lightning-utilities
 #        flow_matching.path / .solver        numpy, torchdiffeq (already there)
 #        rectified_flow_pytorch              einops, einx, ema-pytorch, x-unet, x-transformers,
-#                                            torch-einops-utils; torchvision stays absent (peers.py
+#                                            torch-einops-utils; torchvision stays absent (peer_adapters.py
 #                                            puts an inert placeholder in its place, see there)
 # pip check will still list the requirements left out (torchvision, pandas, absl-py, ipykernel,
 # ...): none is imported by the benchmark. pip's "dependency resolver does not currently take into

@@ -64,257 +64,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flowmatch.data import ToyDataset
-from flowmatch.data.toy2d import checkerboard
-from flowmatch.metrics import off_support, prdc, w2
 from flowmatch.models import MLP
 from flowmatch.solvers import integrate
 
-ROWS = {  # --libs name -> the row's label
-    "flowmatch": "flowmatch",
-    "flowmatch-bf16": "flowmatch (bf16)",
-    "flowmatch-bf16-compile": "flowmatch (bf16, compile)",
-    "flowmatch-defaults": "flowmatch (defaults)",
-    "flowmatch-distilled": "flowmatch (2-RF, distilled)",
-    "torchcfm": "torchcfm",
-    "torchcfm-ot": "torchcfm-ot",
-    "flow_matching": "flow_matching (Meta)",
-    "rectified-flow": "rectified-flow-pytorch",
-    "notebook": "notebook (plain torch)",
-}
-DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
-# TrainConfig changes of the speed rows: the notebook's network as the peers train it (raw
-# coordinates in, velocity out), so that their steps/s compare; flowmatch-defaults has the rest.
-_PEERS_NET = {"fourier": 0, "prediction": "velocity"}
-FM_SETTINGS = {"flowmatch": _PEERS_NET, "flowmatch-bf16": {**_PEERS_NET, "precision": "bf16"},
-               "flowmatch-bf16-compile": {**_PEERS_NET, "precision": "bf16", "compile": True}}
-NFES = (1, 2, 4, 8, 100)
-N_FINAL = 4000  # samples for the NFE table, dopri5 and the sampling time
-REF_SEEDS, PARTNER_SEEDS = (1, 2, 3), (4, 5, 6)  # fresh draws; the training points use seed 0
-SEED = 0
-
-
-# ---------------------------------------------------------------- quality: W2 / floor
-
-
-def references(n: int) -> list[torch.Tensor]:
-    return [checkerboard(n, torch.Generator().manual_seed(s)) for s in REF_SEEDS]
-
-
-def w2_floor(n: int) -> float:
-    """Mean W2 between 3 pairs of independent ``n``-point draws of the continuous checkerboard."""
-    pairs = zip(references(n), PARTNER_SEEDS)
-    return sum(w2(a, checkerboard(n, torch.Generator().manual_seed(s))) for a, s in pairs) / len(REF_SEEDS)
-
-
-class Quality:
-    """W2 of a sample set against the 3 reference draws of its size, its ratio to the floor, and
-    the measures that see blur: the share off the checkerboard's cells (the data: 0) and
-    precision/recall against the first reference."""
-
-    def __init__(self, floors: dict[int, float]):
-        self.floors = floors
-        self.refs = {n: references(n) for n in floors}
-
-    def __call__(self, x: torch.Tensor) -> dict:
-        n = len(x)
-        d = sum(w2(x, r) for r in self.refs[n]) / len(self.refs[n])
-        pr = prdc(self.refs[n][0], x)
-        return {"w2": d, "ratio": d / self.floors[n], "off": off_support("checkerboard", x),
-                "precision": pr["precision"], "recall": pr["recall"]}
-
-
-def noise(n: int) -> torch.Tensor:
-    """The sampling noise of every row: what ``Run.sample(n, seed=0)`` draws."""
-    return torch.randn(n, 2, generator=torch.Generator().manual_seed(SEED))
-
-
-@contextlib.contextmanager
-def counting_calls(model: nn.Module):
-    """Count the network's forward calls (a sampler's NFE) while the block runs."""
-    calls = [0]
-    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
-# ---------------------------------------------------------------- one function per library
-
-
-class PeerUnavailable(Exception):
-    """The peer (or a part of it this benchmark needs) does not import here."""
-
-
-@dataclass
-class Peer:
-    """A library's training step and sampler around the shared network.
-
-    ``loss(x0, x1, t)``: the library's path/loss objects on a batch (noise x0, data x1, times t);
-    ``sample(x0, nfe)``: the library's own sampler, ``nfe`` Euler steps from noise ``x0``.
-    """
-
-    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    sample: Callable[[torch.Tensor, int], torch.Tensor]
-    notes: list[str] = field(default_factory=list)
-
-
-def euler(model: nn.Module, x0: torch.Tensor, nfe: int) -> torch.Tensor:
-    """The notebook's sampler: Euler on the grid ``t_k = k / K``."""
-    x = x0.clone()
-    for k in range(nfe):
-        x = x + model(x, torch.full((len(x),), k / nfe)) / nfe
-    return x
-
-
-class TimeFirst(nn.Module):
-    """torchdyn calls its vector field as ``f(t, x)`` with a scalar ``t``."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, t, x, *args, **kwargs):
-        return self.model(x, t.expand(len(x)))
-
-
-def torchdyn_sampler(model: nn.Module, notes: list[str]):
-    """torchcfm's examples sample with torchdyn's NeuralODE; plain Euler when torchdyn does not import."""
-    try:
-        from torchdyn.core import NeuralODE
-    except Exception as e:  # noqa: BLE001 - any import failure means: fall back
-        notes.append(f"sampler: plain Euler loop on t_k = k/K (torchdyn does not import: {type(e).__name__}: {e})")
-        return lambda x0, nfe: euler(model, x0, nfe)
-    node = NeuralODE(TimeFirst(model), solver="euler")
-    notes.append("sampler: torchdyn NeuralODE(solver='euler').trajectory on t_span = linspace(0, 1, K + 1)")
-    return lambda x0, nfe: node.trajectory(x0, t_span=torch.linspace(0, 1, nfe + 1))[-1]
-
-
-def torchcfm_peer(model: nn.Module, ot: bool = False) -> Peer:
-    try:
-        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
-    except Exception as e:  # noqa: BLE001
-        raise PeerUnavailable(f"torchcfm does not import: {type(e).__name__}: {e}") from None
-    fm = (ExactOptimalTransportConditionalFlowMatcher if ot else ConditionalFlowMatcher)(sigma=0.0)
-    notes = [f"path/loss: {type(fm).__name__}(sigma=0.0).sample_location_and_conditional_flow(x0, x1, t), MSE"]
-    if ot:
-        notes.append("exact OT plan per batch (POT emd), pairs drawn from it with numpy's global RNG (seeded 0)")
-
-    def loss(x0, x1, t):
-        t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t=t)
-        return F.mse_loss(model(xt, t), ut)
-
-    return Peer(loss, torchdyn_sampler(model, notes), notes)
-
-
-def flow_matching_peer(model: nn.Module) -> Peer:
-    try:
-        from flow_matching.path import AffineProbPath
-        from flow_matching.path.scheduler import CondOTScheduler
-        from flow_matching.solver import ODESolver
-        from flow_matching.utils import ModelWrapper
-    except Exception as e:  # noqa: BLE001
-        raise PeerUnavailable(f"flow_matching does not import: {type(e).__name__}: {e}") from None
-
-    class Velocity(ModelWrapper):  # ODESolver passes a scalar t; the network takes t of shape (B,)
-        def forward(self, x, t, **extras):
-            return self.model(x, t.expand(len(x)))
-
-    path = AffineProbPath(scheduler=CondOTScheduler())
-    solver = ODESolver(velocity_model=Velocity(model))
-
-    def loss(x0, x1, t):
-        ps = path.sample(t=t, x_0=x0, x_1=x1)
-        return F.mse_loss(model(ps.x_t, ps.t), ps.dx_t)
-
-    def sample(x0, nfe):
-        return solver.sample(x_init=x0, step_size=None, method="euler", time_grid=torch.linspace(0, 1, nfe + 1))
-
-    return Peer(loss, sample, ["path/loss: AffineProbPath(scheduler=CondOTScheduler()).sample(t, x_0, x_1) -> x_t, dx_t; MSE",
-                               "sampler: ODESolver.sample(method='euler', step_size=None, time_grid=linspace(0, 1, K + 1))"])
-
-
-def _torchvision_placeholder() -> bool:
-    """rectified_flow_pytorch imports torchvision at the top of rectified_flow.py for image helpers
-    only (save_image, a VGG perceptual loss, image transforms), none of which this benchmark calls.
-    torchvision does not import beside this torch, so when it is absent, inert modules stand in
-    for it (in this worker process only); calling anything from them raises."""
-    if importlib.util.find_spec("torchvision") is not None:
-        return False
-
-    def absent(*_, **__):
-        raise ImportError("torchvision is not installed (placeholder from benchmarks/peers.py)")
-
-    contents = {"torchvision": {}, "torchvision.utils": {"save_image": absent}, "torchvision.transforms": {},
-                "torchvision.models": {"vgg16": absent, "VGG16_Weights": types.SimpleNamespace(DEFAULT=None)}}
-    for name, attrs in contents.items():
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        module.__dict__.update(attrs)
-        sys.modules[name] = module
-        if "." in name:
-            setattr(sys.modules["torchvision"], name.split(".")[1], module)
-    return True
-
-
-def rectified_flow_peer(model: nn.Module) -> Peer:
-    notes = []
-    if _torchvision_placeholder():
-        notes.append("torchvision absent: inert placeholder modules stand in for it (used only by image helpers)")
-    try:
-        from rectified_flow_pytorch import RectifiedFlow
-    except Exception as e:  # noqa: BLE001
-        raise PeerUnavailable(f"rectified_flow_pytorch does not import: {type(e).__name__}: {e}") from None
-    # The wrapper calls model(x, **{time_cond_kwarg: t}) with t of shape (B,): naming the MLP's `t`
-    # fits it as is. No data normalisation (its default maps [0, 1] images to [-1, 1]).
-    rf = RectifiedFlow(model, time_cond_kwarg="t", data_normalize_fn=None, data_unnormalize_fn=None,
-                       odeint_kwargs=dict(method="euler"))
-    notes += ["path/loss: RectifiedFlow(model, time_cond_kwarg='t', data_normalize_fn=None, data_unnormalize_fn=None)"
-              "(x1, noise=x0, times=t), its MSE on x1 - x0",
-              "sampler: RectifiedFlow.sample(steps=K + 1, noise=x0) with odeint_kwargs=dict(method='euler')"]
-
-    def sample(x0, nfe):
-        return rf.sample(batch_size=len(x0), steps=nfe + 1, noise=x0, data_shape=tuple(x0.shape[1:]))
-
-    return Peer(lambda x0, x1, t: rf(x1, noise=x0, times=t), sample, notes)
-
-
-def notebook_peer(model: nn.Module) -> Peer:
-    def loss(x0, x1, t):
-        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
-        return F.mse_loss(model(xt, t), x1 - x0)
-
-    return Peer(loss, lambda x0, nfe: euler(model, x0, nfe),
-                ["path/loss: written out in plain torch; sampler: plain Euler loop on t_k = k/K"])
-
-
-PEERS = {
-    "torchcfm": torchcfm_peer,
-    "torchcfm-ot": lambda model: torchcfm_peer(model, ot=True),
-    "flow_matching": flow_matching_peer,
-    "rectified-flow": rectified_flow_peer,
-    "notebook": notebook_peer,
-}
-
+from peer_adapters import PEERS, PeerUnavailable, counting_calls, list_peers, noise
+from peer_common import DEFAULT_LIBS, FM_SETTINGS, N_FINAL, NFES, ROWS, SEED, SPEED_ROWS, Quality, w2_floor
+from peer_report import plot, ratio_tables, sampling_table, sharp_table, speed_table, table, verdicts
 
 # ---------------------------------------------------------------- the shared harness (one worker process per row)
 
@@ -543,13 +311,6 @@ def speed_rounds(libs: list[str], spec: dict, rounds: int, steps: int) -> dict:
     return {lib: v for lib, v in out.items() if v}
 
 
-def speed_table(speed: dict, rounds: int, steps: int) -> str:
-    lines = [f"training steps/s, {rounds} interleaved rounds of {steps} steps (median; each round's value)"]
-    for lib, values in speed.items():
-        lines.append(f"{ROWS[lib]:<28}{float(np.median(values)):9.2f}   " + " ".join(f"{v:.1f}" for v in values))
-    return "\n".join(lines)
-
-
 def run_rows(libs: list[str], spec: dict) -> list[dict]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     rows = []
@@ -571,108 +332,6 @@ def run_rows(libs: list[str], spec: dict) -> list[dict]:
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
     return rows
-
-
-def fmt_time(row: dict) -> str:
-    if row["time_to_target_s"] is None:
-        return "not reached"
-    if row.get("one_step"):
-        return f"{row['time_to_target_s']:.1f} s pipeline"
-    return f"{row['time_to_target_s']:.1f} s @{row['step_to_target']}"
-
-
-def table(rows: list[dict], spec: dict) -> str:
-    nfe_cols = "".join(f"{'NFE ' + str(k):>8}" for k in NFES)
-    lines = [f"{'library':<28}{'steps/s':>9}  {'time to W2/floor<=' + format(spec['target'], 'g'):<22}{nfe_cols}"
-             f"{'dopri5':>8}{'sample s':>10}",
-             f"{'':<28}{'':>9}  {'(training s @step)':<22}{'W2 / floor (4000 samples, own sampler)':^{8 * len(NFES)}}"
-             f"{'NFE':>8}{'4000x100':>10}"]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"{r['row']:<28}  skipped: {r['skipped']}")
-            continue
-        ratios = "".join(f"{r['nfe'][str(k)]['ratio']:8.3f}" for k in NFES)
-        lines.append(f"{r['row']:<28}{r['steps_per_s']:9.2f}  {fmt_time(r):<22}{ratios}{r['dopri5_nfe']:8d}{r['sample_s']:10.3f}")
-    return "\n".join(lines)
-
-
-def sharp_table(rows: list[dict]) -> str:
-    """Per row and NFE: % of the 4000 samples off the checkerboard's cells (the data: 0) and
-    precision (share of samples inside the data's 5-NN manifold)."""
-    nfe_cols = "".join(f"{'NFE ' + str(k):>14}" for k in NFES)
-    lines = ["sharpness: % off the cells / precision (4000 samples, own sampler)", f"{'library':<28}{nfe_cols}"]
-    for r in rows:
-        if "skipped" in r:
-            continue
-        cells = "".join(f"{100 * r['nfe'][str(k)]['off']:7.2f} / {r['nfe'][str(k)]['precision']:4.2f}" for k in NFES)
-        lines.append(f"{r['row']:<28}{cells}")
-    return "\n".join(lines)
-
-
-SPEED_ROWS = [k for k in FM_SETTINGS]  # same work as the peers: their steps/s compare
-
-
-def ratio_tables(rows: list[dict]) -> str:
-    """flowmatch / peer for every pair of rows: steps/s (> 1: flowmatch trains faster; the speed
-    rows only, which do the peers' work) and time to the target (< 1: flowmatch gets there sooner)."""
-    done = {r["lib"]: r for r in rows if "skipped" not in r}
-    fms = [lib for lib in done if lib.startswith("flowmatch")]
-    peers = [lib for lib in done if not lib.startswith("flowmatch")]
-    if not fms or not peers:
-        return ""
-    head = f"{'':<28}" + "".join(f"{done[p]['row'][:22]:>24}" for p in peers)
-    out = ["steps/s, flowmatch / peer (> 1: flowmatch faster)", head]
-    for fm in (f for f in fms if f in SPEED_ROWS):
-        out.append(f"{done[fm]['row']:<28}" + "".join(f"{done[fm]['steps_per_s'] / done[p]['steps_per_s']:23.2f}x" for p in peers))
-    out += ["", "time to W2/floor <= target, flowmatch / peer (< 1: flowmatch sooner; n/a: one of them never got there)", head]
-    for fm in fms:
-        cells = []
-        for p in peers:
-            a, b = done[fm]["time_to_target_s"], done[p]["time_to_target_s"]
-            cells.append(f"{a / b:23.2f}x" if a is not None and b is not None else f"{'n/a':>24}")
-        out.append(f"{done[fm]['row']:<28}" + "".join(cells))
-    return "\n".join(out)
-
-
-def verdicts(rows: list[dict], spec: dict) -> str:
-    """The issue's three comparisons, each with the numbers it rests on."""
-    done = {r["lib"]: r for r in rows if "skipped" not in r}
-    peers = [r for lib, r in done.items() if not lib.startswith("flowmatch")]
-    fms = [r for lib, r in done.items() if lib.startswith("flowmatch")]
-    if not peers or not fms:
-        return ""
-    out = []
-    fastest = max(peers, key=lambda r: r["steps_per_s"])
-    for lib in SPEED_ROWS:
-        if lib in done:
-            r = done[lib]
-            out.append(f"steps/s: {r['row']} {r['steps_per_s']:.1f} = {r['steps_per_s'] / fastest['steps_per_s']:.2f}x the fastest "
-                       f"peer ({fastest['row']}, {fastest['steps_per_s']:.1f})")
-    timed = [r for r in peers if r["time_to_target_s"] is not None]
-    fm_timed = [r for r in fms if r["time_to_target_s"] is not None]
-    if fm_timed:
-        best = min(fm_timed, key=lambda r: r["time_to_target_s"])
-        if timed:
-            first = min(timed, key=lambda r: r["time_to_target_s"])
-            out.append(f"time to W2/floor <= {spec['target']:g}: {best['row']} {best['time_to_target_s']:.1f} s vs the soonest peer "
-                       f"({first['row']}) {first['time_to_target_s']:.1f} s = {best['time_to_target_s'] / first['time_to_target_s']:.2f}x")
-        else:
-            out.append(f"time to W2/floor <= {spec['target']:g}: {best['row']} {best['time_to_target_s']:.1f} s; no peer got there")
-    few = [(r["nfe"][str(k)]["ratio"], k, r["row"]) for r in peers for k in NFES if k <= 8]
-    peer_few = min(few)
-    if "flowmatch-distilled" in done:
-        d = done["flowmatch-distilled"]["nfe"]["1"]["ratio"]
-        out.append(f"one step: flowmatch distilled W2/floor {d:.3f} vs the peers' best at NFE <= 8: {peer_few[0]:.3f} "
-                   f"({peer_few[2]}, NFE {peer_few[1]})")
-    peer_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in peers)
-    fm_100 = min((r["nfe"]["100"]["ratio"], r["row"]) for r in fms if not r.get("one_step"))
-    out.append(f"100 steps: best flowmatch W2/floor {fm_100[0]:.3f} ({fm_100[1]}) vs the peers' best {peer_100[0]:.3f} ({peer_100[1]})")
-    for k in (1, 8, 100):  # the sharpness verdicts: at equal training steps, who leaves the cells least
-        peer_off = min((r["nfe"][str(k)]["off"], r["row"]) for r in peers)
-        fm_off = min((r["nfe"][str(k)]["off"], r["row"]) for r in fms)
-        out.append(f"off the cells at NFE {k}: best flowmatch {100 * fm_off[0]:.2f}% ({fm_off[1]}) vs the peers' best "
-                   f"{100 * peer_off[0]:.2f}% ({peer_off[1]})" + (" - flowmatch sharper" if fm_off[0] < peer_off[0] else ""))
-    return "\n".join(out)
 
 
 def measure_sampling(work: Path, n: int) -> list[dict]:
@@ -698,71 +357,6 @@ def measure_sampling(work: Path, n: int) -> list[dict]:
             continue
         out.append({"run": lib, "args": " ".join(extra), "n": n, "wall_s": wall, "samples_per_s": n / wall, "max_rss_mb": rss})
     return out
-
-
-def sampling_table(jobs: list[dict]) -> str:
-    lines = [f"{'flowmatch sample --n':<44}{'wall s':>9}{'samples/s':>12}{'peak RSS MB':>13}"]
-    for j in jobs:
-        rss = "n/a" if j["max_rss_mb"] is None else f"{j['max_rss_mb']:.0f}"
-        lines.append(f"{j['n']} {j['run']} {j['args']:<20}"[:44].ljust(44) + f"{j['wall_s']:9.1f}{j['samples_per_s']:12.0f}{rss:>13}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], spec: dict, folder: Path) -> list[Path]:
-    """Quality against NFE and against training wall-clock, one line per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if "skipped" not in r]
-    folder.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in done:
-        ks = [k for k in NFES]
-        style = dict(lw=2.2) if r["lib"].startswith("flowmatch") else dict(ls="--", lw=1.4)
-        ax.plot(ks, [r["nfe"][str(k)]["ratio"] for k in ks], marker="o", label=r["row"], **style)
-    ax.axhline(1, color="k", lw=0.8)
-    ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
-    ax.set(xscale="log", yscale="log", xlabel="velocity evaluations (Euler steps)", ylabel="W2 / floor (4000 samples)",
-           title="quality against sampling cost")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths = [folder / "peers-nfe.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in done:
-        if r.get("one_step"):
-            ax.scatter([r["pipeline_s"]], [r["nfe"]["1"]["ratio"]], marker="*", s=120, zorder=3, label=r["row"] + " (1 step)")
-            continue
-        style = dict(lw=2.2) if r["lib"].startswith("flowmatch") else dict(ls="--", lw=1.4)
-        ax.plot([p["train_s"] for p in r["curve"]], [p["ratio"] for p in r["curve"]], marker=".", label=r["row"], **style)
-    ax.axhline(1, color="k", lw=0.8)
-    ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
-    ax.set(yscale="log", xlabel="training wall-clock (s, evaluations excluded)",
-           ylabel=f"W2 / floor ({spec['eval_n']} samples, 100 Euler steps)", title="quality against training time")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "peers-time.png")
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
-
-
-def list_peers() -> None:
-    """Print which peers (and samplers) import here."""
-    checks = [("torchcfm", "torchcfm.conditional_flow_matching"), ("torchdyn (torchcfm's sampler)", "torchdyn.core"),
-              ("flow_matching", "flow_matching.path"), ("flow_matching solver", "flow_matching.solver"),
-              ("rectified-flow-pytorch", "rectified_flow_pytorch")]
-    for label, module in checks:
-        if module == "rectified_flow_pytorch" and _torchvision_placeholder():
-            label += " (torchvision placeholder)"
-        try:
-            importlib.import_module(module)
-            print(f"{label:<50} imports")
-        except Exception as e:  # noqa: BLE001
-            print(f"{label:<50} does not import: {type(e).__name__}: {e}")
 
 
 def main() -> None:

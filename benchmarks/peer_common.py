@@ -1,0 +1,63 @@
+"""What benchmarks/peers.py's runner and its report share: the rows, the sampling settings, and
+the quality measure (W2 against fresh checkerboard draws, its ratio to the floor)."""
+
+from __future__ import annotations
+
+import torch
+
+from flowmatch.data.toy2d import checkerboard
+from flowmatch.metrics import off_support, prdc, w2
+
+ROWS = {  # --libs name -> the row's label
+    "flowmatch": "flowmatch",
+    "flowmatch-bf16": "flowmatch (bf16)",
+    "flowmatch-bf16-compile": "flowmatch (bf16, compile)",
+    "flowmatch-defaults": "flowmatch (defaults)",
+    "flowmatch-distilled": "flowmatch (2-RF, distilled)",
+    "torchcfm": "torchcfm",
+    "torchcfm-ot": "torchcfm-ot",
+    "flow_matching": "flow_matching (Meta)",
+    "rectified-flow": "rectified-flow-pytorch",
+    "notebook": "notebook (plain torch)",
+}
+DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
+# TrainConfig changes of the speed rows: the notebook's network as the peers train it (raw
+# coordinates in, velocity out), so that their steps/s compare; flowmatch-defaults has the rest.
+_PEERS_NET = {"fourier": 0, "prediction": "velocity"}
+FM_SETTINGS = {"flowmatch": _PEERS_NET, "flowmatch-bf16": {**_PEERS_NET, "precision": "bf16"},
+               "flowmatch-bf16-compile": {**_PEERS_NET, "precision": "bf16", "compile": True}}
+SPEED_ROWS = [k for k in FM_SETTINGS]  # same work as the peers: their steps/s compare
+NFES = (1, 2, 4, 8, 100)
+N_FINAL = 4000  # samples for the NFE table, dopri5 and the sampling time
+REF_SEEDS, PARTNER_SEEDS = (1, 2, 3), (4, 5, 6)  # fresh draws; the training points use seed 0
+SEED = 0
+
+
+# ---------------------------------------------------------------- quality: W2 / floor
+
+
+def references(n: int) -> list[torch.Tensor]:
+    return [checkerboard(n, torch.Generator().manual_seed(s)) for s in REF_SEEDS]
+
+
+def w2_floor(n: int) -> float:
+    """Mean W2 between 3 pairs of independent ``n``-point draws of the continuous checkerboard."""
+    pairs = zip(references(n), PARTNER_SEEDS)
+    return sum(w2(a, checkerboard(n, torch.Generator().manual_seed(s))) for a, s in pairs) / len(REF_SEEDS)
+
+
+class Quality:
+    """W2 of a sample set against the 3 reference draws of its size, its ratio to the floor, and
+    the measures that see blur: the share off the checkerboard's cells (the data: 0) and
+    precision/recall against the first reference."""
+
+    def __init__(self, floors: dict[int, float]):
+        self.floors = floors
+        self.refs = {n: references(n) for n in floors}
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        n = len(x)
+        d = sum(w2(x, r) for r in self.refs[n]) / len(self.refs[n])
+        pr = prdc(self.refs[n][0], x)
+        return {"w2": d, "ratio": d / self.floors[n], "off": off_support("checkerboard", x),
+                "precision": pr["precision"], "recall": pr["recall"]}
