@@ -95,10 +95,10 @@ def test_bf16_and_gradient_accumulation_train(cli, tmp_path, monkeypatch):
     micro-batches of 32 per step; it lands near the fp32 run of the same seed, not on it."""
     import torch
 
-    from flowmatch import training
+    from flowmatch import objectives
 
     seen = []
-    original = training.cfm_loss
+    original = objectives.cfm_loss
 
     def spy(model, *args, **kwargs):  # the loop's loss, with the network's own outputs recorded
         net = getattr(model, "net", model)  # inside the data-prediction wrapper (which returns fp32)
@@ -108,7 +108,7 @@ def test_bf16_and_gradient_accumulation_train(cli, tmp_path, monkeypatch):
         finally:
             hook.remove()
 
-    monkeypatch.setattr(training, "cfm_loss", spy)
+    monkeypatch.setattr(objectives, "cfm_loss", spy)
     runs, losses = {}, {}
     for precision in ("fp32", "bf16"):
         seen.clear()

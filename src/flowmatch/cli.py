@@ -78,96 +78,82 @@ def _parse_nfes(text: str) -> list[int]:
     return nfes
 
 
+def _options_from(settings_class, own: dict, by_data: dict | None = None, skip=()) -> list:
+    """A command's options: one per field of the dataclass ``settings_class`` offered on the
+    command line (its type, default and help; ``by_data``: fields whose default depends on the
+    data, given as None with this help), then ``own``, the command's own options."""
+    import dataclasses
+    import inspect
+
+    hints, defaults, params = typing.get_type_hints(settings_class), settings_class(), []
+    for f in dataclasses.fields(settings_class):
+        if not f.metadata.get("cli", True) or f.name in skip:
+            continue
+        hint, default, help = hints[f.name], getattr(defaults, f.name), f.metadata.get("help") or None
+        if by_data and f.name in by_data:
+            hint, default, help = hint | None, None, f"{help} {by_data[f.name]}"
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint,
+                                        default=typer.Option(default, help=help)))
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=option)
+               for name, (hint, option) in own.items()]
+    return params
+
+
+def _with_options(*params):
+    """Give a command ``fn(..., **options)`` the signature typer reads: its leading parameters
+    (``(name, hint, default)``; ``default`` None: none) and then ``params``."""
+    import inspect
+
+    def decorate(fn):
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        lead = [inspect.Parameter(name, kind, annotation=hint, **({} if default is None else {"default": default}))
+                for name, hint, default in params[:-1]]
+        sig = [*lead, *params[-1]]
+        fn.__signature__ = inspect.Signature(sig)
+        fn.__annotations__ = {p.name: p.annotation for p in sig}
+        return fn
+
+    return decorate
+
+
+#: ``train``'s options beyond TrainConfig's fields; image data train a UNet with other defaults
+TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)")),
+             "resume": (bool, typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings")),
+             "progress": (bool, typer.Option(True, help="show a progress bar"))}
+TRAIN_BY_DATA = {"steps": f"[default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]",
+                 "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]"}
+
+
 @command()
-def train(
-    ctx: typer.Context,
-    data: str = typer.Option(_D.data, help="checkerboard, moons, 8gaussians, spirals, rings, digits; "
-                                          "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder"),
-    image_size: int = typer.Option(_D.image_size, help="image folders: resize and centre-crop to this size"),
-    skip_bad: bool = typer.Option(False, help="image folders: skip unreadable files with a warning"),
-    holdout: float = typer.Option(_D.holdout, help="user tables and images: share of rows held out of training "
-                                                   "(eval and nll measure on them)"),
-    n_points: int | None = typer.Option(None, help="train on a fixed set of N points of a 2-D toy (the notebook's)"),
-    steps: int | None = typer.Option(None, help=f"optimizer steps [default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]; "
-                                                "with --resume, the new total (at least the steps already done)"),
-    batch_size: int | None = typer.Option(None, help=f"batch size per process [default: {_D.batch_size}; "
-                                                     f"images {IMAGE_DEFAULTS['batch_size']}]"),
-    lr: float = typer.Option(_D.lr, help="peak learning rate (AdamW)"),
-    weight_decay: float = typer.Option(_D.weight_decay),
-    warmup_steps: int = typer.Option(_D.warmup_steps, help="linear warm-up steps"),
-    schedule: str = typer.Option(_D.schedule, help="learning-rate schedule after warm-up: constant, cosine, linear"),
-    grad_clip: float | None = typer.Option(_D.grad_clip, help="clip the gradient norm (0 disables)"),
-    ema_decay: float = typer.Option(_D.ema_decay, help="EMA decay of the weights used for sampling"),
-    seed: int = typer.Option(_D.seed),
-    path: str = typer.Option(_D.path, help="probability path: linear, vp, cosine"),
-    sigma_min: float = typer.Option(_D.sigma_min, help="linear path: noise left at t = 1"),
-    coupling: str = typer.Option(_D.coupling, help="independent or ot (minibatch optimal transport)"),
-    ot_method: str = typer.Option(_D.ot_method, help="--coupling ot: exact or sinkhorn (entropic)"),
-    ot_reg: float = typer.Option(_D.ot_reg, help="--ot-method sinkhorn: regularisation, relative to the mean cost"),
-    ot_by_class: bool = typer.Option(_D.ot_by_class, help="--coupling ot on labelled data: pair within each class"),
-    time_dist: str = typer.Option(_D.time_dist, help="uniform or logit-normal"),
-    time_mean: float = typer.Option(_D.time_mean, help="logit-normal location"),
-    time_std: float = typer.Option(_D.time_std, help="logit-normal scale"),
-    time_uniform: float = typer.Option(_D.time_uniform, help="logit-normal: share of times drawn from U[0, 1] instead"),
-    model: str = typer.Option(_D.model, help="network: auto (mlp for vectors, unet for images), mlp, unet"),
-    width: int = typer.Option(_D.width, help="hidden width"),
-    depth: int = typer.Option(_D.depth, help="hidden layers"),
-    fourier: int = typer.Option(_D.fourier, help="MLP: random Fourier features of x (0: raw coordinates)"),
-    fourier_scale: float = typer.Option(_D.fourier_scale, help="MLP: std of the Fourier frequencies (cycles per unit)"),
-    time_scale: float = typer.Option(_D.time_scale, help="MLP: the time embedding's sines see time_scale * t"),
-    prediction: str = typer.Option(_D.prediction, help="velocity, data (the network predicts x1) or auto (data for vectors)"),
-    label_dropout: float = typer.Option(_D.label_dropout, help="labelled data: probability of dropping a label "
-                                                               "(classifier-free guidance)"),
-    log_every: int = typer.Option(_D.log_every),
-    checkpoint_every: int = typer.Option(_D.checkpoint_every, help="write a checkpoint every N steps"),
-    precision: str = typer.Option(_D.precision, help="fp32, bf16 or fp16 (CUDA only)"),
-    grad_accum: int = typer.Option(_D.grad_accum, help="gradient accumulation steps"),
-    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the network for training steps"),
-    processes: int = typer.Option(1, help="local training processes (gloo on the CPU, NCCL on GPUs), via torchrun"),
-    plots: bool = typer.Option(True, help="write pictures at the end"),
-    out: Path | None = typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)"),
-    resume: bool = typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
-):
+@_with_options(("ctx", typer.Context, None), _options_from(TrainConfig, TRAIN_OWN, TRAIN_BY_DATA))
+def train(ctx: typer.Context, **options):
     """Train a flow-matching model and write a run directory."""
-    from .data import is_image_spec, spec_from_arg
+    from .data import is_image_spec
     from .training import train as run_training
 
-    new_total = steps if resume else None
-    image = not resume and is_image_spec(spec_from_arg(data, n_points, seed, image_size, skip_bad, holdout))
-    steps = steps if steps is not None else (IMAGE_DEFAULTS["steps"] if image else _D.steps)
-    batch_size = batch_size if batch_size is not None else (IMAGE_DEFAULTS["batch_size"] if image else _D.batch_size)
-    cfg = TrainConfig(
-        data=data, n_points=n_points, image_size=image_size, skip_bad=skip_bad, holdout=holdout, steps=steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip or None, ema_decay=ema_decay, seed=seed,
-        path=path, sigma_min=sigma_min, coupling=coupling, ot_method=ot_method, ot_reg=ot_reg,
-        ot_by_class=ot_by_class, time_dist=time_dist, time_mean=time_mean,
-        time_std=time_std, time_uniform=time_uniform, label_dropout=label_dropout, model=model, width=width, depth=depth, fourier=fourier,
-        fourier_scale=fourier_scale, time_scale=time_scale, prediction=prediction, log_every=log_every,
-        checkpoint_every=checkpoint_every, precision=precision, grad_accum=grad_accum, plots=plots,
-        processes=processes, compile=compile,
-    )
+    out, resume, progress = options.pop("out"), options.pop("resume"), options.pop("progress")
+    new_total = options["steps"] if resume else None
+    cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None or k not in ("steps", "batch_size")})
+    cfg.grad_clip = cfg.grad_clip or None  # 0 disables clipping
+    parts = None
+    if cfg.processes < 1:
+        raise UserError(f"--processes: expected a positive integer, got {cfg.processes}")
     if resume:
         _refuse_changed_settings_on_resume(ctx, cfg, out)
     else:
-        cfg.validate()
-        cfg.build_path(), cfg.build_time_sampler()  # unknown names fail before anything is written
-        from .data import make_dataset
-        from .training import build_model
-
-        cfg.build_coupling()
-        ds = make_dataset(cfg.data_spec())
-        build_model(cfg, ds.shape, ds.num_classes, path=cfg.build_path())
-    if processes < 1:
-        raise UserError(f"--processes: expected a positive integer, got {processes}")
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        spec = cfg.data_spec()
+        if is_image_spec(spec):  # defaults for image data, unless given
+            for key, value in IMAGE_DEFAULTS.items():
+                if options[key] is None:
+                    setattr(cfg, key, value)
+        parts = cfg.build(spec)  # unknown names and bad data fail before anything is written
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         from .training import check_run_dir, default_run_dir
 
         out = out if out is not None else default_run_dir(cfg)
         check_run_dir(out, resume)
-        return _launch(processes, out)
-    run_dir = run_training(cfg, out=out, resume=resume, progress=progress, steps=new_total)
+        return _launch(cfg.processes, out)
+    run_dir = run_training(cfg, out=out, resume=resume, progress=progress, steps=new_total, parts=parts)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {run_dir}")
 
@@ -437,85 +423,56 @@ def evaluate(
         print(json.dumps(next(iter(results.values())) if len(results) == 1 else {"runs": list(results.values())}))
 
 
-def _student_command(kind, run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=1, processes=1, loss="mse"):
+def _student_command(kind: str, run: Path | None, teacher: str | None, out: Path, resume: bool, progress: bool, options: dict):
     from . import reflow as rf
+    from .config import StudentOptions
     from .teachers import make_teacher
 
-    if processes < 1:
-        raise UserError(f"--processes: expected a positive integer, got {processes}")
-    _check_tol(tol)
+    opts = StudentOptions(**options).validate()
+    _check_tol(opts.tol)
     if (run is None) == (teacher is None):
         raise UserError("give either RUN (a flowmatch run as teacher) or --teacher diffusers:DIR, not both or neither")
     if teacher is None and not Path(run).is_dir():
         raise UserError(f"RUN: {run} is not a run directory")
-    if teacher_nfe is not None and teacher_nfe < 1:
-        raise UserError(f"--teacher-nfe: expected a positive integer, got {teacher_nfe}")
-    # a fixed NFE budget uses midpoint (even NFE) or Euler; without one, dopri5 at --tol
-    solver = "dopri5" if teacher_nfe is None else ("midpoint" if teacher_nfe % 2 == 0 else "euler")
-    t = make_teacher(teacher or run, nfe=teacher_nfe, solver=solver, tol=tol, device=_distributed_device())
-    if processes > 1 and "WORLD_SIZE" not in os.environ:
+    t = make_teacher(teacher or run, nfe=opts.teacher_nfe, solver=rf.teacher_solver(opts.teacher_nfe), tol=opts.tol,
+                     device=_distributed_device())
+    if opts.processes > 1 and "WORLD_SIZE" not in os.environ:
         if not resume:
             from .training import check_new_run_dir
 
             check_new_run_dir(Path(out))
-        return _launch(processes, out)
-    fn = rf.reflow if kind == "reflow" else rf.distill
-    extra = {"k": k} if kind == "distill" else {}
-    result = fn(t, out, pairs=pairs, shard_size=shard_size, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                resume=resume, progress=progress, plots=plots, loss=loss, **extra)
+        return _launch(opts.processes, out)
+    result = rf.student(t, out, kind, opts, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {result}")
 
 
+def _student_options(kind: str) -> list:
+    from .config import StudentOptions
+
+    what = "the student's" if kind == "reflow" else "the distilled run's"
+    own = {"out": (Path, typer.Option(..., help=f"{what} run directory")),
+           "teacher": (str | None, typer.Option(None, help="diffusers:DIR, a saved diffusers DDPM/DDIM pipeline, instead of RUN")),
+           "resume": (bool, typer.Option(False, help="finish an interrupted pair generation or training")),
+           "progress": (bool, typer.Option(True, help="show progress bars"))}
+    run = ("run", Path | None, typer.Argument(None, help="teacher: a flowmatch run directory"))
+    return [run, _options_from(StudentOptions, own, skip=("k",) if kind == "reflow" else ())]
+
+
 @command()
-def reflow(
-    run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
-    out: Path = typer.Option(..., help="the student's run directory"),
-    teacher: str | None = typer.Option(None, help="diffusers:DIR, a saved diffusers DDPM/DDIM pipeline, instead of RUN"),
-    pairs: int = typer.Option(20000, help="number of (noise, sample) pairs from the teacher"),
-    teacher_nfe: int | None = typer.Option(None, help="teacher NFE (fixed steps; DDIM steps for diffusers). "
-                                                         "Default: dopri5 at --tol, 50 DDIM steps"),
-    tol: float = typer.Option(1e-5, help="the teacher's dopri5 tolerance"),
-    steps: int = typer.Option(4000, help="training steps of the student"),
-    lr: float = typer.Option(5e-4, help="peak learning rate of the student"),
-    batch_size: int = typer.Option(512),
-    seed: int = typer.Option(0),
-    shard_size: int = typer.Option(4096, help="pairs per shard (each shard has its own seed)"),
-    resume: bool = typer.Option(False, help="finish an interrupted pair generation or training"),
-    processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
-    loss: str = typer.Option("mse", help="mse or pseudo-huber (RF++)"),
-    progress: bool = typer.Option(True),
-    plots: bool = typer.Option(True),
-):
+@_with_options(*_student_options("reflow"))
+def reflow(run: Path | None, **options):
     """k-rectified flow: train a student on a teacher's (noise, sample) pairs."""
-    _student_command("reflow", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, processes=processes, loss=loss)
+    own = [options.pop(key) for key in ("teacher", "out", "resume", "progress")]
+    _student_command("reflow", run, *own, options)
 
 
 @command()
-def distill(
-    run: Path | None = typer.Argument(None, help="teacher: a flowmatch run directory"),
-    out: Path = typer.Option(..., help="the distilled run's directory"),
-    teacher: str | None = typer.Option(None, help="diffusers:DIR instead of RUN"),
-    pairs: int = typer.Option(20000),
-    teacher_nfe: int | None = typer.Option(None, help="teacher NFE (default: dopri5 at --tol)"),
-    tol: float = typer.Option(1e-5),
-    steps: int = typer.Option(4000),
-    lr: float = typer.Option(5e-4),
-    batch_size: int = typer.Option(512),
-    seed: int = typer.Option(0),
-    k: int = typer.Option(1, help="steps of the distilled sampler (1: one-step generator)"),
-    shard_size: int = typer.Option(4096),
-    resume: bool = typer.Option(False),
-    processes: int = typer.Option(1, help="local processes: pair shards and training are shared among them"),
-    loss: str = typer.Option("mse", help="mse or pseudo-huber (picks a side where mse averages two cells)"),
-    progress: bool = typer.Option(True),
-    plots: bool = typer.Option(True),
-):
+@_with_options(*_student_options("distill"))
+def distill(run: Path | None, **options):
     """Distil a teacher into a one-step (or k-step) generator: z1 ≈ z0 + v(z0, 0)."""
-    _student_command("distill", run, teacher, out, pairs, teacher_nfe, tol, steps, lr, batch_size, seed, shard_size,
-                     resume, progress, plots, k=k, processes=processes, loss=loss)
+    own = [options.pop(key) for key in ("teacher", "out", "resume", "progress")]
+    _student_command("distill", run, *own, options)
 
 
 @command()

@@ -12,60 +12,69 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 
+def setting(default, help: str = "", cli: bool = True, factory=None):
+    """A field of :class:`TrainConfig` with its command-line help; ``cli=False`` for settings that
+    ``train`` does not offer (reflow and distill set them). ``flowmatch train``'s options are made
+    from these fields (type, default, help), so a new setting is added here only."""
+    meta = {"help": help, "cli": cli}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     # data
-    data: str = "checkerboard"
-    n_points: int | None = None
-    image_size: int = 32  # image folders: resized and centre-cropped to this
-    skip_bad: bool = False  # image folders: skip unreadable files with a warning
-    holdout: float = 0.1  # user tables and images: share of rows kept out of training, for eval and nll
-    # optimisation (defaults chosen by benchmarks/checkerboard.py: quality per CPU minute)
-    steps: int = 4000
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 200
-    schedule: str = "cosine"
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
+    data: str = setting("checkerboard", "checkerboard, moons, 8gaussians, spirals, rings, digits; "
+                        "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder")
+    n_points: int | None = setting(None, "train on a fixed set of N points of a 2-D toy (the notebook's)")
+    image_size: int = setting(32, "image folders: resize and centre-crop to this size")
+    skip_bad: bool = setting(False, "image folders: skip unreadable files with a warning")
+    holdout: float = setting(0.1, "user tables and images: share of rows held out of training (eval and nll measure on them)")
+    # optimisation (defaults chosen by benchmarks/levers.py: quality per CPU minute)
+    steps: int = setting(4000, "optimizer steps; with --resume, the new total (at least the steps already done)")
+    batch_size: int = setting(512, "batch size per process")
+    lr: float = setting(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.0)
+    warmup_steps: int = setting(200, "linear warm-up steps")
+    schedule: str = setting("cosine", "learning-rate schedule after warm-up: constant, cosine, linear")
+    grad_clip: float | None = setting(1.0, "clip the gradient norm (0 disables)")
+    ema_decay: float = setting(0.999, "EMA decay of the weights used for sampling")
+    seed: int = setting(0)
     # the flow
-    path: str = "linear"
-    sigma_min: float = 0.0
-    coupling: str = "independent"
-    ot_method: str = "exact"  # coupling "ot": exact (ot.emd) or sinkhorn (entropic, ot.sinkhorn)
-    ot_reg: float = 0.05  # sinkhorn's entropic regularisation, relative to the batch's mean cost
-    ot_by_class: bool = False  # labelled data: pair noise only with data of the same class
-    time_dist: str = "uniform"
-    time_mean: float = 0.0
-    time_std: float = 1.0
-    time_uniform: float = 0.0  # logit-normal: share of times drawn from U[0, 1] instead
-    time_steps: int = 1  # time_dist "grid": t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)
-    loss: str = "mse"  # or "pseudo-huber" (meant for fixed pairs: reflow, distillation)
-    huber_c: float | None = None  # pseudo-Huber's c (None: 0.00054 sqrt(D))
+    path: str = setting("linear", "probability path: linear, vp, cosine")
+    sigma_min: float = setting(0.0, "linear path: noise left at t = 1")
+    coupling: str = setting("independent", "independent or ot (minibatch optimal transport)")
+    ot_method: str = setting("exact", "--coupling ot: exact (ot.emd) or sinkhorn (entropic)")
+    ot_reg: float = setting(0.05, "--ot-method sinkhorn: regularisation, relative to the batch's mean cost")
+    ot_by_class: bool = setting(False, "--coupling ot on labelled data: pair within each class")
+    time_dist: str = setting("uniform", "uniform or logit-normal")
+    time_mean: float = setting(0.0, "logit-normal location")
+    time_std: float = setting(1.0, "logit-normal scale")
+    time_uniform: float = setting(0.0, "logit-normal: share of times drawn from U[0, 1] instead")
+    time_steps: int = setting(1, "time_dist grid: t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)", cli=False)
+    loss: str = setting("mse", "mse or pseudo-huber (meant for fixed pairs: reflow, distillation)", cli=False)
+    huber_c: float | None = setting(None, "pseudo-Huber's c (None: 0.00054 sqrt(D))", cli=False)
     # the network
-    model: str = "auto"  # mlp for vectors, unet for images
-    width: int = 512
-    depth: int = 5
-    time_scale: float = 10000.0  # the MLP embeds sin/cos of time_scale * t
+    model: str = setting("auto", "network: auto (mlp for vectors, unet for images), mlp, unet")
+    width: int = setting(512, "hidden width")
+    depth: int = setting(5, "hidden layers")
     # Sharp samples (benchmarks/levers.py): the MLP sees 64 random Fourier features of x beside
     # x, and predicts the data x1 (auto: "data" for vectors, "velocity" for images).
-    fourier: int = 64  # the MLP's random Fourier features of x (0: raw coordinates only)
-    fourier_scale: float = 1.0  # their frequencies' standard deviation (cycles per data unit)
-    prediction: str = "auto"  # velocity, data (the network predicts x1; the path gives the velocity) or auto
-    init_from: str | None = None  # safetensors weights to start from (reflow: the teacher's)
-    # labels (class-conditional data): probability of dropping a label for guidance
-    label_dropout: float = 0.2
+    fourier: int = setting(64, "MLP: random Fourier features of x (0: raw coordinates)")
+    fourier_scale: float = setting(1.0, "MLP: std of the Fourier frequencies (cycles per unit)")
+    time_scale: float = setting(10000.0, "MLP: the time embedding's sines see time_scale * t")
+    prediction: str = setting("auto", "velocity, data (the network predicts x1) or auto (data for vectors)")
+    init_from: str | None = setting(None, "safetensors weights to start from (reflow: the teacher's)", cli=False)
+    label_dropout: float = setting(0.2, "labelled data: probability of dropping a label (classifier-free guidance)")
     # bookkeeping
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    precision: str = "fp32"  # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py)
-    compile: bool = False  # torch.compile the network for training steps
-    grad_accum: int = 1
-    processes: int = 1
-    plots: bool = True
-    lineage: dict = field(default_factory=dict)
+    log_every: int = setting(50)
+    checkpoint_every: int = setting(1000, "write a checkpoint every N steps")
+    # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py); far slower on CPUs without bf16 units
+    precision: str = setting("fp32", "fp32, bf16 or fp16 (CUDA only)")
+    compile: bool = setting(False, "torch.compile the network for training steps")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    processes: int = setting(1, "local training processes (gloo on the CPU, NCCL on GPUs), via torchrun")
+    plots: bool = setting(True, "write pictures at the end")
+    lineage: dict = setting(None, cli=False, factory=dict)
 
     def validate(self, where: str | None = None) -> TrainConfig:
         """Check ranges; raise :class:`UserError` naming the option (or, with ``where``, the
@@ -152,6 +161,42 @@ class TrainConfig:
             return make_time_sampler(self.time_dist, k=self.time_steps)
         return make_time_sampler(self.time_dist)
 
+    def build_model(self, shape: tuple, num_classes: int = 0, path=None):
+        """The network for samples of ``shape``, initialised from ``seed`` (global random state
+        untouched). Images the UNet cannot halve down to its lowest resolution are refused here,
+        naming the data, before anything is written."""
+        import torch
+
+        from .models import make_model
+
+        if len(shape) == 3 and self.model in ("auto", "unet"):
+            from .models.unet import default_channels
+
+            _, h, w = shape
+            factor = 2 ** (len(default_channels(min(h, w))) - 1)
+            if h % factor or w % factor:
+                raise UserError(f"--data {self.data}: images of {h}x{w} pixels do not fit the UNet, whose height and "
+                                f"width must be multiples of {factor}; crop or resize them (image folders: --image-size)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return make_model(self.model_spec(shape), shape, num_classes, path=path if path is not None else self.build_path())
+
+    def build(self, data_spec: dict | None = None, dataset=None) -> Parts:
+        """Everything these settings describe, each built once: the data set (from ``data_spec``,
+        by default :meth:`data_spec`, unless ``dataset`` is given), path, time sampler, coupling
+        and network. Bad input raises :class:`UserError` naming the option."""
+        from .data import make_dataset
+
+        self.validate()
+        path, time_sampler, coupling = self.build_path(), self.build_time_sampler(), self.build_coupling()
+        if dataset is None:
+            data_spec = data_spec if data_spec is not None else self.data_spec()
+            dataset = make_dataset(data_spec)
+        else:
+            data_spec = data_spec if data_spec is not None else {}
+        model = self.build_model(dataset.shape, dataset.num_classes, path)
+        return Parts(data_spec, dataset, path, time_sampler, coupling, model)
+
     def model_spec(self, shape: tuple | None = None) -> dict:
         """The network's spec; ``prediction="auto"`` resolves to "data" for vectors and
         "velocity" for images (``shape`` of one sample)."""
@@ -178,6 +223,48 @@ class TrainConfig:
             if not _type_ok(value, hints[key]):
                 raise UserError(f"{where}: setting {key!r} should be {_type_name(hints[key])}, got {value!r}")
         return cls(**d)
+
+
+@dataclass
+class StudentOptions:
+    """What ``reflow`` and ``distill`` share: the teacher's pairs and the student's training
+    (their command-line options are made from these fields)."""
+
+    pairs: int = setting(20000, "number of (noise, sample) pairs from the teacher")
+    teacher_nfe: int | None = setting(None, "teacher NFE (fixed steps: midpoint if even, else Euler; DDIM steps for "
+                                            "diffusers). Default: dopri5 at --tol, 50 DDIM steps")
+    tol: float = setting(1e-5, "the teacher's dopri5 tolerance")
+    steps: int = setting(4000, "training steps of the student")
+    lr: float = setting(5e-4, "peak learning rate of the student")
+    batch_size: int = setting(512)
+    seed: int = setting(0)
+    shard_size: int = setting(4096, "pairs per shard (each shard has its own seed)")
+    loss: str = setting("mse", "mse or pseudo-huber (RF++; picks a side where mse averages two cells)")
+    k: int = setting(1, "distill: steps of the distilled sampler (1: one-step generator)")
+    processes: int = setting(1, "local processes: pair shards and training are shared among them")
+    plots: bool = setting(True, "write pictures at the end")
+
+    def validate(self) -> StudentOptions:
+        expected = {"pairs": "a positive number of pairs", "k": "a positive number of steps", "lr": "a positive value"}
+        for name in ("pairs", "steps", "lr", "batch_size", "shard_size", "k", "processes"):
+            if not getattr(self, name) > 0:
+                what = expected.get(name, "a positive integer")
+                raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {getattr(self, name)!r}")
+        if self.teacher_nfe is not None and self.teacher_nfe < 1:
+            raise UserError(f"--teacher-nfe: expected a positive integer, got {self.teacher_nfe}")
+        return self
+
+
+@dataclass
+class Parts:
+    """What a :class:`TrainConfig` builds (:meth:`TrainConfig.build`), and the data spec it read."""
+
+    data_spec: dict
+    dataset: typing.Any
+    path: typing.Any
+    time_sampler: typing.Any
+    coupling: typing.Any
+    model: typing.Any
 
 
 SCHEDULES = ("constant", "cosine", "linear")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import StudentOptions, TrainConfig
 from .data import Batch, Dataset, make_dataset
 from .errors import UserError
 from .runs import load_weights, save_weights, write_json
@@ -164,8 +164,14 @@ class PairsDataset(Dataset):
         self._resident = None
 
 
-def _student_config(teacher, out: Path, steps: int, lr: float, batch_size: int, seed: int, kind: str,
-                    distill_steps: int | None, pairs: int, overrides: dict) -> tuple[TrainConfig, dict]:
+def teacher_solver(nfe: int | None) -> str:
+    """A fixed NFE budget uses midpoint (even NFE) or Euler; without one, dopri5 at the tolerance."""
+    return "dopri5" if nfe is None else ("midpoint" if nfe % 2 == 0 else "euler")
+
+
+def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple[TrainConfig, dict]:
+    """The student's settings and data spec: the teacher's network (and weights, for a flowmatch
+    teacher) trained on the straight path between fixed pairs; distillation at the ``k`` grid times."""
     from .teachers import FlowTeacher
 
     if isinstance(teacher, FlowTeacher):
@@ -178,71 +184,70 @@ def _student_config(teacher, out: Path, steps: int, lr: float, batch_size: int, 
     k_teacher = teacher.describe().get("k", 0)
     cfg.data, cfg.n_points = "pairs", None
     cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
-    cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = steps, lr, batch_size, seed
-    cfg.warmup_steps = min(cfg.warmup_steps, steps // 10)
+    cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = opts.steps, opts.lr, opts.batch_size, opts.seed
+    cfg.loss, cfg.plots = opts.loss, opts.plots
+    cfg.warmup_steps = min(cfg.warmup_steps, opts.steps // 10)
     if kind == "distill":
-        cfg.time_dist, cfg.time_steps = "grid", distill_steps
+        cfg.time_dist, cfg.time_steps = "grid", opts.k
     else:
         cfg.time_dist = "uniform"
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.lineage = {"kind": kind, "teacher": teacher.describe(), "pairs": pairs,
+    cfg.lineage = {"kind": kind, "teacher": teacher.describe(), "pairs": opts.pairs,
                    "k": k_teacher + 1 if kind == "reflow" else k_teacher}
     if kind == "distill":
-        cfg.lineage["steps"] = distill_steps
+        cfg.lineage["steps"] = opts.k
     data_spec = {"name": "pairs", "dir": str((out / "pairs").resolve()), "base": teacher.data_spec}
     return cfg.validate(), data_spec
 
 
-def _student(teacher, out, kind, pairs, shard_size, steps, lr, batch_size, seed, distill_steps, resume, progress,
-             overrides):
+def pairs_job(teacher, pairs_dir: Path, opts: StudentOptions, progress: bool = True) -> None:
+    """Generate the teacher's pairs (resumable). Under torchrun each process writes every P-th
+    shard, after the main process has written the folder's metadata."""
+    n, size, seed = opts.pairs, opts.shard_size, opts.seed
+    if "WORLD_SIZE" not in os.environ:
+        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress)
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    state.wait_for_everyone()  # every process has checked --out before any writes
+    if state.is_main_process:  # the metadata first, from one process
+        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=False, shards=[])
+    state.wait_for_everyone()
+    mine = list(range(state.process_index, -(-n // size), state.num_processes))
+    generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress and state.is_main_process,
+                   shards=mine)
+    state.wait_for_everyone()
+
+
+def student(teacher, out, kind: str, opts: StudentOptions | None = None, resume: bool = False, progress: bool = True) -> Path:
+    """Reflow (``kind="reflow"``: a (k+1)-rectified flow) or distillation (``"distill"``: a
+    ``k``-step generator) of ``teacher`` into the run ``out``: the pairs job, then an ordinary
+    training run on the pairs. ``resume`` finishes an interrupted job or training."""
     from .training import check_new_run_dir, train
 
-    out = Path(out)
-    state = None
-    if "WORLD_SIZE" in os.environ:  # several processes (torchrun): each generates every P-th shard
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-    if not resume:
-        check_new_run_dir(out, allow_existing=("pairs",))
+    out, opts = Path(out), (opts or StudentOptions()).validate()
     if resume and (out / "trainer_state.pt").exists():
         return train(None, out=out, resume=True, progress=progress)
-    if not resume and (out / "pairs").exists():
-        raise UserError(f"--out: {out} already holds pairs; pass --resume to finish them, or choose a new directory")
-    cfg, data_spec = _student_config(teacher, out, steps, lr, batch_size, seed, kind, distill_steps, pairs, overrides)
-    if state is not None:
-        state.wait_for_everyone()  # every process has checked --out before any writes
-        if state.is_main_process:  # the metadata first, from one process
-            generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=False, shards=[])
-        state.wait_for_everyone()
-        mine = list(range(state.process_index, -(-pairs // shard_size), state.num_processes))
-        generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed,
-                       progress=progress and state.is_main_process, shards=mine)
-        state.wait_for_everyone()
-    else:
-        generate_pairs(teacher, pairs, out / "pairs", shard_size=shard_size, seed=seed, progress=progress)
+    if not resume:
+        check_new_run_dir(out, allow_existing=("pairs",))
+        if (out / "pairs").exists():
+            raise UserError(f"--out: {out} already holds pairs; pass --resume to finish them, or choose a new directory")
+    cfg, data_spec = student_config(teacher, out, kind, opts)
+    pairs_job(teacher, out / "pairs", opts, progress)
     # resumed before the first checkpoint: training starts over beside the finished pairs
     allow = ("pairs", "config.json", "metrics.jsonl", ".lock") if resume else ("pairs",)
-    return train(cfg, out=out, progress=progress, data_spec=data_spec, allow_existing=allow)
+    return train(cfg, out=out, progress=progress, parts=cfg.build(data_spec), allow_existing=allow)
 
 
-def reflow(teacher, out, pairs: int = 20000, shard_size: int = SHARD_SIZE, steps: int = 4000, lr: float = 5e-4,
-           batch_size: int = 512, seed: int = 0, resume: bool = False, progress: bool = True, **overrides) -> Path:
-    """Train a (k+1)-rectified flow on ``pairs`` teacher pairs; returns the run directory."""
-    return _student(teacher, out, "reflow", pairs, shard_size, steps, lr, batch_size, seed, None, resume, progress,
-                    overrides)
+def reflow(teacher, out, resume: bool = False, progress: bool = True, **options) -> Path:
+    """Train a (k+1)-rectified flow on a teacher's pairs (``options``: :class:`StudentOptions`
+    fields, e.g. ``pairs=20000, steps=4000``); returns the run directory."""
+    return student(teacher, out, "reflow", StudentOptions(**options), resume, progress)
 
 
-def distill(teacher, out, pairs: int = 20000, shard_size: int = SHARD_SIZE, steps: int = 4000, lr: float = 5e-4,
-            batch_size: int = 512, seed: int = 0, k: int = 1, resume: bool = False, progress: bool = True,
-            **overrides) -> Path:
-    """Distil the teacher into a ``k``-step generator (``k = 1``: one step); returns the run directory."""
-    if k < 1:
-        raise UserError(f"--k: expected a positive number of steps, got {k}")
-    return _student(teacher, out, "distill", pairs, shard_size, steps, lr, batch_size, seed, k, resume, progress,
-                    overrides)
+def distill(teacher, out, resume: bool = False, progress: bool = True, **options) -> Path:
+    """Distil the teacher into a ``k``-step generator (``k = 1``, the default: one step); returns the run directory."""
+    return student(teacher, out, "distill", StudentOptions(**options), resume, progress)
 
 
-__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "shard_noise"]
+__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_noise"]

@@ -237,7 +237,6 @@ class Run:
     def __init__(self, run_dir, device=None, weights: str = "ema"):
         from .config import TrainConfig
         from .data import eval_dataset
-        from .models import make_model
 
         self.dir = Path(run_dir)
         self.doc = read_config(self.dir)
@@ -250,7 +249,7 @@ class Run:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights not in ("ema", "model"):
             raise UserError(f"--weights: expected ema or model, got {weights!r}")
-        self.model = make_model(self.cfg.model_spec(self.shape), self.shape, self.num_classes, path=self.path)
+        self.model = self.cfg.build_model(self.shape, self.num_classes, self.path)
         state = load_weights(self.dir / f"{weights}.safetensors")
         try:
             self.model.load_state_dict(state)

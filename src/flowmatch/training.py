@@ -21,11 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import TrainConfig, lr_at
-from .data import Batch, make_dataset
+from .config import Parts, TrainConfig, lr_at
 from .errors import UserError
-from .models import make_model
-from .paths import AffinePath
+from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
 from .runs import (
     FORMAT_VERSION,
     RunLock,
@@ -41,24 +39,6 @@ from .runs import (
 )
 
 
-def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None) -> torch.Tensor:
-    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries).
-
-    ``loss="pseudo-huber"``: ``E [sqrt(||v - u||^2 + c^2) - c]`` per sample (Song & Dhariwal
-    2023; RF++, Lee et al. 2024), with ``c = 0.00054 sqrt(D)`` unless given. Its minimiser is a
-    (geometric) median, not the mean: meant for fixed pairs (distillation), where the target is
-    a function of the noise and a network too smooth to follow it should pick a side rather
-    than land between two cells.
-    """
-    ps = path.sample(x0, x1, t)
-    pred = model(ps.x_t, t, label) if label is not None else model(ps.x_t, t)
-    if loss == "mse":
-        return torch.nn.functional.mse_loss(pred.float(), ps.u_t.float())
-    d2 = (pred.float() - ps.u_t.float()).flatten(1).pow(2).sum(1)
-    c = huber_c if huber_c is not None else 0.00054 * d2.new_tensor(x0[0].numel()).sqrt()
-    return ((d2 + c**2).sqrt() - c).mean()
-
-
 def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
     name = Path(cfg.data).stem if cfg.data not in ("",) else "run"
     base = Path(root) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -66,20 +46,6 @@ def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
     while out.exists():
         out, k = Path(f"{base}-{k}"), k + 1
     return out
-
-
-def build_model(cfg: TrainConfig, shape: tuple, num_classes: int = 0, path=None):
-    """The network of ``cfg`` for samples of ``shape``. Images the UNet cannot halve down to its
-    lowest resolution are refused here, naming the data, before anything is written."""
-    if len(shape) == 3 and cfg.model in ("auto", "unet"):
-        from .models.unet import default_channels
-
-        _, h, w = shape
-        factor = 2 ** (len(default_channels(min(h, w))) - 1)
-        if h % factor or w % factor:
-            raise UserError(f"--data {cfg.data}: images of {h}x{w} pixels do not fit the UNet, whose height and width "
-                            f"must be multiples of {factor}; crop or resize them (image folders: --image-size)")
-    return make_model(cfg.model_spec(shape), shape, num_classes, path=path if path is not None else cfg.build_path())
 
 
 def check_run_dir(out, resume: bool) -> None:
@@ -99,116 +65,54 @@ def check_new_run_dir(out: Path, allow_existing=()) -> None:
 
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-          data_spec: dict | None = None, make_plots: bool | None = None, allow_existing=(),
-          on_checkpoint=None, steps: int | None = None) -> Path:
+          parts: Parts | None = None, allow_existing=(), on_checkpoint=None, steps: int | None = None) -> Path:
     """Train (or resume) a run; returns its directory. Bad input raises :class:`UserError`
     before anything is written. With ``resume`` the saved settings are used (``cfg`` is
     ignored) and ``steps``, if given, becomes the new total number of steps (recorded in
-    config.json). ``allow_existing`` names entries that a new run directory may already hold
-    (the pairs of a reflow run). ``on_checkpoint(step, ema_model)`` is called on the main
-    process after each checkpoint (evaluation during training); its time is left out of the
-    ``time`` logged in metrics.jsonl."""
+    config.json). ``parts``: what ``cfg.build(...)`` returned, when the caller has built it
+    already (the command line, to check its input; reflow, on its pairs). ``allow_existing``
+    names entries that a new run directory may already hold (the pairs of a reflow run).
+    ``on_checkpoint(step, ema_model)`` is called on the main process after each checkpoint
+    (evaluation during training); its time is left out of the ``time`` logged in metrics.jsonl."""
     from accelerate import Accelerator
 
-    saved = None
     if resume:
-        if out is None:
-            raise UserError("--resume: needs --out RUN, the run to continue")
-        out = Path(out)
-        saved = read_config(out)
-        cfg = TrainConfig.from_dict(saved["train"])
-        state = load_state(out / "trainer_state.pt")
-        read_metrics(out / "metrics.jsonl")  # a damaged log is refused before anything is rewritten
-        if steps is not None:
-            cfg.steps = resumed_steps(steps, int(state["step"]), out)
+        cfg, parts, out, saved, state = _resumed(out, steps)
     else:
-        cfg.validate()
-        data_spec = data_spec or cfg.data_spec()
-        out = Path(out) if out is not None else default_run_dir(cfg)
+        parts = parts or cfg.build()  # everything that can fail on bad input, before the run directory is touched
+        out, saved, state = Path(out) if out is not None else default_run_dir(cfg), None, None
         check_new_run_dir(out, allow_existing)
-        state = None
-
+        if cfg.init_from:
+            _init_from(parts.model, cfg.init_from)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     # Mixed precision is torch.autocast (+ a GradScaler for fp16) rather than accelerate's
     # process-wide setting, so runs of different precision can follow each other in one process.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=not torch.cuda.is_available())
-    device, main = accelerator.device, accelerator.is_main_process
-
-    # Everything that can fail on bad input is built before the run directory is touched.
-    dataset = dataset_from_doc(saved, str(out / "config.json")) if resume else make_dataset(data_spec)
-    data_spec = saved["data"] if resume else data_spec
-    path, time_sampler = cfg.build_path(), cfg.build_time_sampler()
-    coupling = cfg.build_coupling()
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching global state
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, dataset.shape, dataset.num_classes, path=path)
-        if cfg.init_from and state is None:
-            weights = load_weights(cfg.init_from)
-            try:
-                model.load_state_dict(weights)
-            except RuntimeError as e:
-                raise UserError(f"{cfg.init_from}: weights do not fit the student network ({str(e).splitlines()[0][:100]})") from None
-    dataset = dataset.to(device)
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    # fused AdamW: one kernel for all parameters (about 1.5x the steps/s of foreach on 2 CPU cores)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    # One generator per process draws data, noise and times: no global random state.
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    start = 0
-    if state is not None and len(state["generator"]) != accelerator.num_processes:
-        raise UserError(f"--resume: {out} was trained with {len(state['generator'])} process(es); "
-                        f"resume it with --processes {len(state['generator'])}")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    trainer = Trainer(cfg, parts, accelerator, out, progress, on_checkpoint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"][accelerator.process_index].to("cpu"))
-        start = int(state["step"])
-        if "dataset" in state and hasattr(dataset, "load_state_dict"):
-            dataset.load_state_dict(state["dataset"])
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
-
-    config_doc = {
-        "format_version": FORMAT_VERSION,
-        "flowmatch_version": __version__,
-        "train": cfg.to_dict(),
-        "data": data_spec | dataset.spec,
-        "shape": list(dataset.shape),
-        "num_classes": dataset.num_classes,
-        "global_batch_size": global_batch,
-        "num_processes": accelerator.num_processes,
-    }
+        trainer.load(state)
+    main = accelerator.is_main_process
     fresh = main and not resume and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    lock = RunLock(out) if main else None
-    if lock:
-        lock.__enter__()
-    try:
-        if main:
-            if not resume:
-                write_json(out / "config.json", config_doc)
-            elif cfg.steps != saved["train"]["steps"]:
-                write_json(out / "config.json", saved | {"train": cfg.to_dict()})
-            if resume:
-                _remove_stale_temporaries(out)
-            _truncate_metrics(out / "metrics.jsonl", start)
-        if accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
-            model, opt = accelerator.prepare(model, opt)
-        _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
-              on_checkpoint)
-    except BaseException:
-        if main and not resume and not (out / "trainer_state.pt").exists():
-            _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
-        raise
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
-    if main and (cfg.plots if make_plots is None else make_plots):
+    with RunLock(out) if main else contextlib.nullcontext():
+        try:
+            if main:
+                if not resume:
+                    write_json(out / "config.json", _config_doc(cfg, parts, accelerator))
+                elif cfg.steps != saved["train"]["steps"]:
+                    write_json(out / "config.json", saved | {"train": cfg.to_dict()})
+                if resume:
+                    _remove_stale_temporaries(out)
+                _truncate_metrics(out / "metrics.jsonl", trainer.step)
+            trainer.run()
+        except BaseException:
+            if main and not resume and not (out / "trainer_state.pt").exists():
+                _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
+            raise
+    if main and cfg.plots:
         from .plots import plot_run
 
         plot_run(out)
@@ -216,74 +120,155 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     return out
 
 
-def _loop(cfg, accelerator, model, ema, opt, gen, dataset, path, time_sampler, coupling, out, start, progress,
-          on_checkpoint=None):
-    device, main = accelerator.device, accelerator.is_main_process
-    distributed = accelerator.num_processes > 1
-    raw = accelerator.unwrap_model(model)
-    forward = torch.compile(model) if cfg.compile else model  # the loss only; EMA and checkpoints use the module
-    params, ema_params = list(raw.parameters()), list(ema.parameters())
-    shape = dataset.shape
-    running = torch.zeros((), device=device)
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    t_start, last_log = time.perf_counter(), start
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (main and progress), desc="train", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        lr = lr_at(cfg, step)
-        for group in opt.param_groups:
+def _resumed(out, steps: int | None):
+    """A run to continue: its settings (``steps``: the new total), parts, directory, saved
+    config.json and trainer state; a damaged log is refused before anything is rewritten."""
+    if out is None:
+        raise UserError("--resume: needs --out RUN, the run to continue")
+    out = Path(out)
+    saved = read_config(out)
+    cfg = TrainConfig.from_dict(saved["train"])
+    state = load_state(out / "trainer_state.pt")
+    read_metrics(out / "metrics.jsonl")
+    if steps is not None:
+        cfg.steps = resumed_steps(steps, int(state["step"]), out)
+    parts = cfg.build(saved["data"], dataset=dataset_from_doc(saved, str(out / "config.json")))
+    return cfg, parts, out, saved, state
+
+
+def _config_doc(cfg: TrainConfig, parts: Parts, accelerator) -> dict:
+    """config.json of a new run: its settings, data, sample shape and processes."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "flowmatch_version": __version__,
+        "train": cfg.to_dict(),
+        "data": parts.data_spec | parts.dataset.spec,
+        "shape": list(parts.dataset.shape),
+        "num_classes": parts.dataset.num_classes,
+        "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def _init_from(model, weights_file: str) -> None:
+    weights = load_weights(weights_file)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{weights_file}: weights do not fit the student network ({str(e).splitlines()[0][:100]})") from None
+
+
+class Trainer:
+    """The training loop's state and its named steps: :meth:`optimisation_step`, :meth:`log_line`,
+    :meth:`checkpoint`; :meth:`run` strings them together. On one process it is plain PyTorch
+    (AdamW, autocast, clipping, an EMA); on several, accelerate wraps the model in DDP."""
+
+    def __init__(self, cfg: TrainConfig, parts: Parts, accelerator, out: Path, progress: bool = True, on_checkpoint=None):
+        self.cfg, self.accelerator, self.out, self.on_checkpoint = cfg, accelerator, Path(out), on_checkpoint
+        self.device, self.main = accelerator.device, accelerator.is_main_process
+        self.dataset = parts.dataset.to(self.device)
+        self.objective = make_objective(cfg, parts)
+        self.model = parts.model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        # fused AdamW: one kernel for all parameters (about 1.5x the steps/s of foreach on 2 CPU cores)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        # One generator per process draws data, noise and times: no global random state.
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.running = torch.zeros((), device=self.device)  # summed step losses since the last log line
+        self.bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first non-finite step, or -1
+        self.last_log, self.progress = 0, progress
+
+    def load(self, state: dict) -> None:
+        """Continue from a checkpoint (:meth:`checkpoint`) exactly."""
+        procs = len(state["generator"])
+        if procs != self.accelerator.num_processes:
+            raise UserError(f"--resume: {self.out} was trained with {procs} process(es); resume it with --processes {procs}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"][self.accelerator.process_index].to("cpu"))
+        self.step = self.last_log = int(state["step"])
+        if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state["dataset"])
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if self.accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
+            self.model, self.opt = self.accelerator.prepare(self.model, self.opt)
+        self.raw = self.accelerator.unwrap_model(self.model)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model  # the loss only
+        self.params, self.ema_params = list(self.raw.parameters()), list(self.ema.parameters())
+        self.t_start = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and self.progress), desc="train",
+                   dynamic_ncols=True)
+        while self.step < cfg.steps:
+            loss, lr = self.optimisation_step()
+            bar.update(1)
+            done = self.step
+            if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _check_finite(self.bad_step, self.out)  # one host sync per log, not per step
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    self.log_line(lr, bar)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self.checkpoint()
+        bar.close()
+
+    def optimisation_step(self) -> tuple[torch.Tensor, float]:
+        """One step: the learning rate, ``grad_accum`` micro-batches (gradients all-reduced on
+        the last only), clipping, AdamW, the EMA. Returns the step's mean loss (on the device:
+        no host sync) and its learning rate."""
+        cfg, distributed = self.cfg, self.accelerator.num_processes > 1
+        lr = lr_at(cfg, self.step)
+        for group in self.opt.param_groups:
             group["lr"] = lr
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            batch: Batch = dataset.sample(cfg.batch_size, gen)
-            x1 = batch.x1
-            x0 = batch.x0 if batch.x0 is not None else torch.randn(len(x1), *shape, generator=gen, device=device)
-            t = time_sampler.sample(len(x1), gen, device=device)
-            x0, x1, label = coupling.pair(x0, x1, gen, batch.label)
-            if label is not None and cfg.label_dropout > 0:
-                drop = torch.rand(len(label), generator=gen, device=device) < cfg.label_dropout
-                label = torch.where(drop, -1, label)
-            # gradients are all-reduced on the last micro-batch of an accumulation only
+            drawn = self.objective.draw(self.dataset.sample(cfg.batch_size, self.gen), self.gen)
             last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last or not distributed else accelerator.no_sync(model):
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = cfm_loss(forward, path, x0, x1, t, label, cfg.loss, cfg.huber_c)
-                scaler.scale(loss / cfg.grad_accum).backward()  # / 1 is exact
+            with contextlib.nullcontext() if last or not distributed else self.accelerator.no_sync(self.model):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.objective.loss(self.forward, drawn)
+                self.scaler.scale(loss / cfg.grad_accum).backward()  # / 1 is exact
             step_loss = step_loss + loss.detach()
         if cfg.grad_clip is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
         loss = step_loss / cfg.grad_accum  # the step's mean loss
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step + 1, bad_step)
-        running += loss
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step + 1, self.bad_step)
+        self.running += loss
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():  # one foreach call over all parameters
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        bar.update(1)
-        done = step + 1
-        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _check_finite(bad_step, out)  # one host sync per log, not per step
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                mean_loss = (running / max(1, done - last_log)).item()
-                running.zero_()
-                last_log = done
-                if main:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                    _append_metrics(out / "metrics.jsonl", {"step": done, "loss": mean_loss, "lr": lr,
-                                                            "time": round(time.perf_counter() - t_start, 3)})
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save_checkpoint(accelerator, raw, ema, opt, gen, done, out, dataset)
-                if main and len(shape) == 3 and cfg.plots:
-                    _progress_grid(ema, dataset, out, done, device)
-                if main and on_checkpoint is not None:
-                    paused = time.perf_counter()
-                    on_checkpoint(done, ema)
-                    t_start += time.perf_counter() - paused
-    bar.close()
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
+        self.step += 1
+        return loss, lr
+
+    def log_line(self, lr: float, bar=None) -> None:
+        """The mean loss since the last line, into metrics.jsonl (main process) and the bar."""
+        mean_loss = (self.running / max(1, self.step - self.last_log)).item()
+        self.running.zero_()
+        self.last_log = self.step
+        if self.main:
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            _append_metrics(self.out / "metrics.jsonl", {"step": self.step, "loss": mean_loss, "lr": lr,
+                                                         "time": round(time.perf_counter() - self.t_start, 3)})
+
+    def checkpoint(self) -> None:
+        """Trainer state and weights (atomically), the image progress grid, the callback (whose
+        time is left out of the logged training time)."""
+        _save_checkpoint(self.accelerator, self.raw, self.ema, self.opt, self.gen, self.step, self.out, self.dataset)
+        if self.main and len(self.dataset.shape) == 3 and self.cfg.plots:
+            _progress_grid(self.ema, self.dataset, self.out, self.step, self.device)
+        if self.main and self.on_checkpoint is not None:
+            paused = time.perf_counter()
+            self.on_checkpoint(self.step, self.ema)
+            self.t_start += time.perf_counter() - paused
 
 
 def _check_finite(bad_step, out):
