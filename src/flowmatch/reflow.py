@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .data import Batch, Dataset, make_dataset
 from .errors import UserError
+from .noise import batch_noise
 from .runs import load_weights, save_weights, write_json
 
 SHARD_SIZE = 4096
@@ -38,8 +39,7 @@ def _pairs_meta(teacher, n, shard_size, seed) -> dict:
 
 def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
     """The noise of shard ``k``: ``m`` draws from its own CPU generator, seeded by ``(seed, k)``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return torch.randn(m, *shape, generator=g)
+    return batch_noise(seed, k, m, shape)
 
 
 def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,

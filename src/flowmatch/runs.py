@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .noise import batch_generator, batch_noise
 
 FORMAT_VERSION = 1
 
@@ -308,7 +309,7 @@ class Run:
         out = []
         for k, i in enumerate(tqdm(range(0, len(x), batch_size), disable=not progress, desc="nll", unit="batch")):
             xb = self.dataset.encode(x[i:i + batch_size].to(self.device))
-            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            g = batch_generator(seed, k, self.device)
             lp = log_prob(self.velocity, xb, atol=tol, rtol=tol, divergence=divergence, generator=g)
             out.append(lp.log_prob.cpu() - log_scale(self.dataset, self.shape))
         return torch.cat(out)
@@ -344,8 +345,7 @@ class Run:
         if part is not None:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
-            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
-            x0 = self.noise(min(batch_size, n - i), g)
+            x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
             lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
             res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
             yield i, self.dataset.decode(res.x).float().cpu()
