@@ -14,6 +14,7 @@ Every file but metrics.jsonl is written atomically (temporary file in the same f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -231,8 +232,8 @@ class RunLock:
 class Run:
     """A trained run loaded from its directory: network (EMA weights by default), path, data.
 
-    ``velocity(x, t[, label])`` is the model's field in model space; :meth:`sample` draws
-    samples in the data's own units.
+    ``velocity(x, t[, label])`` is the model's field in model space; :meth:`flow` carries given
+    noise to the data's own units, :meth:`sample` draws samples in them.
     """
 
     def __init__(self, run_dir, device=None, weights: str = "ema"):
@@ -337,7 +338,7 @@ class Run:
         ``start .. start + len(x)`` (CPU float32, data units), so a caller can stream them to disk."""
         from tqdm.auto import tqdm
 
-        from .solvers import check_method, integrate
+        from .solvers import check_method
 
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
         self.check_label(label, guidance)
@@ -346,9 +347,20 @@ class Run:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
             x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
-            lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
-            res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
-            yield i, self.dataset.decode(res.x).float().cpu()
+            yield i, self.flow(x0, nfe, solver, label, guidance, **solver_kw).x.float().cpu()
+
+    @torch.inference_mode()
+    def flow(self, x0: torch.Tensor, nfe: int | None = 100, solver: str = "euler", label: int | None = None,
+             guidance: float = 1.0, trajectory: bool = False, **solver_kw):
+        """Integrate noise ``x0`` (model space, on the run's device) from t = 0 to 1 with
+        :meth:`field` and decode: a :class:`~flowmatch.solvers.SolveResult` whose ``x`` (and
+        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device."""
+        from .solvers import integrate
+
+        lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
+        res = integrate(self.field(lab, guidance), x0, solver, nfe, trajectory=trajectory, **solver_kw)
+        decoded = None if res.trajectory is None else self.dataset.decode(res.trajectory)
+        return dataclasses.replace(res, x=self.dataset.decode(res.x), trajectory=decoded)
 
 
 def log_scale(dataset, shape) -> float:
