@@ -349,6 +349,24 @@ class Run:
             x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
             yield i, self.flow(x0, nfe, solver, label, guidance, **solver_kw).x.float().cpu()
 
+    def sample_distributed(self, n: int, batch_size: int = 65536, progress: bool = False, **kw) -> torch.Tensor | None:
+        """:meth:`sample` under ``torch.distributed`` (torchrun): every process draws its share of
+        the batches, process 0 gathers them in order and returns all ``n`` samples; the others
+        return None. ``kw``: the other options of :meth:`sample`."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = self.sample(n, batch_size=batch_size, progress=progress and rank == 0, part=(rank, world), **kw)
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][rank::world]
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(list(mine.split(sizes)) if sizes else [], parts, dst=0)
+        if rank != 0:
+            return None
+        batches = [None] * len(range(0, n, batch_size))
+        for p, chunks in enumerate(parts):
+            batches[p::world] = chunks
+        return torch.cat(batches)
+
     @torch.inference_mode()
     def flow(self, x0: torch.Tensor, nfe: int | None = 100, solver: str = "euler", label: int | None = None,
              guidance: float = 1.0, trajectory: bool = False, **solver_kw):
