@@ -290,7 +290,6 @@ def sample(
 ):
     """Draw samples from a trained run."""
     import numpy as np
-    import torch
 
     from .runs import atomic_path, check_output, load_run
 
@@ -315,19 +314,9 @@ def sample(
     kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance,
               time_shift=time_shift)
     if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
-        import torch.distributed as dist
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        mine = r.sample(n, progress=progress and rank == 0, part=(rank, world), **kw)
-        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][rank::world]
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object(list(mine.split(sizes)) if sizes else [], parts, dst=0)
-        if rank != 0:
+        x = r.sample_distributed(n, progress=progress, **kw)
+        if x is None:  # not process 0, which writes --out
             return
-        batches = [None] * len(range(0, n, batch_size))
-        for p, chunks in enumerate(parts):
-            batches[p::world] = chunks
-        x = torch.cat(batches)
     elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
             # the .npy header, then the batches in order (appended: no mapped pages stay resident)

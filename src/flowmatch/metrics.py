@@ -24,6 +24,7 @@ import numpy as np
 import ot
 import torch
 
+from .noise import batch_noise
 from .solvers import integrate
 
 
@@ -155,14 +156,10 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
         result["data"] = sharpness(fresh[0], refs[0], toy)
     for k in tqdm(nfes, disable=not progress, desc="eval", unit="nfe"):
         result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed, time_shift=time_shift))
-    gen = torch.Generator(device=run.device).manual_seed(seed * 1_000_003)
-    result["straightness"] = straightness(run.velocity, run.noise(min(n, 2000), gen), nfe=100)
+    result["straightness"] = straightness(run.velocity, batch_noise(seed, 0, min(n, 2000), run.shape, run.device), nfe=100)
     if adaptive:
-        with torch.inference_mode():
-            res = integrate(run.velocity, run.noise(n, torch.Generator(device=run.device).manual_seed(seed)),
-                            adaptive, None, atol=tol, rtol=tol)
-        result["adaptive"] = {"solver": adaptive, "tol": tol, "nfe": res.nfe,
-                              **measure(run.dataset.decode(res.x).float().cpu())}
+        res = run.flow(run.noise(n, torch.Generator(device=run.device).manual_seed(seed)), None, adaptive, atol=tol, rtol=tol)
+        result["adaptive"] = {"solver": adaptive, "tol": tol, "nfe": res.nfe, **measure(res.x.float().cpu())}
     return result
 
 

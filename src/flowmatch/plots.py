@@ -18,7 +18,6 @@ import torch  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 from .runs import atomic_path, read_metrics  # noqa: E402
-from .solvers import integrate  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -82,12 +81,17 @@ def _draw_trajectories(ax, traj: torch.Tensor, times: torch.Tensor, title: str, 
         ax.legend(loc="upper right", fontsize=7)
 
 
+def _paths(run, n: int, nfe: int, seed: int):
+    """Euler paths of ``n`` samples from the noise of ``seed``, with ``nfe`` steps: the
+    :meth:`~flowmatch.runs.Run.flow` result, whose ``trajectory`` (T, n, ...) is in data units."""
+    g = torch.Generator(device=run.device).manual_seed(seed)
+    return run.flow(run.noise(n, g), nfe, trajectory=True)
+
+
 def trajectories(run, path, n: int = 300, nfe: int = 100, seed: int = 0, title: str | None = None) -> Path:
     """Paths from noise (t = 0, grey) to data (t = 1, orange) under Euler with ``nfe`` steps."""
-    g = torch.Generator(device=run.device).manual_seed(seed)
-    with torch.inference_mode():
-        res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
-    traj = run.dataset.decode(res.trajectory).cpu()
+    res = _paths(run, n, nfe, seed)
+    traj = res.trajectory.cpu()
     fig, ax = plt.subplots(figsize=(5, 5))
     _draw_trajectories(ax, traj, res.times, title or f"trajectories ({nfe} Euler steps)")
     return _save(fig, path)
@@ -119,10 +123,8 @@ def loss_curve(rows: list[dict], path) -> Path:
 
 def flow_gif(run, path, n: int = 1500, frames: int = 40, seed: int = 0) -> Path:
     """An animation of samples flowing from noise to data (Euler, one frame per step)."""
-    g = torch.Generator(device=run.device).manual_seed(seed)
-    with torch.inference_mode():
-        res = integrate(run.velocity, run.noise(n, g), "euler", frames, trajectory=True)
-    traj = run.dataset.decode(res.trajectory).cpu()
+    res = _paths(run, n, frames, seed)
+    traj = res.trajectory.cpu()
     fig, ax = plt.subplots(figsize=(4, 4))
     title = ax.set_title("t = 0.00")
     if traj.shape[2] == 1:  # 1-D: the histogram of x_t
@@ -190,11 +192,9 @@ def image_grid(x: torch.Tensor, path, nrow: int | None = None, title: str | None
 
 def image_flow(run, path, n: int = 8, steps: int = 8, nfe: int = 64, seed: int = 0) -> Path:
     """Rows: samples; columns: x_t from noise (t = 0) to data (t = 1)."""
-    g = torch.Generator(device=run.device).manual_seed(seed)
-    with torch.inference_mode():
-        res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
+    res = _paths(run, n, nfe, seed)
     idx = torch.linspace(0, nfe, steps + 1).round().long()
-    frames = run.dataset.decode(res.trajectory[idx]).clamp(0, 1)  # (steps+1, n, C, H, W)
+    frames = res.trajectory[idx].clamp(0, 1)  # (steps+1, n, C, H, W)
     grid = frames.permute(1, 0, 2, 3, 4).reshape(-1, *frames.shape[2:])
     return image_grid(grid, path, nrow=steps + 1, title="noise (t=0) -> data (t=1)")
 
@@ -246,9 +246,7 @@ def compare_trajectories(runs: dict, path, n: int = 300, nfe: int = 100, seed: i
     """Trajectories of several runs from the same noise, side by side (e.g. 1-RF against 2-RF)."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 4.5), squeeze=False)
     for ax, (label, run) in zip(axes[0], runs.items()):
-        g = torch.Generator(device=run.device).manual_seed(seed)
-        with torch.inference_mode():
-            res = integrate(run.velocity, run.noise(n, g), "euler", nfe, trajectory=True)
-        traj = run.dataset.decode(res.trajectory).cpu()
+        res = _paths(run, n, nfe, seed)
+        traj = res.trajectory.cpu()
         _draw_trajectories(ax, traj, res.times, f"{label} trajectories", legend=False)
     return _save(fig, path)

@@ -23,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import StudentOptions, TrainConfig
-from .data import Batch, Dataset, make_dataset
+from .data.pairs import PairsDataset, check_pairs
 from .errors import UserError
-from .runs import load_weights, save_weights, write_json
+from .noise import batch_noise
+from .runs import save_weights, write_json
 
 SHARD_SIZE = 4096
 
@@ -38,8 +39,7 @@ def _pairs_meta(teacher, n, shard_size, seed) -> dict:
 
 def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
     """The noise of shard ``k``: ``m`` draws from its own CPU generator, seeded by ``(seed, k)``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return torch.randn(m, *shape, generator=g)
+    return batch_noise(seed, k, m, shape)
 
 
 def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,
@@ -73,95 +73,6 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         z1 = teacher(z0).float().cpu()
         save_weights(f, {"z0": z0, "z1": z1}, {"index": k, "seed": seed})
     return pairs_dir
-
-
-def check_pairs(pairs_dir) -> dict:
-    """Read and check a pairs folder's metadata: complete, and the shapes it claims."""
-    pairs_dir = Path(pairs_dir)
-    meta_file = pairs_dir / "pairs.json"
-    if not meta_file.is_file():
-        raise UserError(f"{pairs_dir}: no pairs.json; not a folder of teacher pairs")
-    meta = json.loads(meta_file.read_text())
-    missing = [k for k in range(meta["num_shards"]) if not (pairs_dir / f"shard-{k:05d}.safetensors").is_file()]
-    if missing:
-        raise UserError(f"{pairs_dir}: {len(missing)} of {meta['num_shards']} shards missing; run again with --resume")
-    return meta
-
-
-class PairsDataset(Dataset):
-    """Fixed teacher pairs ``(z0, z1)`` from shards, in the teacher's model space.
-
-    Shards are held in memory while they fit in ``max_bytes``; beyond that a window of
-    shards is resident and moves on through a seeded shuffle of the shards as batches are
-    served (its position is part of the trainer state, so a resumed run continues exactly).
-    """
-
-    def __init__(self, dir: str, base: dict | None = None, max_bytes: int = 2**30):
-        super().__init__()
-        self.dir = Path(dir)
-        meta = check_pairs(self.dir)
-        self.meta, self.shape = meta, tuple(meta["shape"])
-        self.base = make_dataset(base) if base and base.get("name") not in ("diffusers", None) else None
-        if self.base is not None:
-            self.mean, self.std = self.base.mean, self.base.std
-        elif base:
-            self.mean = torch.tensor(float(base.get("mean", 0.0)))
-            self.std = torch.tensor(float(base.get("std", 1.0)))
-        # The teacher samples unconditionally (its null class): the student keeps the teacher's
-        # label embedding, so it starts as the teacher's field, and learns the null class only.
-        self.num_classes = int(meta.get("num_classes", 0))
-        self.spec = {"name": "pairs", "dir": str(self.dir.resolve()), "base": base}
-        per_shard = 2 * 4 * meta["shard_size"] * max(1, int(torch.tensor(self.shape).prod()))
-        self.window = max(1, min(meta["num_shards"], max_bytes // per_shard))
-        self.served, self.device, self._resident = 0, torch.device("cpu"), None
-
-    def _load(self, k):
-        t = load_weights(self.dir / f"shard-{k:05d}.safetensors")
-        if tuple(t["z0"].shape[1:]) != self.shape or t["z0"].shape != t["z1"].shape:
-            raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs of shape {tuple(t['z0'].shape)}, expected {self.shape}")
-        return t["z0"], t["z1"]
-
-    def _window_shards(self, w: int) -> list[int]:
-        n = self.meta["num_shards"]
-        per_epoch = -(-n // self.window)
-        epoch, pos = divmod(w, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.meta["seed"] + 7919 * epoch)).tolist()
-        return order[pos * self.window:(pos + 1) * self.window]
-
-    def _ensure(self, batch: int):
-        if self.window >= self.meta["num_shards"]:
-            w = 0
-        else:
-            w = self.served * batch // (self.window * self.meta["shard_size"])
-        if self._resident is None or self._resident[0] != w:
-            parts = [self._load(k) for k in self._window_shards(w)]
-            z0 = torch.cat([p[0] for p in parts]).to(self.device)
-            z1 = torch.cat([p[1] for p in parts]).to(self.device)
-            self._resident = (w, z0, z1)
-        return self._resident[1], self._resident[2]
-
-    def to(self, device):
-        self.device = torch.device(device)
-        self._resident = None
-        return self
-
-    def sample(self, n, generator):
-        z0, z1 = self._ensure(n)
-        self.served += 1
-        idx = torch.randint(len(z0), (n,), generator=generator, device=generator.device)
-        return Batch(x1=z1[idx.to(z1.device)], x0=z0[idx.to(z0.device)])
-
-    def reference(self, n, generator):
-        if self.base is None:
-            raise UserError(f"{self.dir}: the teacher's data set is unknown, so there is no fresh data to compare with")
-        return self.base.reference(n, generator)
-
-    def state_dict(self) -> dict:
-        return {"served": self.served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.served = int(state["served"])
-        self._resident = None
 
 
 def teacher_solver(nfe: int | None) -> str:

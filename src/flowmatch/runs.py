@@ -13,39 +13,19 @@ Every file but metrics.jsonl is written atomically (temporary file in the same f
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .files import atomic_path, load_state, load_weights, save_state, save_weights, write_json, write_text  # noqa: F401 - imported from here too
+from .noise import batch_generator, batch_noise
 
 FORMAT_VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_output(path, suffixes: tuple[str, ...], option: str = "--out", overwrite: bool = False) -> Path:
@@ -65,48 +45,6 @@ def check_output(path, suffixes: tuple[str, ...], option: str = "--out", overwri
     if path.exists() and not overwrite:
         raise UserError(f"{option}: {path} already exists; pass --overwrite to replace it")
     return path
-
-
-def write_text(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
-def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def save_weights(path, state_dict: dict, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def load_weights(path, device="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file; expected safetensors weights")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
-
-
-def save_state(path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path) -> dict:
-    """Trainer state through ``torch.load(weights_only=True)``: a pickle payload is refused."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file; expected a trainer state to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one user error
-        raise UserError(f"{path}: not a valid trainer state ({type(e).__name__}); refusing to load it") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"{path}: not a valid trainer state (expected a dict with a step)")
-    return state
 
 
 def read_config(run_dir) -> dict:
@@ -230,8 +168,8 @@ class RunLock:
 class Run:
     """A trained run loaded from its directory: network (EMA weights by default), path, data.
 
-    ``velocity(x, t[, label])`` is the model's field in model space; :meth:`sample` draws
-    samples in the data's own units.
+    ``velocity(x, t[, label])`` is the model's field in model space; :meth:`flow` carries given
+    noise to the data's own units, :meth:`sample` draws samples in them.
     """
 
     def __init__(self, run_dir, device=None, weights: str = "ema"):
@@ -307,7 +245,7 @@ class Run:
         out = []
         for k, i in enumerate(tqdm(range(0, len(x), batch_size), disable=not progress, desc="nll", unit="batch")):
             xb = self.dataset.encode(x[i:i + batch_size].to(self.device))
-            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
+            g = batch_generator(seed, k, self.device)
             lp = log_prob(self.velocity, xb, atol=tol, rtol=tol, divergence=divergence, generator=g)
             out.append(lp.log_prob.cpu() - log_scale(self.dataset, self.shape))
         return torch.cat(out)
@@ -335,7 +273,7 @@ class Run:
         ``start .. start + len(x)`` (CPU float32, data units), so a caller can stream them to disk."""
         from tqdm.auto import tqdm
 
-        from .solvers import check_method, integrate
+        from .solvers import check_method
 
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
         self.check_label(label, guidance)
@@ -343,11 +281,39 @@ class Run:
         if part is not None:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
-            g = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + k)
-            x0 = self.noise(min(batch_size, n - i), g)
-            lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
-            res = integrate(self.field(lab, guidance), x0, solver, nfe, **solver_kw)
-            yield i, self.dataset.decode(res.x).float().cpu()
+            x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
+            yield i, self.flow(x0, nfe, solver, label, guidance, **solver_kw).x.float().cpu()
+
+    def sample_distributed(self, n: int, batch_size: int = 65536, progress: bool = False, **kw) -> torch.Tensor | None:
+        """:meth:`sample` under ``torch.distributed`` (torchrun): every process draws its share of
+        the batches, process 0 gathers them in order and returns all ``n`` samples; the others
+        return None. ``kw``: the other options of :meth:`sample`."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = self.sample(n, batch_size=batch_size, progress=progress and rank == 0, part=(rank, world), **kw)
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)][rank::world]
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(list(mine.split(sizes)) if sizes else [], parts, dst=0)
+        if rank != 0:
+            return None
+        batches = [None] * len(range(0, n, batch_size))
+        for p, chunks in enumerate(parts):
+            batches[p::world] = chunks
+        return torch.cat(batches)
+
+    @torch.inference_mode()
+    def flow(self, x0: torch.Tensor, nfe: int | None = 100, solver: str = "euler", label: int | None = None,
+             guidance: float = 1.0, trajectory: bool = False, **solver_kw):
+        """Integrate noise ``x0`` (model space, on the run's device) from t = 0 to 1 with
+        :meth:`field` and decode: a :class:`~flowmatch.solvers.SolveResult` whose ``x`` (and
+        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device."""
+        from .solvers import integrate
+
+        lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
+        res = integrate(self.field(lab, guidance), x0, solver, nfe, trajectory=trajectory, **solver_kw)
+        decoded = None if res.trajectory is None else self.dataset.decode(res.trajectory)
+        return dataclasses.replace(res, x=self.dataset.decode(res.x), trajectory=decoded)
 
 
 def log_scale(dataset, shape) -> float:

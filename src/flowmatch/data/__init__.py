@@ -297,7 +297,7 @@ def make_dataset(spec: dict) -> Dataset:
     if name in ("digits", "images", "image-array"):
         return ImageDataset(name, **spec)
     if name == "pairs":
-        from ..reflow import PairsDataset
+        from .pairs import PairsDataset
 
         return PairsDataset(**spec)
     raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")

@@ -1,0 +1,79 @@
+"""Files written whole or not at all: a temporary file in the same folder, then ``os.replace``.
+Text and JSON, safetensors weights, and the trainer state (read back with
+``torch.load(weights_only=True)``); a missing or unreadable file is a :class:`UserError`
+naming it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_weights(path, state_dict: dict, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(path, device="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; expected safetensors weights")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
+def save_state(path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path) -> dict:
+    """Trainer state through ``torch.load(weights_only=True)``: a pickle payload is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; expected a trainer state to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is one user error
+        raise UserError(f"{path}: not a valid trainer state ({type(e).__name__}); refusing to load it") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path}: not a valid trainer state (expected a dict with a step)")
+    return state
