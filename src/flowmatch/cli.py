@@ -289,9 +289,7 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ):
     """Draw samples from a trained run."""
-    import numpy as np
-
-    from .runs import atomic_path, check_output, load_run
+    from .runs import check_output, load_run
 
     # under torchrun the launcher has checked --out; the processes write it only at the end
     check_output(out, (".npy", ".png"), overwrite=overwrite or "WORLD_SIZE" in os.environ)
@@ -318,31 +316,49 @@ def sample(
         if x is None:  # not process 0, which writes --out
             return
     elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
-        with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            # the .npy header, then the batches in order (appended: no mapped pages stay resident)
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
-                                                     "fortran_order": False, "shape": (n, *r.shape)})
-            for _, xb in r.sample_batches(n, progress=progress, **kw):
-                f.write((xb.clamp(0, 1) if len(r.shape) == 3 else xb).numpy().astype("<f4").tobytes())
+        _stream_npy(r.sample_batches(n, progress=progress, **kw), out, (n, *r.shape), images=len(r.shape) == 3)
         _say(f"wrote {n} samples to {out}")
         return
     else:
         x = r.sample(n, progress=progress, **kw)
-    if len(r.shape) == 3:
+    _write_samples(x, out, images=len(r.shape) == 3,
+                   title=f"{solver}, NFE {nfe}" + (f", label {label}" if label is not None else ""))
+    _say(f"wrote {n} samples to {out}")
+
+
+def _stream_npy(batches, out: Path, shape: tuple, images: bool) -> None:
+    """The .npy header, then the ``(start, x)`` batches in order (appended: no mapped pages stay
+    resident), written atomically; pixels clamped to [0, 1]."""
+    import numpy as np
+
+    from .files import atomic_path
+
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                                                 "fortran_order": False, "shape": shape})
+        for _, xb in batches:
+            f.write((xb.clamp(0, 1) if images else xb).numpy().astype("<f4").tobytes())
+
+
+def _write_samples(x, out: Path, images: bool, title: str) -> None:
+    """Samples into ``out``: a float32 .npy, or a picture (an image grid, or a scatter plot)."""
+    import numpy as np
+
+    from .files import atomic_path
+
+    if images:
         x = x.clamp(0, 1)  # pixels in [0, 1] at the border
     if out.suffix.lower() == ".npy":
-        with atomic_path(out) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, x.numpy().astype(np.float32))
-    elif len(r.shape) == 3:
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, x.numpy().astype(np.float32))
+    elif images:
         from .plots import image_grid
 
-        image_grid(x.clamp(0, 1), out, title=f"{solver}, NFE {nfe}" + (f", label {label}" if label is not None else ""))
+        image_grid(x, out, title=title)
     else:
         from .plots import scatter
 
-        scatter(x, out, title=f"{solver}, NFE {nfe}")
-    _say(f"wrote {n} samples to {out}")
+        scatter(x, out, title=title)
 
 
 @command("eval")
@@ -386,14 +402,8 @@ def evaluate(
     loaded = [load_run(r) for r in runs]
     images = [len(r.shape) == 3 for r in loaded]
     if any(images):
-        if not all(images):
-            raise UserError("RUNS: give image runs and vector runs to separate eval commands (they are measured differently)")
-        for option, value in (("--tol", tol), ("--repeats", repeats), ("--plot", plot),
-                              ("--time-shift", None if time_shift == 1.0 else time_shift)):
-            if value is not None:
-                raise UserError(f"{option}: does not apply to image runs (Fréchet distances at one fixed-step NFE)")
-        if nfe is not None and len(nfes) != 1:
-            raise UserError(f"--nfe: image runs are measured at one NFE, got {nfe!r}")
+        _check_image_eval(images, nfe, nfes, {"--tol": tol, "--repeats": repeats, "--plot": plot,
+                                              "--time-shift": None if time_shift == 1.0 else time_shift})
         return _eval_images(loaded, n or 1000, nfes[0] if nfe is not None else 100, solver, seed, json_out)
     results = {}
     for r in loaded:
@@ -497,6 +507,17 @@ def nll(
     else:
         _say(f"NLL {res['nll']:.4f} ± {res['se']:.4f} nats per sample (n = {n})"
              + (f", {res['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in res else ""))
+
+
+def _check_image_eval(images: list[bool], nfe: str | None, nfes: list[int], vector_only: dict) -> None:
+    """Image runs are measured alone, at one NFE, without the options of the 2-D measures."""
+    if not all(images):
+        raise UserError("RUNS: give image runs and vector runs to separate eval commands (they are measured differently)")
+    for option, value in vector_only.items():
+        if value is not None:
+            raise UserError(f"{option}: does not apply to image runs (Fréchet distances at one fixed-step NFE)")
+    if nfe is not None and len(nfes) != 1:
+        raise UserError(f"--nfe: image runs are measured at one NFE, got {nfe!r}")
 
 
 def _eval_images(loaded, n, nfe, solver, seed, json_out):
