@@ -293,3 +293,36 @@ def test_time_shift_moves_the_sampling_grid(cli, tiny_run, tmp_path):
     assert not torch.allclose(got, plain.float())
     rc, _, err = cli("sample", tiny_run, "--time-shift", "0", "--out", tmp_path / "y.npy")
     assert "--time-shift" in one_line_error(rc, err) and not (tmp_path / "y.npy").exists()
+
+
+def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
+    """Every TrainConfig field offered on the command line is a train option with the field's
+    default (steps and batch size: chosen by the data); a new field, --adam-beta2, reaches AdamW."""
+    import dataclasses
+
+    import typer.main
+
+    from flowmatch.cli import app
+    from flowmatch.config import StudentOptions, TrainConfig
+
+    def options(name):
+        command = typer.main.get_command(app).commands[name]
+        return {p.name: p.default for p in command.params}
+
+    train = options("train")
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["cli"]:
+            assert train[f.name] == (None if f.name in ("steps", "batch_size") else getattr(TrainConfig(), f.name)), f.name
+        else:
+            assert f.name not in train
+    for name in ("reflow", "distill"):
+        student = options(name)
+        for f in dataclasses.fields(StudentOptions):
+            assert f.name == "k" and name == "reflow" or student[f.name] == getattr(StudentOptions(), f.name), (name, f.name)
+    rc, _, err = cli("train", "--adam-beta2", "0.95", "--steps", "2", "--no-plots", "--out", tmp_path / "r", *TINY)
+    assert rc == 0, err
+    state = torch.load(tmp_path / "r" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["adam_beta2"] == 0.95
+    rc, _, err = cli("train", "--adam-beta2", "1", "--out", tmp_path / "bad", *TINY)
+    assert "--adam-beta2" in one_line_error(rc, err) and not (tmp_path / "bad").exists()

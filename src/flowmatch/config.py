@@ -34,6 +34,7 @@ class TrainConfig:
     batch_size: int = setting(512, "batch size per process")
     lr: float = setting(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = setting(0.0)
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay (e.g. 0.95 for steadier long runs)")
     warmup_steps: int = setting(200, "linear warm-up steps")
     schedule: str = setting("cosine", "learning-rate schedule after warm-up: constant, cosine, linear")
     grad_clip: float | None = setting(1.0, "clip the gradient norm (0 disables)")
@@ -112,6 +113,8 @@ class TrainConfig:
             raise bad("weight_decay", "a value >= 0", self.weight_decay)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise bad("grad_clip", "a positive value", self.grad_clip)
+        if not 0 < self.adam_beta2 < 1:
+            raise bad("adam_beta2", "a value in (0, 1)", self.adam_beta2)
         if not 0 <= self.ema_decay < 1:
             raise bad("ema_decay", "a value in [0, 1)", self.ema_decay)
         if not 0 <= self.label_dropout < 1:

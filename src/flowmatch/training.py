@@ -171,7 +171,8 @@ class Trainer:
         self.model = parts.model.to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         # fused AdamW: one kernel for all parameters (about 1.5x the steps/s of foreach on 2 CPU cores)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                     weight_decay=cfg.weight_decay, fused=True)
         # One generator per process draws data, noise and times: no global random state.
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
