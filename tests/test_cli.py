@@ -326,3 +326,19 @@ def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["adam_beta2"] == 0.95
     rc, _, err = cli("train", "--adam-beta2", "1", "--out", tmp_path / "bad", *TINY)
     assert "--adam-beta2" in one_line_error(rc, err) and not (tmp_path / "bad").exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(cli, tmp_path, monkeypatch):
+    """bf16 autocast is emulated (about 20x slower than fp32) on CPUs without AMX or AVX512-BF16:
+    train says so, and says nothing where the CPU has them."""
+    import warnings
+
+    from flowmatch import training
+
+    for has, expect in ((False, 1), (True, 0)):
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda has=has: has)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            rc, _, err = cli("train", "--precision", "bf16", "--steps", "1", "--no-plots", "--out", tmp_path / f"r{has}", *TINY)
+        assert rc == 0, err
+        assert sum("no bfloat16 units" in str(w.message) for w in seen) == expect
