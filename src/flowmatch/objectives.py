@@ -47,6 +47,7 @@ class Drawn:
     x1: torch.Tensor
     t: torch.Tensor
     label: torch.Tensor | None
+    t_end: torch.Tensor | None = None  # MeanFlow: the end of each pair's interval [t, t_end]
 
 
 class CFM:
@@ -74,6 +75,59 @@ class CFM:
         return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c)
 
 
+class MeanFlow(CFM):
+    """MeanFlow (Geng et al. 2025): the network ``u(z, t, h)`` predicts the *average* velocity
+    over ``[t, t + h]``, ``u = 1/h * integral of v(z_s, s) ds``, so that one step ``z1 = z0 +
+    u(z0, 0, 1)`` generates. Written in this package's time (noise at 0, data at 1), the identity
+    ``(t_end - t) u(z_t, t, t_end) = integral_t^t_end v`` differentiated in ``t`` gives the target
+
+        u = v + (t_end - t) d/dt u(z_t, t, t_end),   d/dt = v . grad_z + d/dt (t_end fixed),
+
+    a Jacobian-vector product along ``(v, 1, 0)`` (``torch.func.jvp``), under stop-gradient,
+    with ``v = x1 - x0`` the straight path's conditional velocity. Times: two draws of the time
+    sampler, sorted; a share ``1 - share`` of them gets ``t_end = t`` (plain flow matching).
+    The loss is adaptively weighted, ``w = 1 / (||u - target||^2 + c)^p`` (stop-gradient),
+    ``c = 1e-3``, ``p = 1`` as in the paper."""
+
+    name = "meanflow"
+
+    def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
+                 power: float = 1.0):
+        from .paths import LinearPath
+
+        super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
+        self.share, self.c, self.power = share, c, power
+
+    def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
+        d = super().draw(batch, gen)
+        t2 = self.time_sampler.sample(len(d.t), gen, device=d.t.device)
+        t, t_end = torch.minimum(d.t, t2), torch.maximum(d.t, t2)
+        keep = torch.rand(len(t), generator=gen, device=t.device) < self.share
+        return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t))
+
+    def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's average velocity on the draws, and its MeanFlow target (no gradient)."""
+        shape = (-1,) + (1,) * (d.x0.dim() - 1)
+        z = (1 - d.t.view(shape)) * d.x0 + d.t.view(shape) * d.x1
+        v = d.x1 - d.x0
+
+        def u(z, t, t_end):
+            return model(z, t, d.label, h=t_end - t)
+
+        pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), (v, torch.ones_like(d.t), torch.zeros_like(d.t)))
+        return pred, (v + (d.t_end - d.t).view(shape) * du_dt).detach()
+
+    def loss(self, model, d: Drawn) -> torch.Tensor:
+        pred, target = self.target(model, d)
+        err = (pred.float() - target.float()).flatten(1).pow(2).sum(1)
+        return (err / (err.detach() + self.c) ** self.power).mean()
+
+
+OBJECTIVES = ("cfm", "meanflow")
+
+
 def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
+    if cfg.objective == "meanflow":
+        return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power)
     return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c)

@@ -202,7 +202,10 @@ class Run:
 
     @property
     def default_nfe(self) -> int:
-        """How the run is meant to be sampled: a distilled k-step generator at NFE k, else 100."""
+        """How the run is meant to be sampled: a distilled k-step generator at NFE k, a MeanFlow
+        run in one step, else 100."""
+        if self.cfg.objective == "meanflow":
+            return 1
         return int(self.lineage.get("steps", 1)) if self.lineage.get("kind") == "distill" else 100
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,6 +218,14 @@ class Run:
         if label is None:
             return self.velocity
         return guided(self.velocity, label, guidance)
+
+    def _average_field(self, label, guidance: float, nfe: int, time_shift: float = 1.0):
+        """A MeanFlow run's Euler field: the average velocity over each step of the grid."""
+        from .solvers import fixed_grid, guided
+
+        v = _average_field_of(self.model, fixed_grid("euler", nfe, time_shift=time_shift, device=self.device,
+                                                     dtype=torch.float64))
+        return (lambda x, t: v(x, t)) if label is None else guided(v, label, guidance)
 
     def check_label(self, label: int | None, guidance: float = 1.0) -> None:
         """A label fits this run's classes; guidance (other than 1, none) is a finite weight given with a label."""
@@ -311,9 +322,24 @@ class Run:
         from .solvers import integrate
 
         lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
-        res = integrate(self.field(lab, guidance), x0, solver, nfe, trajectory=trajectory, **solver_kw)
+        field = self.field(lab, guidance)
+        if self.cfg.objective == "meanflow" and solver == "euler":  # each step: the average velocity over it
+            field = self._average_field(lab, guidance, nfe, solver_kw.get("time_shift", 1.0))
+        res = integrate(field, x0, solver, nfe, trajectory=trajectory, **solver_kw)
         decoded = None if res.trajectory is None else self.dataset.decode(res.trajectory)
         return dataclasses.replace(res, x=self.dataset.decode(res.x), trajectory=decoded)
+
+
+def _average_field_of(model, grid: torch.Tensor):
+    """``u(x, t, h)`` with ``h`` the step from ``t`` to the next time of ``grid``: Euler on that
+    grid takes MeanFlow's k-step sampler's steps, ``z <- z + h u(z, t, h)``."""
+
+    def v(x, t, label=None):
+        k = (grid[None, :] - t.to(grid.dtype)[:, None]).abs().argmin(1).clamp(max=len(grid) - 2)  # t's grid time
+        h = (grid[k + 1] - grid[k]).to(x.dtype)
+        return model(x, t, label, h=h) if label is not None else model(x, t, h=h)
+
+    return v
 
 
 def log_scale(dataset, shape) -> float:

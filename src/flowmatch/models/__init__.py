@@ -10,15 +10,17 @@ from ..errors import UserError
 from .mlp import MLP
 
 
-def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0):
+def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False):
     # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
     return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes,
-               fourier=fourier, fourier_scale=fourier_scale)
+               fourier=fourier, fourier_scale=fourier_scale, interval=interval)
 
 
-def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None):
+def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False):
     from .unet import UNet
 
+    if interval:
+        raise UserError("--objective meanflow: the UNet does not take an interval yet; use --model mlp")
     # width/depth are the MLP's; the UNet takes its small defaults per image size
     return UNet(tuple(shape), num_classes=num_classes)
 

@@ -32,7 +32,7 @@ class MLP(nn.Module):
     """
 
     def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0, num_classes: int = 0,
-                 fourier: int = 0, fourier_scale: float = 1.0):
+                 fourier: int = 0, fourier_scale: float = 1.0, interval: bool = False):
         super().__init__()
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even integer >= 2, got {width}")
@@ -45,21 +45,29 @@ class MLP(nn.Module):
             self.register_buffer("freqs", freqs)
         self.inp = nn.Linear(dim + 2 * fourier, width)
         self.time = nn.Linear(width, width)
+        # average-velocity networks (MeanFlow): the interval h = t_end - t embedded beside t
+        self.interval = nn.Linear(width, width) if interval else None
         self.label = nn.Embedding(num_classes + 1, width) if num_classes else None
         self.blocks = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
+                h: torch.Tensor | None = None) -> torch.Tensor:
+        """The field at ``(x, t)``; with ``h`` (an interval network), the average velocity over
+        ``[t, t + h]`` (``h = 0``, or None: the instantaneous velocity)."""
         shape = x.shape
         x = x.reshape(len(x), -1)
         feats = x
         if self.fourier:
             proj = 2 * math.pi * x @ self.freqs.to(x.dtype)
             feats = torch.cat([x, torch.sin(proj), torch.cos(proj)], dim=1)
-        h = self.inp(feats) + self.time(sinusoidal_embedding(t, self.width, self.time_scale).to(x.dtype))
+        emb = self.inp(feats) + self.time(sinusoidal_embedding(t, self.width, self.time_scale).to(x.dtype))
+        if self.interval is not None:
+            h = torch.zeros_like(t) if h is None else h
+            emb = emb + self.interval(sinusoidal_embedding(h, self.width, self.time_scale).to(x.dtype))
         if self.label is not None:
             if label is None:  # unconditional: the null class
                 label = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
             label = torch.where(label < 0, self.num_classes, label)  # -1 also means null
-            h = h + self.label(label)
-        return self.out(self.blocks(h)).reshape(shape)
+            emb = emb + self.label(label)
+        return self.out(self.blocks(emb)).reshape(shape)
