@@ -95,63 +95,20 @@ class TrainConfig:
             value = getattr(self, name)
             if float in typing.get_args(hint) + (hint,) and isinstance(value, float) and not math.isfinite(value):
                 raise bad(name, "a finite number", value)
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "log_every": self.log_every,
-                    "checkpoint_every": self.checkpoint_every, "width": self.width, "depth": self.depth,
-                    "grad_accum": self.grad_accum, "processes": self.processes, "time_steps": self.time_steps,
-                    "image_size": self.image_size}
-        for name, value in positive.items():
-            if not value > 0:
-                raise bad(name, "a positive value", value)
+        for name, (ok, expected) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise bad(name, expected, value)
         if self.width % 2:  # the network's time embedding has width/2 sines and width/2 cosines
             raise bad("width", "an even number", self.width)
-        if self.n_points is not None and self.n_points < 2:
-            raise bad("n_points", "an integer >= 2", self.n_points)
-        if self.fourier < 0:
-            raise bad("fourier", "a count >= 0", self.fourier)
-        for name in ("fourier_scale", "time_scale"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise bad(name, "a positive value", getattr(self, name))
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", "a value >= 0", self.warmup_steps)
-        if self.weight_decay < 0:
-            raise bad("weight_decay", "a value >= 0", self.weight_decay)
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise bad("grad_clip", "a positive value", self.grad_clip)
-        if not 0 < self.adam_beta2 < 1:
-            raise bad("adam_beta2", "a value in (0, 1)", self.adam_beta2)
-        if not 0 <= self.ema_decay < 1:
-            raise bad("ema_decay", "a value in [0, 1)", self.ema_decay)
-        if not 0 <= self.label_dropout < 1:
-            raise bad("label_dropout", "a value in [0, 1)", self.label_dropout)
-        if not 0 <= self.holdout <= 0.5:
-            raise bad("holdout", "a share in [0, 0.5]", self.holdout)
-        if self.ot_method not in ("exact", "sinkhorn"):
-            raise bad("ot_method", "one of exact, sinkhorn", self.ot_method)
-        if not self.ot_reg > 0:
-            raise bad("ot_reg", "a positive value", self.ot_reg)
-        if self.objective not in ("cfm", "meanflow"):
-            raise bad("objective", "one of cfm, meanflow", self.objective)
-        if not 0 <= self.meanflow_share <= 1:
-            raise bad("meanflow_share", "a share in [0, 1]", self.meanflow_share)
-        if self.meanflow_power < 0:
-            raise bad("meanflow_power", "a value >= 0", self.meanflow_power)
-        if self.objective == "meanflow":
-            for name, value, allowed in (("path", self.path, "linear"), ("prediction", self.prediction, "auto or velocity"),
-                                         ("loss", self.loss, "mse")):
-                if value not in allowed.split(" or ") and not (name == "prediction" and value == "auto"):
-                    raise bad(name, f"{allowed} with --objective meanflow", value)
-            if self.sigma_min != 0:
-                raise bad("sigma_min", "0 with --objective meanflow", self.sigma_min)
-        if self.prediction not in ("auto", "velocity", "data"):
-            raise bad("prediction", "one of auto, velocity, data", self.prediction)
-        if self.loss not in LOSSES:
-            raise bad("loss", f"one of {', '.join(LOSSES)}", self.loss)
-        if self.huber_c is not None and not self.huber_c > 0:
-            raise bad("huber_c", "a positive value", self.huber_c)
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise bad("precision", "one of fp32, bf16, fp16", self.precision)
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise bad(name, f"one of {', '.join(choices)}", getattr(self, name))
+        if self.objective == "meanflow":  # the straight path's average velocity, regressed with MSE
+            for name, allowed in (("path", ("linear",)), ("prediction", ("auto", "velocity")), ("loss", ("mse",)),
+                                  ("sigma_min", (0.0,))):
+                if getattr(self, name) not in allowed:
+                    raise bad(name, f"{' or '.join(map(str, allowed))} with --objective meanflow", getattr(self, name))
         return self
 
     def data_spec(self) -> dict:
@@ -293,10 +250,40 @@ class Parts:
 
 
 SCHEDULES = ("constant", "cosine", "linear")
+LOSSES = ("mse", "pseudo-huber")
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+#: each setting's range (None: unset, fine), checked in this order
+RANGES = {
+    **{name: (_positive, "a positive value") for name in ("steps", "batch_size", "lr", "log_every", "checkpoint_every",
+                                                          "width", "depth", "grad_accum", "processes", "time_steps",
+                                                          "image_size")},
+    "n_points": (lambda v: v >= 2, "an integer >= 2"),
+    "fourier": (lambda v: v >= 0, "a count >= 0"),
+    "fourier_scale": (_positive, "a positive value"),
+    "time_scale": (_positive, "a positive value"),
+    "warmup_steps": (lambda v: v >= 0, "a value >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "grad_clip": (_positive, "a positive value"),
+    "adam_beta2": (lambda v: 0 < v < 1, "a value in (0, 1)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "label_dropout": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "holdout": (lambda v: 0 <= v <= 0.5, "a share in [0, 0.5]"),
+    "ot_reg": (_positive, "a positive value"),
+    "meanflow_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    "meanflow_power": (lambda v: v >= 0, "a value >= 0"),
+    "huber_c": (_positive, "a positive value"),
+}
+#: the settings that name one of a few choices
+CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow"), "prediction": ("auto", "velocity", "data"),
+           "loss": LOSSES, "schedule": SCHEDULES, "precision": ("fp32", "bf16", "fp16")}
 # Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
           "huber_c": None}
-LOSSES = ("mse", "pseudo-huber")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
