@@ -108,8 +108,8 @@ class MeanFlow(CFM):
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's average velocity on the draws, and its MeanFlow target (no gradient)."""
         shape = (-1,) + (1,) * (d.x0.dim() - 1)
-        z = (1 - d.t.view(shape)) * d.x0 + d.t.view(shape) * d.x1
-        v = d.x1 - d.x0
+        ps = self.path.sample(d.x0, d.x1, d.t)  # the straight path: z_t and v = x1 - x0
+        z, v = ps.x_t, ps.u_t
 
         def u(z, t, t_end):
             return model(z, t, d.label, h=t_end - t)
@@ -121,9 +121,6 @@ class MeanFlow(CFM):
         pred, target = self.target(model, d)
         err = (pred.float() - target.float()).flatten(1).pow(2).sum(1)
         return (err / (err.detach() + self.c) ** self.power).mean()
-
-
-OBJECTIVES = ("cfm", "meanflow")
 
 
 def make_objective(cfg, parts) -> CFM:

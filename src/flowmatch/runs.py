@@ -211,21 +211,13 @@ class Run:
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x, t, label) if label is not None else self.model(x, t)
 
-    def field(self, label=None, guidance: float = 1.0):
-        """The velocity ``v(x, t)`` to integrate, with classifier-free guidance for a label."""
+    def field(self, label=None, guidance: float = 1.0, grid: torch.Tensor | None = None):
+        """The velocity ``v(x, t)`` to integrate, with classifier-free guidance for a label; with
+        ``grid`` (a MeanFlow run's fixed-step grid) the average velocity over each of its steps."""
         from .solvers import guided
 
-        if label is None:
-            return self.velocity
-        return guided(self.velocity, label, guidance)
-
-    def _average_field(self, label, guidance: float, nfe: int, time_shift: float = 1.0):
-        """A MeanFlow run's Euler field: the average velocity over each step of the grid."""
-        from .solvers import fixed_grid, guided
-
-        v = _average_field_of(self.model, fixed_grid("euler", nfe, time_shift=time_shift, device=self.device,
-                                                     dtype=torch.float64))
-        return (lambda x, t: v(x, t)) if label is None else guided(v, label, guidance)
+        v = self.velocity if grid is None else _average_velocity(self.model, grid)
+        return v if label is None else guided(v, label, guidance)
 
     def check_label(self, label: int | None, guidance: float = 1.0) -> None:
         """A label fits this run's classes; guidance (other than 1, none) is a finite weight given with a label."""
@@ -319,18 +311,18 @@ class Run:
         """Integrate noise ``x0`` (model space, on the run's device) from t = 0 to 1 with
         :meth:`field` and decode: a :class:`~flowmatch.solvers.SolveResult` whose ``x`` (and
         ``trajectory``, (T, *x0.shape)) are in data units, on the run's device."""
-        from .solvers import integrate
+        from .solvers import fixed_grid, integrate
 
         lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
-        field = self.field(lab, guidance)
+        grid = None
         if self.cfg.objective == "meanflow" and solver == "euler":  # each step: the average velocity over it
-            field = self._average_field(lab, guidance, nfe, solver_kw.get("time_shift", 1.0))
-        res = integrate(field, x0, solver, nfe, trajectory=trajectory, **solver_kw)
+            grid = fixed_grid("euler", nfe, time_shift=solver_kw.get("time_shift", 1.0), device=self.device, dtype=torch.float64)
+        res = integrate(self.field(lab, guidance, grid), x0, solver, nfe, trajectory=trajectory, **solver_kw)
         decoded = None if res.trajectory is None else self.dataset.decode(res.trajectory)
         return dataclasses.replace(res, x=self.dataset.decode(res.x), trajectory=decoded)
 
 
-def _average_field_of(model, grid: torch.Tensor):
+def _average_velocity(model, grid: torch.Tensor):
     """``u(x, t, h)`` with ``h`` the step from ``t`` to the next time of ``grid``: Euler on that
     grid takes MeanFlow's k-step sampler's steps, ``z <- z + h u(z, t, h)``."""
 
