@@ -240,6 +240,45 @@ def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
     assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches
 
 
+def test_meanflow_under_two_processes_steps_on_the_mean_of_their_gradients(tmp_path):
+    """MeanFlow's target is a JVP (torch.func), inside which DDP's forward cannot run: one step on
+    2 processes moves the weights as AdamW does on the mean of the two ranks' MeanFlow gradients,
+    computed on one process from each rank's draws (generator seed * 1000 + rank)."""
+    import torch
+
+    from flowmatch.config import TrainConfig
+    from flowmatch.objectives import make_objective
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--objective", "meanflow", "--processes", "2", "--steps", "1",
+           "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
+           "--no-plots", "--out", str(run), *TINY]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    trained = load_file(run / "model.safetensors")
+
+    cfg = TrainConfig(objective="meanflow", steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
+                      n_points=100, width=32, depth=2, plots=False)
+    parts = cfg.build()
+    model, objective = parts.model, make_objective(cfg, parts)
+    grads = []
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        model.zero_grad()
+        objective.loss(model, objective.draw(parts.dataset.sample(cfg.batch_size, gen), gen)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for p, g0, g1 in zip(model.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
+    expected = model.state_dict()
+    assert set(expected) == set(trained)
+    for k in expected:
+        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+    # each rank alone (DDP's all-reduce skipped) would have moved the weights elsewhere
+    assert not torch.allclose(grads[0][0], grads[1][0], atol=1e-3)
+
+
 def test_bad_input_found_by_a_worker_is_one_line(tmp_path):
     """A worker that stops on bad input (here: a loss that diverges) makes the launcher say one
     line and exit 2; torchrun's own failure report is held back."""

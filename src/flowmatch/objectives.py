@@ -111,16 +111,39 @@ class MeanFlow(CFM):
         ps = self.path.sample(d.x0, d.x1, d.t)  # the straight path: z_t and v = x1 - x0
         z, v = ps.x_t, ps.u_t
 
-        def u(z, t, t_end):
-            return model(z, t, d.label, h=t_end - t)
+        bare = _bare(model)
 
-        pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), (v, torch.ones_like(d.t), torch.zeros_like(d.t)))
+        def u(z, t, t_end):
+            return bare(z, t, d.label, h=t_end - t)
+
+        tangents = (v, torch.ones_like(d.t), torch.zeros_like(d.t))
+        if bare is model:  # one pass: the JVP's primal output is the prediction, with its graph
+            pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
+        else:
+            # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
+            # forward mutates its buckets): the JVP on the bare module, without a graph (the
+            # target is stop-gradient), and the prediction through the wrapper, so that DDP
+            # all-reduces its gradients.
+            with torch.no_grad():
+                _, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
+            pred = model(z, d.t, d.label, h=d.t_end - d.t)
         return pred, (v + (d.t_end - d.t).view(shape) * du_dt).detach()
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
         pred, target = self.target(model, d)
         err = (pred.float() - target.float()).flatten(1).pow(2).sum(1)
         return (err / (err.detach() + self.c) ** self.power).mean()
+
+
+def _bare(model):
+    """The module under DDP's and torch.compile's wrappers (a plain function: itself)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
 
 
 def make_objective(cfg, parts) -> CFM:
