@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from flowmatch.data import Batch, Dataset
+
 
 class LinearDecay:
     """``dx/dt = -(1 + sin 3t) x``:  ``x(t) = x0 exp(-(t + (1 - cos 3t) / 3))``."""
@@ -43,3 +45,40 @@ class TimeOnly:
 
 
 PROBLEMS = {"linear-decay": LinearDecay(), "rotation": Rotation()}
+
+
+# Gaussian data N(MU, S^2 I) from noise N(0, I) on the straight path: the flow is linear, so the
+# marginal velocity and the average velocity over any interval are known exactly.
+MU, S = torch.tensor([2.0, -1.0]), 0.5  # data N(MU, S^2 I); noise N(0, I)
+
+
+def sigma(t):
+    """Std of x_t = (1 - t) x0 + t x1 (marginal N(t MU, sigma(t)^2 I))."""
+    return ((1 - t) ** 2 + (t * S) ** 2).sqrt()
+
+
+def exact_u(z, t, h):
+    """Exact average velocity over [t, t + h] from z at t: the flow maps z to
+    (t+h) MU + sigma(t+h)/sigma(t) (z - t MU); at h = 0 the marginal velocity."""
+    t_, h_ = t[:, None].double(), h[:, None].double()
+    ds = -(1 - t_) + t_ * S**2  # sigma sigma'
+    v = MU + ds / sigma(t_) ** 2 * (z - t_ * MU)
+    end = (t_ + h_) * MU + sigma(t_ + h_) / sigma(t_) * (z - t_ * MU)
+    avg = (end - z) / torch.where(h_ > 0, h_, torch.ones_like(h_))
+    return torch.where(h_ > 0, avg, v).to(z.dtype)
+
+
+def exact_model(z, t, label=None, h=None):
+    return exact_u(z.double(), t.double(), h.double()).to(z.dtype)
+
+
+class Gaussian(Dataset):
+    """N(MU, S^2 I) in model space (no standardisation), drawn from the trainer's generator."""
+
+    shape, spec = (2,), {"name": "gaussian-test"}
+
+    def sample(self, n, generator):
+        return Batch(x1=MU + S * torch.randn(n, 2, generator=generator))
+
+    def reference(self, n, generator):
+        return self.sample(n, generator).x1

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY
@@ -240,24 +241,26 @@ def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
     assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches
 
 
-def test_meanflow_under_two_processes_steps_on_the_mean_of_their_gradients(tmp_path):
-    """MeanFlow's target is a JVP (torch.func), inside which DDP's forward cannot run: one step on
-    2 processes moves the weights as AdamW does on the mean of the two ranks' MeanFlow gradients,
-    computed on one process from each rank's draws (generator seed * 1000 + rank)."""
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradients(tmp_path, objective):
+    """MeanFlow's target is a JVP (torch.func), inside which DDP's forward cannot run; shortcut
+    targets are extra forwards without a graph: one step on 2 processes moves the weights as
+    AdamW does on the mean of the two ranks' gradients, computed on one process from each rank's
+    draws (generator seed * 1000 + rank)."""
     import torch
 
     from flowmatch.config import TrainConfig
     from flowmatch.objectives import make_objective
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flowmatch", "train", "--objective", "meanflow", "--processes", "2", "--steps", "1",
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--objective", objective, "--processes", "2", "--steps", "1",
            "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
            "--no-plots", "--out", str(run), *TINY]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     trained = load_file(run / "model.safetensors")
 
-    cfg = TrainConfig(objective="meanflow", steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
+    cfg = TrainConfig(objective=objective, steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
                       n_points=100, width=32, depth=2, plots=False)
     parts = cfg.build()
     model, objective = parts.model, make_objective(cfg, parts)

@@ -6,34 +6,12 @@ import json
 import torch
 
 from flowmatch.config import TrainConfig
-from flowmatch.data import Batch, Dataset
 from flowmatch.objectives import Drawn, MeanFlow
 from flowmatch.timesteps import UniformTime
 from flowmatch.training import train
 
 from conftest import TINY
-
-MU, S = torch.tensor([2.0, -1.0]), 0.5  # data N(MU, S^2 I); noise N(0, I)
-
-
-def sigma(t):
-    """Std of x_t = (1 - t) x0 + t x1 (marginal N(t MU, sigma(t)^2 I))."""
-    return ((1 - t) ** 2 + (t * S) ** 2).sqrt()
-
-
-def exact_u(z, t, h):
-    """Exact average velocity over [t, t + h] from z at t: the flow maps z to
-    (t+h) MU + sigma(t+h)/sigma(t) (z - t MU); at h = 0 the marginal velocity."""
-    t_, h_ = t[:, None].double(), h[:, None].double()
-    ds = -(1 - t_) + t_ * S**2  # sigma sigma'
-    v = MU + ds / sigma(t_) ** 2 * (z - t_ * MU)
-    end = (t_ + h_) * MU + sigma(t_ + h_) / sigma(t_) * (z - t_ * MU)
-    avg = (end - z) / torch.where(h_ > 0, h_, torch.ones_like(h_))
-    return torch.where(h_ > 0, avg, v).to(z.dtype)
-
-
-def exact_model(z, t, label=None, h=None):
-    return exact_u(z.double(), t.double(), h.double()).to(z.dtype)
+from problems import MU, Gaussian, S, exact_model, exact_u, sigma
 
 
 def test_meanflow_target_averages_to_the_exact_average_velocity():
@@ -57,18 +35,6 @@ def test_meanflow_target_averages_to_the_exact_average_velocity():
         torch.testing.assert_close(pred, want.expand_as(pred), rtol=1e-9, atol=1e-9)  # the model's input is z
         se = target.std(0) / n**0.5
         assert ((target.mean(0) - want[0]).abs() < 5 * se + 1e-9).all(), (t, t_end, target.mean(0), want)
-
-
-class Gaussian(Dataset):
-    """N(MU, S^2 I) in model space (no standardisation), drawn from the trainer's generator."""
-
-    shape, spec = (2,), {"name": "gaussian-test"}
-
-    def sample(self, n, generator):
-        return Batch(x1=MU + S * torch.randn(n, 2, generator=generator))
-
-    def reference(self, n, generator):
-        return self.sample(n, generator).x1
 
 
 def test_trained_meanflow_approaches_the_exact_one_step_map(tmp_path):

@@ -41,9 +41,12 @@ class TrainConfig:
     ema_decay: float = setting(0.999, "EMA decay of the weights used for sampling")
     seed: int = setting(0)
     # the flow
-    objective: str = setting("cfm", "cfm (flow matching) or meanflow (average velocity: one-step generation, Geng et al. 2025)")
+    objective: str = setting("cfm", "cfm (flow matching), meanflow (average velocity, Geng et al. 2025) or shortcut "
+                                    "(step-size conditioned, Frans et al. 2024): the last two generate in one step")
     meanflow_share: float = setting(0.25, "meanflow: share of training pairs with t_end > t (the rest: plain flow matching)")
     meanflow_power: float = setting(1.0, "meanflow: adaptive loss weight 1/(err + 1e-3)^p, the paper's p = 1 (0: plain MSE)")
+    shortcut_share: float = setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: flow matching)")
+    shortcut_steps: int = setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N are trained")
     path: str = setting("linear", "probability path: linear, vp, cosine")
     sigma_min: float = setting(0.0, "linear path: noise left at t = 1")
     coupling: str = setting("independent", "independent or ot (minibatch optimal transport)")
@@ -104,11 +107,11 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise bad(name, f"one of {', '.join(choices)}", getattr(self, name))
-        if self.objective == "meanflow":  # the straight path's average velocity, regressed with MSE
+        if self.objective in ONE_STEP:  # the straight path's average velocity, regressed with MSE
             for name, allowed in (("path", ("linear",)), ("prediction", ("auto", "velocity")), ("loss", ("mse",)),
                                   ("sigma_min", (0.0,))):
                 if getattr(self, name) not in allowed:
-                    raise bad(name, f"{' or '.join(map(str, allowed))} with --objective meanflow", getattr(self, name))
+                    raise bad(name, f"{' or '.join(map(str, allowed))} with --objective {self.objective}", getattr(self, name))
         return self
 
     def data_spec(self) -> dict:
@@ -180,13 +183,13 @@ class TrainConfig:
         prediction = self.prediction
         if prediction == "auto":
             image = shape is not None and len(shape) == 3
-            prediction = "velocity" if image or self.objective == "meanflow" else "data"
+            prediction = "velocity" if image or self.objective in ONE_STEP else "data"
         # MeanFlow's interval is embedded like t; at t * 10000 its average velocity came out rough
         # (one-step error 62% of the exact map's size on Gaussian data, 10% at t * 10)
-        time_scale = self.time_scale if self.time_scale is not None else (10.0 if self.objective == "meanflow" else 10000.0)
+        time_scale = self.time_scale if self.time_scale is not None else (10.0 if self.objective in ONE_STEP else 10000.0)
         spec = {"name": self.model, "width": self.width, "depth": self.depth, "time_scale": time_scale,
                 "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
-        return spec | ({"interval": True} if self.objective == "meanflow" else {})
+        return spec | ({"interval": True} if self.objective in ONE_STEP else {})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -276,11 +279,15 @@ RANGES = {
     "ot_reg": (_positive, "a positive value"),
     "meanflow_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "meanflow_power": (lambda v: v >= 0, "a value >= 0"),
+    "shortcut_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    "shortcut_steps": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2"),
     "huber_c": (_positive, "a positive value"),
 }
 #: the settings that name one of a few choices
-CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow"), "prediction": ("auto", "velocity", "data"),
+CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"), "prediction": ("auto", "velocity", "data"),
            "loss": LOSSES, "schedule": SCHEDULES, "precision": ("fp32", "bf16", "fp16")}
+#: objectives whose network takes the step's interval and generates in one step
+ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
           "huber_c": None}

@@ -6,8 +6,8 @@ An objective has two steps, so that the training loop needs to know nothing of i
   dropout), outside autocast and in a fixed order, so that a run is reproducible;
 - ``loss(model, drawn)``: the scalar loss of the network on those draws (run under autocast).
 
-:class:`CFM` is conditional flow matching; other objectives (one-step generators) plug in
-beside it through :func:`make_objective`.
+:class:`CFM` is conditional flow matching; the one-step generators :class:`MeanFlow` and
+:class:`Shortcut` plug in beside it through :func:`make_objective`.
 """
 
 from __future__ import annotations
@@ -135,6 +135,59 @@ class MeanFlow(CFM):
         return (err / (err.detach() + self.c) ** self.power).mean()
 
 
+class Shortcut(CFM):
+    """Shortcut models (Frans et al. 2024): the network ``u(z, t, h)`` takes the step size ``h``
+    and predicts the step ``z + h u`` that lands where the flow does, so one network samples in
+    1, 2, 4, ... steps. A share ``1 - share`` of each batch is flow matching (``h = 0``, target
+    ``x1 - x0``); the rest (the first rows) are self-consistency pairs: a step ``2d`` from ``t``
+    on its own grid (``t`` a multiple of ``2d``, ``2d`` in ``1, 1/2, ..., 2/N``) must equal two
+    steps ``d`` of the network itself, under stop-gradient,
+
+        target = (u(z_t, t, d) + u(z_t + d u(z_t, t, d), t + d, d)) / 2,
+
+    with the finest steps ``d = 1/N`` taken by the instantaneous velocity ``u(., ., 0)``, which
+    flow matching trains: the chain rests on it. Both hold for the exact average velocity."""
+
+    name = "shortcut"
+
+    def __init__(self, time_sampler, coupling, share: float = 0.25, steps: int = 128, label_dropout: float = 0.0):
+        from .paths import LinearPath
+
+        super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
+        self.share, self.steps = share, steps
+
+    def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
+        d = super().draw(batch, gen)
+        n_boot = round(self.share * len(d.t))
+        levels = self.steps.bit_length() - 1  # full steps 2^-k, k = 0 .. levels - 1
+        k = torch.randint(0, levels, (n_boot,), generator=gen, device=d.t.device)
+        full = torch.exp2(-k.to(d.t.dtype))
+        start = torch.floor(torch.rand(n_boot, generator=gen, device=d.t.device) / full) * full  # on the step's grid
+        t = torch.cat([start, d.t[n_boot:]])
+        return Drawn(d.x0, d.x1, t, d.label, torch.cat([start + full, d.t[n_boot:]]))
+
+    def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's steps on the draws, and their targets (no gradient)."""
+        ps = self.path.sample(d.x0, d.x1, d.t)
+        z, h = ps.x_t, d.t_end - d.t
+        target, boot = ps.u_t.clone(), h > 0
+        if boot.any():
+            bare = _bare(model)  # no gradient: DDP's wrapper is not needed
+            zb, tb, half = z[boot], d.t[boot], h[boot] / 2
+            lb = None if d.label is None else d.label[boot]
+            hq = torch.where(half * self.steps < 1.5, torch.zeros_like(half), half)  # the finest: flow matching's
+            view = (-1,) + (1,) * (z.dim() - 1)
+            with torch.no_grad():
+                u1 = bare(zb, tb, lb, h=hq)
+                u2 = bare(zb + half.view(view) * u1, tb + half, lb, h=hq)
+            target[boot] = (u1 + u2) / 2
+        return model(z, d.t, d.label, h=h), target
+
+    def loss(self, model, d: Drawn) -> torch.Tensor:
+        pred, target = self.target(model, d)
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
 def _bare(model):
     """The module under DDP's and torch.compile's wrappers (a plain function: itself)."""
     while True:
@@ -150,4 +203,6 @@ def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
     if cfg.objective == "meanflow":
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power)
+    if cfg.objective == "shortcut":
+        return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ONE_STEP
 from .errors import UserError
 from .files import atomic_path, load_state, load_weights, save_state, save_weights, write_json, write_text  # noqa: F401 - imported from here too
 from .noise import batch_generator, batch_noise
@@ -203,8 +204,8 @@ class Run:
     @property
     def default_nfe(self) -> int:
         """How the run is meant to be sampled: a distilled k-step generator at NFE k, a MeanFlow
-        run in one step, else 100."""
-        if self.cfg.objective == "meanflow":
+        or shortcut run in one step, else 100."""
+        if self.cfg.objective in ONE_STEP:
             return 1
         return int(self.lineage.get("steps", 1)) if self.lineage.get("kind") == "distill" else 100
 
@@ -315,7 +316,7 @@ class Run:
 
         lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
         grid = None
-        if self.cfg.objective == "meanflow" and solver == "euler":  # each step: the average velocity over it
+        if self.cfg.objective in ONE_STEP and solver == "euler":  # each step: the average velocity over it
             grid = fixed_grid("euler", nfe, time_shift=solver_kw.get("time_shift", 1.0), device=self.device, dtype=torch.float64)
         res = integrate(self.field(lab, guidance, grid), x0, solver, nfe, trajectory=trajectory, **solver_kw)
         decoded = None if res.trajectory is None else self.dataset.decode(res.trajectory)

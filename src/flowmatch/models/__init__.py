@@ -20,7 +20,7 @@ def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier
     from .unet import UNet
 
     if interval:
-        raise UserError("--objective meanflow: the UNet does not take an interval yet; use --model mlp")
+        raise UserError("--objective meanflow/shortcut: the UNet does not take an interval yet; use --model mlp")
     # width/depth are the MLP's; the UNet takes its small defaults per image size
     return UNet(tuple(shape), num_classes=num_classes)
 
