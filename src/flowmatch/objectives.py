@@ -118,13 +118,14 @@ class MeanFlow(CFM):
 
         tangents = (v, torch.ones_like(d.t), torch.zeros_like(d.t))
         if bare is model:  # one pass: the JVP's primal output is the prediction, with its graph
-            pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
+            with _math_attention():
+                pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
         else:
             # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
             # forward mutates its buckets): the JVP on the bare module, without a graph (the
             # target is stop-gradient), and the prediction through the wrapper, so that DDP
             # all-reduces its gradients.
-            with torch.no_grad():
+            with torch.no_grad(), _math_attention():
                 _, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
             pred = model(z, d.t, d.label, h=d.t_end - d.t)
         return pred, (v + (d.t_end - d.t).view(shape) * du_dt).detach()
@@ -186,6 +187,14 @@ class Shortcut(CFM):
     def loss(self, model, d: Drawn) -> torch.Tensor:
         pred, target = self.target(model, d)
         return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def _math_attention():
+    """Attention (the UNet's middle block) by the math kernel: the fused kernels have no
+    forward-mode derivative, which the JVP needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _bare(model):

@@ -19,10 +19,8 @@ def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0
 def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False):
     from .unet import UNet
 
-    if interval:
-        raise UserError("--objective meanflow/shortcut: the UNet does not take an interval yet; use --model mlp")
     # width/depth are the MLP's; the UNet takes its small defaults per image size
-    return UNet(tuple(shape), num_classes=num_classes)
+    return UNet(tuple(shape), num_classes=num_classes, interval=interval)
 
 
 def _auto(shape, num_classes=0, **kw):
