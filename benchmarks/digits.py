@@ -4,6 +4,8 @@ Fréchet distance over its floor (classifier features and PCA) of 1000 unconditi
 
     python benchmarks/digits.py --out runs/digits          # train, evaluate, copy the grids
     python benchmarks/digits.py --out runs/digits --reuse  # evaluate an existing run
+    python benchmarks/digits.py --out runs/digits-sc --objective shortcut   # one-step generators:
+                                                           # measured at their one step (--nfe)
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("runs/digits"))
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--objective", default="cfm", help="train --objective (cfm, meanflow, shortcut)")
+    ap.add_argument("--steps", type=int, default=None, help="train --steps (default: the command line's)")
+    ap.add_argument("--nfe", type=int, default=None, help="Euler steps to evaluate (default: the run's own, 100 or 1)")
     args = ap.parse_args()
     wall = float("nan")
     if not (args.reuse and (args.out / "ema.safetensors").exists()):
         t0 = time.perf_counter()
-        if cli(["train", "--data", "digits", "--out", str(args.out), "--no-progress"]) != 0:
+        extra = ["--steps", str(args.steps)] if args.steps else []
+        if cli(["train", "--data", "digits", "--objective", args.objective, "--out", str(args.out), "--no-progress", *extra]) != 0:
             raise SystemExit("training failed")
         wall = time.perf_counter() - t0
     run = load_run(args.out)
-    res = evaluate_digits(run, n=1000, nfe=100, guidance=args.guidance)
-    print(f"train wall-clock: {wall:.0f} s ({run.cfg.steps} steps, batch {run.cfg.batch_size}, model {run.cfg.model})")
+    nfe = args.nfe or run.default_nfe
+    res = evaluate_digits(run, n=1000, nfe=nfe, guidance=args.guidance)
+    print(f"train wall-clock: {wall:.0f} s ({run.cfg.steps} steps, batch {run.cfg.batch_size}, model {run.cfg.model}, "
+          f"objective {run.cfg.objective}); {nfe} Euler step(s)")
     print("| measure | value | floor (real vs real) | ratio |\n|---|---|---|---|")
     for space in ("classifier", "pca"):
         r = res[space]

@@ -108,7 +108,7 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise bad(name, f"one of {', '.join(choices)}", getattr(self, name))
         if self.objective in ONE_STEP:  # the straight path's average velocity, regressed with MSE
-            for name, allowed in (("path", ("linear",)), ("prediction", ("auto", "velocity")), ("loss", ("mse",)),
+            for name, allowed in (("path", ("linear",)), ("loss", ("mse",)),
                                   ("sigma_min", (0.0,))):
                 if getattr(self, name) not in allowed:
                     raise bad(name, f"{' or '.join(map(str, allowed))} with --objective {self.objective}", getattr(self, name))

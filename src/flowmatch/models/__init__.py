@@ -42,8 +42,11 @@ class DataPrediction(nn.Module):
         super().__init__()
         self.net, self.path, self.min_sigma = net, path, min_sigma
 
-    def forward(self, x, t, label=None):
-        d = self.net(x, t, label) if label is not None else self.net(x, t)
+    def forward(self, x, t, label=None, h=None):
+        if h is not None:  # an interval network: D is where the step's average velocity heads
+            d = self.net(x, t, label, h=h)
+        else:
+            d = self.net(x, t, label) if label is not None else self.net(x, t)
         a, s, da, ds = (w.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for w in self.path.schedule(t))
         return da * d + ds * (x - a * d) / s.clamp_min(self.min_sigma)
 
