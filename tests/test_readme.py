@@ -89,6 +89,8 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
     cmds = flowmatch_commands()
     assert len(cmds) >= 10, cmds
     for cmd in cmds:
+        redirect = cmd[cmd.index(">") + 1] if ">" in cmd else None  # `... > FILE`: stdout into FILE
+        cmd = cmd[: cmd.index(">")] if redirect else cmd
         sub = cmd[1]
         args = cmd[2:] + TINY.get(sub, []) + QUIET.get(sub, [])
         if sub == "train" and "--data" in args and "digits" not in args:
@@ -101,6 +103,8 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
         rc, out, err = cli(sub, *args)
         print(f"{time.perf_counter() - t0:6.1f} s  {' '.join(cmd)}", file=sys.__stderr__)
         assert rc == 0, (cmd, err[-2000:])
+        if redirect:
+            (workdir / redirect).write_text(out)
     # what the commands say they leave behind
     main = sorted(workdir.glob("runs/checkerboard-*"))
     assert len(main) == 1 and (main[0] / "samples.png").exists(), sorted(workdir.rglob("*"))

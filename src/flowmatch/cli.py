@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from .config import TrainConfig
+from .config import TrainConfig, read_settings_file, settings_toml
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -119,7 +119,11 @@ def _with_options(*params):
 #: ``train``'s options beyond TrainConfig's fields; image data train a UNet with other defaults
 TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)")),
              "resume": (bool, typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings")),
-             "progress": (bool, typer.Option(True, help="show a progress bar"))}
+             "progress": (bool, typer.Option(True, help="show a progress bar")),
+             "config": (Path | None, typer.Option(None, help="a TOML file of settings (config.json's \"train\" names); "
+                                                          "options given on the command line override it")),
+             "print_config": (bool, typer.Option(False, "--print-config", help="print the effective settings as TOML "
+                                                                               "(a --config file) and exit"))}
 TRAIN_BY_DATA = {"steps": f"[default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]",
                  "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]"}
 
@@ -132,6 +136,13 @@ def train(ctx: typer.Context, **options):
     from .training import train as run_training
 
     out, resume, progress = options.pop("out"), options.pop("resume"), options.pop("progress")
+    config_file, print_config = options.pop("config"), options.pop("print_config")
+    if resume and (config_file is not None or print_config):
+        raise UserError(f"{'--config' if config_file is not None else '--print-config'}: a resumed run keeps the "
+                        f"settings in its config.json; give --resume without it")
+    if config_file is not None:  # the file's settings, unless given on the command line
+        given = {p.name for p in ctx.command.params if getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"}
+        options.update({k: v for k, v in read_settings_file(config_file).items() if k not in given})
     new_total = options["steps"] if resume else None
     cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None or k not in ("steps", "batch_size")})
     cfg.grad_clip = cfg.grad_clip or None  # 0 disables clipping
@@ -147,6 +158,9 @@ def train(ctx: typer.Context, **options):
                 if options[key] is None:
                     setattr(cfg, key, value)
         parts = cfg.build(spec)  # unknown names and bad data fail before anything is written
+        if print_config:
+            typer.echo(settings_toml(cfg), nl=False)
+            return
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
         from .training import check_run_dir, default_run_dir
 

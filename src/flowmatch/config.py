@@ -69,7 +69,7 @@ class TrainConfig:
     fourier: int = setting(64, "MLP: random Fourier features of x (0: raw coordinates)")
     fourier_scale: float = setting(1.0, "MLP: std of the Fourier frequencies (cycles per unit)")
     time_scale: float | None = setting(None, "MLP: the time embedding's sines see time_scale * t "
-                                             "[default: 10000, the notebook's; meanflow: 10, smooth in the interval]")
+                                             "[default: 10000, the notebook's; meanflow, shortcut: 10, smooth in the interval]")
     prediction: str = setting("auto", "velocity, data (the network predicts x1) or auto (data for vectors)")
     init_from: str | None = setting(None, "safetensors weights to start from (reflow: the teacher's)", cli=False)
     label_dropout: float = setting(0.2, "labelled data: probability of dropping a label (classifier-free guidance)")
@@ -208,6 +208,69 @@ class TrainConfig:
             if not _type_ok(value, hints[key]):
                 raise UserError(f"{where}: setting {key!r} should be {_type_name(hints[key])}, got {value!r}")
         return cls(**d)
+
+
+def read_settings_file(path) -> dict:
+    """The settings of a TOML file (``train --config``): :class:`TrainConfig` field names at the
+    top level (config.json's "train" keys), each of its field's type; unknown names and wrong
+    types are refused in one line naming the file."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"--config: cannot read {path} ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in d.items():
+        if key not in hints:
+            close = key.replace("-", "_")
+            hint = f" (did you mean {close}?)" if close in hints else ""
+            raise UserError(f"{path}: unknown setting {key!r}{hint}; expected names as in config.json's \"train\" "
+                            f"(flowmatch train --print-config lists them)")
+        if not _type_ok(value, hints[key]):
+            raise UserError(f"{path}: setting {key!r} should be {_type_name(hints[key])}, got {value!r}")
+    return d
+
+
+def settings_toml(cfg: TrainConfig) -> str:
+    """``cfg`` as a TOML file that :func:`read_settings_file` reads back to the same settings
+    (a setting left to its default that depends on the data or the objective, None, is a comment)."""
+    import json
+
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, dict) and not value:
+            continue
+        if value is None:
+            lines.append(f"# {f.name}: unset (its default)")
+        elif isinstance(value, bool):
+            lines.append(f"{f.name} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{f.name} = {value!r}")
+        else:  # str (JSON's escapes are TOML's basic-string escapes), dict (an inline table of them)
+            lines.append(f"{f.name} = {json.dumps(value) if isinstance(value, str) else _inline_table(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _inline_table(d: dict) -> str:
+    import json
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return _inline_table(v) if isinstance(v, dict) else json.dumps(v)
+
+    return "{" + ", ".join(f"{json.dumps(str(k))} = {val(v)}" for k, v in d.items() if v is not None) + "}"
 
 
 @dataclass

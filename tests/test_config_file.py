@@ -1,0 +1,105 @@
+"""train --config FILE.toml and --print-config: the file's settings, the command line over them,
+a round trip, and bad files refused in one line (hypothesis for generated files)."""
+
+import json
+import os
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from flowmatch.config import TrainConfig
+
+from conftest import one_line_error
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def test_the_command_line_overrides_the_file_and_print_config_round_trips(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('steps = 300\nwidth = 64\nobjective = "shortcut"\ntime_dist = "logit-normal"\n'
+                                       'grad_clip = 0.5\ncompile = false\n')
+    rc, out, err = cli("train", "--config", "run.toml", "--width", "32", "--print-config")
+    assert rc == 0, err
+    printed = tomllib.loads(out)
+    assert printed["steps"] == 300 and printed["objective"] == "shortcut" and printed["time_dist"] == "logit-normal"
+    assert printed["width"] == 32  # the command line wins
+    assert printed["depth"] == TrainConfig().depth and printed["grad_clip"] == 0.5  # defaults, the file
+    assert os.listdir(tmp_path) == ["run.toml"]  # printing writes nothing
+    (tmp_path / "eff.toml").write_text(out)
+    rc, again, err = cli("train", "--config", "eff.toml", "--print-config")
+    assert rc == 0 and again == out, err
+    # every printed setting is the effective config's, so the file trains exactly that run
+    assert set(printed) | {k for k in TrainConfig().to_dict() if f"# {k}:" in out} >= set(TrainConfig().to_dict()) - {"lineage"}
+
+
+def test_a_run_trained_from_a_file_saves_its_settings(cli, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('steps = 3\nbatch_size = 16\nwidth = 32\ndepth = 2\nfourier = 0\nplots = false\nseed = 7\n')
+    rc, _, err = cli("train", "--config", cfg, "--out", tmp_path / "run", "--no-progress")
+    assert rc == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["batch_size"], saved["width"], saved["depth"], saved["fourier"], saved["seed"]) == \
+        (3, 16, 32, 2, 0, 7)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("time-dist = 'uniform'\n", "unknown setting 'time-dist' (did you mean time_dist?)"),
+    ("widht = 3\n", "unknown setting 'widht'"),
+    ("width = 'big'\n", "setting 'width' should be"),
+    ("steps = 1.5\n", "setting 'steps' should be"),
+    ("steps = \n", "not valid TOML"),
+    ("width = -4\n", "--width"),
+])
+def test_bad_files_are_one_line_and_write_nothing(cli, tmp_path, text, expected):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    rc, _, err = cli("train", "--config", f, "--out", tmp_path / "run", "--no-progress")
+    line = one_line_error(rc, err)
+    assert expected in line and not (tmp_path / "run").exists(), line
+    if "TOML" in expected or "setting" in expected:
+        assert str(f) in line
+
+
+def test_config_files_are_not_for_resume_and_must_exist(cli, tmp_path):
+    line = one_line_error(*cli("train", "--config", tmp_path / "missing.toml", "--out", tmp_path / "run")[::2])
+    assert "--config" in line and "missing.toml" in line
+    (tmp_path / "run.toml").write_text("steps = 3\n")
+    line = one_line_error(*cli("train", "--resume", "--config", tmp_path / "run.toml", "--out", tmp_path / "run")[::2])
+    assert "--config" in line and "--resume" in line
+
+
+VALUES = st.one_of(st.integers(-5, 10**6), st.floats(allow_nan=False, allow_infinity=False, width=32), st.booleans(),
+                   st.sampled_from(["uniform", "shortcut", "cosine", "", "x\"y", "checkerboard"]))
+KEYS = st.sampled_from(["steps", "width", "depth", "lr", "objective", "time_dist", "schedule", "data", "fourier",
+                        "plots", "ema_decay", "unknown_key", "seed", "label_dropout"])
+
+
+def _toml_value(v):
+    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+
+@given(settings=st.dictionaries(KEYS, VALUES, max_size=4))
+@example(settings={"steps": 0})
+@example(settings={"objective": "shortcut", "lr": 1e-3})
+def test_generated_files_print_or_are_refused(cli, settings):
+    """Any file of these keys and values: printed back (the same values) or one line, exit 2."""
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="flowmatch-cfg-"))
+    f = d / "run.toml"
+    f.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items()))
+    rc, out, err = cli("train", "--config", f, "--print-config", "--width", "16", "--depth", "1")
+    assert "Traceback" not in err
+    if rc == 0:
+        printed = tomllib.loads(out)
+        for k, v in settings.items():
+            if k not in ("width", "depth"):
+                assert printed[k] == v or (isinstance(v, float) and printed[k] == pytest.approx(v)), (k, v, printed[k])
+    else:
+        one_line_error(rc, err)
+    assert os.listdir(d) == ["run.toml"]
