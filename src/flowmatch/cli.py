@@ -68,6 +68,19 @@ def _check_shift(shift: float) -> None:
         raise UserError(f"--time-shift: expected a positive value, got {shift}")
 
 
+def _check_noise(noise: float | None, solver: str) -> dict:
+    """``--noise``: for the stochastic solver only, a value >= 0 (default 1); the sampler's keywords."""
+    from .solvers import SDE_METHODS
+
+    if noise is None:
+        return {"noise": 1.0} if solver in SDE_METHODS else {}
+    if solver not in SDE_METHODS:
+        raise UserError(f"--noise: only with a stochastic solver ({', '.join(SDE_METHODS)}), got --solver {solver}")
+    if not noise >= 0:
+        raise UserError(f"--noise: expected a value >= 0, got {noise}")
+    return {"noise": noise}
+
+
 def _parse_nfes(text: str) -> list[int]:
     try:
         nfes = [int(k) for k in text.split(",") if k.strip()]
@@ -289,7 +302,10 @@ def sample(
     n: int = typer.Option(4000, "--n", "--num-samples", help="number of samples"),
     nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
                                               "or k for a distilled k-step run"),
-    solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5"),
+    solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5, or euler-maruyama (stochastic, "
+                                             "the same marginals)"),
+    noise: float | None = typer.Option(None, help="euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1; "
+                                                  "0: the ODE]"),
     time_shift: float = typer.Option(1.0, help="fixed-step solvers: grid t/(s - (s-1) t); s < 1 puts more steps "
                                                "near the data (t = 1)"),
     seed: int = typer.Option(0),
@@ -319,12 +335,13 @@ def sample(
     from .solvers import check_method
 
     check_method(solver, nfe)
+    kw_noise = _check_noise(noise, solver)
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(processes, out)
     nfe = r.default_nfe if nfe is None else nfe
     _check_shift(time_shift)
     kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance,
-              time_shift=time_shift)
+              time_shift=time_shift, **kw_noise)
     if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
         x = r.sample_distributed(n, progress=progress, **kw)
         if x is None:  # not process 0, which writes --out
@@ -380,7 +397,9 @@ def evaluate(
     runs: list[Path] = typer.Argument(..., help="one or more run directories"),
     nfe: str | None = typer.Option(None, help="comma-separated NFEs [default: 1,2,4,8,16,100; image runs: one NFE, 100]"),
     n: int | None = typer.Option(None, help="samples per measurement (and reference samples) [default: 4000; images 1000]"),
-    solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep: euler, midpoint, heun, rk4"),
+    solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep: euler, midpoint, heun, rk4, "
+                                             "euler-maruyama"),
+    noise: float | None = typer.Option(None, help="euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1]"),
     time_shift: float = typer.Option(1.0, help="the sweep's grid t/(s - (s-1) t); s < 1: more steps near the data"),
     seed: int = typer.Option(0),
     tol: float | None = typer.Option(None, help="tolerance of the adaptive solver (dopri5) [default: 1e-5; not for images]"),
@@ -404,6 +423,7 @@ def evaluate(
     nfes = _parse_nfes(nfe if nfe is not None else "1,2,4,8,16,100")
     for k in nfes:
         check_method(solver, k)
+    kw_noise = _check_noise(noise, solver)
     if n is not None and n < 2:
         raise UserError(f"--n: expected an integer >= 2, got {n}")
     if repeats is not None and repeats < 1:
@@ -422,7 +442,7 @@ def evaluate(
     results = {}
     for r in loaded:
         res = run_eval(r, nfes, n=n or 4000, seed=seed, solver=solver, tol=tol or 1e-5, repeats=repeats or 3,
-                       progress=not json_out, time_shift=time_shift)
+                       progress=not json_out, time_shift=time_shift, **kw_noise)
         res["run"] = str(r.dir)
         results[str(r.dir)] = res
         if not json_out:

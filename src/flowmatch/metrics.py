@@ -126,7 +126,7 @@ def straightness(v, x0: torch.Tensor, nfe: int = 100) -> float:
 
 def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solver: str = "euler",
              adaptive: str | None = "dopri5", tol: float = 1e-5, repeats: int = 3, progress: bool = False,
-             sharp: bool = True, time_shift: float = 1.0) -> dict:
+             sharp: bool = True, time_shift: float = 1.0, noise: float | None = None) -> dict:
     """W2 against fresh data and its floor at each NFE, the :func:`sharpness` measures, an
     adaptive solver's NFE and measures, and straightness.
 
@@ -152,10 +152,13 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
         return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
 
     result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
+    sample_kw = {"time_shift": time_shift} | ({"noise": noise} if noise is not None else {})
+    if noise is not None:
+        result["noise"] = noise
     if sharp:
         result["data"] = sharpness(fresh[0], refs[0], toy)
     for k in tqdm(nfes, disable=not progress, desc="eval", unit="nfe"):
-        result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed, time_shift=time_shift))
+        result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed, **sample_kw))
     result["straightness"] = straightness(run.velocity, batch_noise(seed, 0, min(n, 2000), run.shape, run.device), nfe=100)
     if adaptive:
         res = run.flow(run.noise(n, torch.Generator(device=run.device).manual_seed(seed)), None, adaptive, atol=tol, rtol=tol)

@@ -286,7 +286,8 @@ class Run:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
             x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
-            yield i, self.flow(x0, nfe, solver, label, guidance, **solver_kw).x.float().cpu()
+            sde_seed = batch_generator(seed, k).initial_seed()  # the batch's Brownian path (torchsde's own generator)
+            yield i, self.flow(x0, nfe, solver, label, guidance, sde_seed=sde_seed, **solver_kw).x.float().cpu()
 
     def sample_distributed(self, n: int, batch_size: int = 65536, progress: bool = False, **kw) -> torch.Tensor | None:
         """:meth:`sample` under ``torch.distributed`` (torchrun): every process draws its share of
@@ -311,10 +312,17 @@ class Run:
              guidance: float = 1.0, trajectory: bool = False, **solver_kw):
         """Integrate noise ``x0`` (model space, on the run's device) from t = 0 to 1 with
         :meth:`field` and decode: a :class:`~flowmatch.solvers.SolveResult` whose ``x`` (and
-        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device."""
-        from .solvers import fixed_grid, integrate
+        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device. A stochastic
+        ``solver`` (euler-maruyama) takes ``noise`` and ``sde_seed`` (its Brownian path) from
+        ``solver_kw`` and ignores ``trajectory``."""
+        from .solvers import SDE_METHODS, fixed_grid, integrate, integrate_sde
 
         lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
+        if solver in SDE_METHODS:
+            res = integrate_sde(self.field(lab, guidance), x0, self.path, nfe, noise=solver_kw.get("noise", 1.0),
+                                seed=solver_kw.get("sde_seed", 0), time_shift=solver_kw.get("time_shift", 1.0))
+            return dataclasses.replace(res, x=self.dataset.decode(res.x))
+        solver_kw.pop("noise", None), solver_kw.pop("sde_seed", None)
         grid = None
         if self.cfg.objective in ONE_STEP and solver == "euler":  # each step: the average velocity over it
             grid = fixed_grid("euler", nfe, time_shift=solver_kw.get("time_shift", 1.0), device=self.device, dtype=torch.float64)

@@ -1,6 +1,7 @@
-"""Integrate ``dx/dt = v(x, t)`` from noise (t = 0) to data (t = 1) with torchdiffeq.
+"""Integrate ``dx/dt = v(x, t)`` from noise (t = 0) to data (t = 1) with torchdiffeq, or its
+stochastic twin with torchsde (:func:`integrate_sde`: the same marginals, noise along the way).
 
-One function, :func:`integrate`, over every method. Fixed-grid methods take a budget of
+One function, :func:`integrate`, over every deterministic method. Fixed-grid methods take a budget of
 velocity evaluations (NFE) and step on the grid ``t_k = k / K`` with ``K = NFE / evals per
 step``; adaptive methods take tolerances and report the NFE they used. NFE is counted as
 calls of the velocity field, exactly.
@@ -22,7 +23,9 @@ from .timesteps import shift_times
 FIXED_METHODS = {"euler": ("euler", 1, 1), "midpoint": ("midpoint", 2, 2), "heun": ("heun2", 2, 2), "rk4": ("rk4", 4, 4)}
 #: name -> torchdiffeq method
 ADAPTIVE_METHODS = {"dopri5": "dopri5", "dopri8": "dopri8", "bosh3": "bosh3"}
-METHODS = [*FIXED_METHODS, *ADAPTIVE_METHODS]
+#: stochastic samplers (:func:`integrate_sde`): name -> velocity evaluations per step
+SDE_METHODS = {"euler-maruyama": 1}
+METHODS = [*FIXED_METHODS, *ADAPTIVE_METHODS, *SDE_METHODS]
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,8 +45,8 @@ def check_method(method: str, nfe: int | None = None) -> None:
     """Validate a solver choice; raises :class:`UserError` naming the option."""
     if method not in METHODS:
         raise UserError(f"--solver: unknown solver {method!r}; expected one of {', '.join(METHODS)}")
-    if method in FIXED_METHODS and nfe is not None:
-        per = FIXED_METHODS[method][1]
+    if method not in ADAPTIVE_METHODS and nfe is not None:
+        per = _evals_per_step(method)
         if not isinstance(nfe, int) or nfe < 1:
             raise UserError(f"--nfe: expected a positive integer, got {nfe}")
         if nfe % per:
@@ -66,11 +69,15 @@ def fixed_grid(method: str, nfe: int, t_start: float = 0.0, t_end: float = 1.0, 
                device="cpu", dtype=torch.float32) -> torch.Tensor:
     """The grid ``t_k = t_start + (t_end - t_start) k / K`` (K steps) for a fixed method at ``nfe``."""
     check_method(method, nfe)
-    steps = nfe // FIXED_METHODS[method][1]
+    steps = nfe // _evals_per_step(method)
     grid = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
     if time_shift != 1.0:
         grid = shift_times(grid, time_shift)
     return (t_start + (t_end - t_start) * grid).to(dtype)
+
+
+def _evals_per_step(method: str) -> int:
+    return FIXED_METHODS[method][1] if method in FIXED_METHODS else SDE_METHODS[method]
 
 
 def integrate(
@@ -95,6 +102,8 @@ def integrate(
     backwards (``t_end < t_start``) is allowed.
     """
     check_method(method, nfe if method in FIXED_METHODS else None)
+    if method in SDE_METHODS:
+        raise ValueError(f"{method} is stochastic: use integrate_sde")
     count = [0]
 
     def f(t, x):
@@ -119,6 +128,57 @@ def integrate(
     if trajectory is False:
         return SolveResult(ys[-1], count[0])
     return SolveResult(ys[-1], count[0], times, ys)
+
+
+def score_drift(path, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sigma(t) * score(x, t)`` of the marginal at ``t``, from its velocity ``v`` on the affine
+    ``path``: with ``x = alpha E[x1|x] + sigma E[x0|x]`` and ``v = alpha' E[x1|x] + sigma' E[x0|x]``,
+    ``E[x0|x] = (alpha v - alpha' x) / (alpha sigma' - alpha' sigma)`` and, by Tweedie,
+    ``score = -E[x0|x] / sigma``. Kept as ``sigma * score``, finite where sigma vanishes (t = 1)."""
+    a, s, da, ds = (w.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for w in path.schedule(t))
+    return -(a * v - da * x) / (a * ds - da * s)
+
+
+def integrate_sde(v: Velocity, x0: torch.Tensor, path, nfe: int = 100, noise: float = 1.0, seed: int = 0,
+                  time_shift: float = 1.0) -> SolveResult:
+    """Euler–Maruyama (torchsde) on ``dx = [v + (w/2) score] dt + sqrt(w) dW`` from t = 0 to 1:
+    for any ``w(t) >= 0`` its marginals are the ODE's (Fokker–Planck), so it samples the same
+    distribution with noise injected along the way. ``w(t) = noise * sigma(t)`` (SiT's choice,
+    Ma et al. 2024, scaled), which vanishes at the data end where the score does not stay finite;
+    ``noise = 0`` is Euler on the ODE. The Brownian path is torchsde's, seeded with ``seed``."""
+    import torchsde
+
+    grid = fixed_grid("euler-maruyama", nfe, time_shift=time_shift, device=x0.device, dtype=x0.dtype)
+    shape, count = x0.shape, [0]
+
+    class SDE(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        last = (None, None, None)  # torchsde checks each call's shapes with an extra drift at its start
+
+        def f(self, t, y):
+            if self.last[0] is y and self.last[1] == float(t):
+                return self.last[2]
+            count[0] += 1
+            x, tt = y.view(shape), t.expand(shape[0]).to(y.dtype)
+            vel = v(x, tt)
+            out = (vel + 0.5 * noise * score_drift(path, x, tt, vel)).reshape(y.shape)
+            self.last = (y, float(t), out)
+            return out
+
+        def g(self, t, y):
+            sigma = path.schedule(t.reshape(1).to(y.dtype))[1]
+            return (noise * sigma).clamp_min(0).sqrt().expand_as(y)
+
+    y0 = x0.reshape(shape[0], -1)
+    bm = torchsde.BrownianInterval(t0=grid[0], t1=grid[-1], size=y0.shape, dtype=y0.dtype, device=y0.device,
+                                   entropy=seed, levy_area_approximation="none", dt=1.0 / max(len(grid) - 1, 1))
+    # one call per step of the grid (torchsde's fixed step would run to the end and interpolate)
+    sde, y = SDE(), y0
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        y = torchsde.sdeint(sde, y, torch.stack([t0, t1]), method="euler", dt=float(t1 - t0), bm=bm,
+                            names={"drift": "f", "diffusion": "g"})[-1]
+    return SolveResult(y.view(shape), count[0])
 
 
 #: an adaptive solve that needs more steps than this between two output times gives up
