@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowmatch.errors import UserError
-from flowmatch.solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, integrate
+from flowmatch.solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, SDE_METHODS, integrate
 
 from problems import PROBLEMS, TimeOnly
 
@@ -51,8 +51,10 @@ def test_euler_uses_the_grid_k_over_K():
 
 
 def test_every_solver_is_tested():
-    """The two parametrised tests below cover every method :func:`integrate` accepts."""
-    assert sorted(METHODS) == sorted([*FIXED_METHODS, *ADAPTIVE_METHODS])
+    """The two parametrised tests below cover every method :func:`integrate` accepts; the
+    stochastic ones (:func:`~flowmatch.solvers.integrate_sde`) are tested in test_sde.py."""
+    assert sorted(METHODS) == sorted([*FIXED_METHODS, *ADAPTIVE_METHODS, *SDE_METHODS])
+    assert list(SDE_METHODS) == ["euler-maruyama"]
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
