@@ -277,18 +277,17 @@ class Run:
         ``start .. start + len(x)`` (CPU float32, data units), so a caller can stream them to disk."""
         from tqdm.auto import tqdm
 
-        from .solvers import ADAPTIVE_METHODS, SDE_METHODS, check_method
+        from .solvers import check_method
 
-        check_method(solver, nfe if solver not in ADAPTIVE_METHODS else None)
+        check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
         self.check_label(label, guidance)
         starts = list(enumerate(range(0, n, batch_size)))
         if part is not None:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
             x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
-            if solver in SDE_METHODS:  # the batch's Brownian path (torchsde's own generator)
-                solver_kw["sde_seed"] = batch_generator(seed, k).initial_seed()
-            yield i, self.flow(x0, nfe, solver, label, guidance, **solver_kw).x.float().cpu()
+            sde_seed = batch_generator(seed, k).initial_seed()  # the batch's Brownian path (torchsde's own generator)
+            yield i, self.flow(x0, nfe, solver, label, guidance, sde_seed=sde_seed, **solver_kw).x.float().cpu()
 
     def sample_distributed(self, n: int, batch_size: int = 65536, progress: bool = False, **kw) -> torch.Tensor | None:
         """:meth:`sample` under ``torch.distributed`` (torchrun): every process draws its share of
@@ -323,6 +322,7 @@ class Run:
             res = integrate_sde(self.field(lab, guidance), x0, self.path, nfe, noise=solver_kw.get("noise", 1.0),
                                 seed=solver_kw.get("sde_seed", 0), time_shift=solver_kw.get("time_shift", 1.0))
             return dataclasses.replace(res, x=self.dataset.decode(res.x))
+        solver_kw.pop("noise", None), solver_kw.pop("sde_seed", None)
         grid = None
         if self.cfg.objective in ONE_STEP and solver == "euler":  # each step: the average velocity over it
             grid = fixed_grid("euler", nfe, time_shift=solver_kw.get("time_shift", 1.0), device=self.device, dtype=torch.float64)
