@@ -282,6 +282,54 @@ def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradi
     assert not torch.allclose(grads[0][0], grads[1][0], atol=1e-3)
 
 
+def test_ot_coupling_under_two_processes_pairs_the_global_batch(tmp_path):
+    """Minibatch OT under 2 processes solves one plan over both ranks' noise and data (gathered),
+    not one per share: one real 2-process step equals AdamW on the mean of the two ranks'
+    gradients, where each rank's rows are paired by the single-process plan of the whole batch
+    (its multinomial draw on rank 0's generator), recomputed here."""
+    import torch
+
+    from flowmatch.config import TrainConfig
+    from flowmatch.objectives import Drawn, make_objective
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--coupling", "ot", "--processes", "2", "--steps", "1",
+           "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
+           "--no-plots", "--out", str(run), *TINY]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    trained = load_file(run / "model.safetensors")
+
+    cfg = TrainConfig(coupling="ot", steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
+                      n_points=100, width=32, depth=2, plots=False)
+    parts = cfg.build()
+    model, objective = parts.model, make_objective(cfg, parts)
+    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + rank) for rank in range(2)]
+    draws = []
+    for gen in gens:  # CFM.draw's order: data, noise, times, then the pairing
+        x1 = parts.dataset.sample(cfg.batch_size, gen).x1
+        x0 = torch.randn(x1.shape, generator=gen)
+        draws.append((x0, x1, parts.time_sampler.sample(len(x1), gen)))
+    all_x0, all_x1 = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    j = parts.coupling.indices(all_x0, all_x1, gens[0])
+    per_share = [parts.coupling.indices(d[0], d[1], torch.Generator().manual_seed(0)) for d in draws]
+    assert any(j[r * 16:(r + 1) * 16].min() < r * 16 or j[r * 16:(r + 1) * 16].max() >= (r + 1) * 16 for r in range(2))
+    grads = []
+    for rank, (_, x1, t) in enumerate(draws):
+        model.zero_grad()
+        objective.loss(model, Drawn(all_x0[j[rank * 16:(rank + 1) * 16]], x1, t, None)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for p, g0, g1 in zip(model.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
+    expected = model.state_dict()
+    for k in expected:
+        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+    # pairing each share alone would differ: some rows take noise drawn on the other process
+    assert not all(torch.equal(j[r * 16:(r + 1) * 16] - r * 16, per_share[r]) for r in range(2))
+
+
 def test_bad_input_found_by_a_worker_is_one_line(tmp_path):
     """A worker that stops on bad input (here: a loss that diverges) makes the launcher say one
     line and exit 2; torchrun's own failure report is held back."""

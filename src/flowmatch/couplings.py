@@ -72,23 +72,59 @@ class OTCoupling:
             raise RuntimeError("minibatch OT returned an invalid plan")
         return plan
 
-    def _match(self, x0, x1, generator):
+    def _match(self, x0, x1, generator) -> torch.Tensor:
+        """For each row of ``x1``, the index of the noise row it is paired with (CPU, long)."""
         plan = torch.from_numpy(self._plan(x0, x1)).clamp_min(0)
         # one noise sample per data sample: draw x0's index for each row of x1
-        j = torch.multinomial(plan.T.float() + 1e-30, 1, generator=_cpu(generator)).squeeze(1)
-        return x0[j.to(x0.device)]
+        return torch.multinomial(plan.T.float() + 1e-30, 1, generator=_cpu(generator)).squeeze(1)
 
-    def pair(self, x0, x1, generator=None, labels=None):
+    def indices(self, x0, x1, generator=None, labels=None) -> torch.Tensor:
+        """The pairing as indices: row ``i`` of ``x1`` goes with row ``j[i]`` of ``x0`` (within its
+        class with ``by_class``)."""
         if not self.by_class or labels is None:
-            return self._match(x0, x1, generator), x1, labels
-        out = torch.empty_like(x0)
+            return self._match(x0, x1, generator)
+        labels = labels.cpu()
+        j = torch.empty(len(x1), dtype=torch.long)
         for c in labels.unique():
             idx = (labels == c).nonzero().squeeze(1)
-            out[idx] = self._match(x0[idx], x1[idx], generator)
-        return out, x1, labels
+            j[idx] = idx[self._match(x0[idx.to(x0.device)], x1[idx.to(x1.device)], generator)]
+        return j
+
+    def pair(self, x0, x1, generator=None, labels=None):
+        """Re-pair the batch. Under several processes (torch.distributed) the plan is solved once,
+        on the main process, over the *global* batch (every process's noise and data gathered), and
+        each process keeps its own data rows with the noise the global plan gives them: the pairing
+        one process would make of the whole batch, not one per process's share."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._pair_global(x0, x1, generator, labels)
+        return x0[self.indices(x0, x1, generator, labels).to(x0.device)], x1, labels
+
+    def _pair_global(self, x0, x1, generator, labels):
+        import torch.distributed as dist
+
+        world, rank, n = dist.get_world_size(), dist.get_rank(), len(x1)
+        all_x0, all_x1 = _gather(x0, world), _gather(x1, world)
+        all_labels = _gather(labels, world) if labels is not None else None
+        if rank == 0:
+            j = self.indices(all_x0, all_x1, generator, all_labels).to(x0.device)
+        else:
+            j = torch.empty(world * n, dtype=torch.long, device=x0.device)
+        dist.broadcast(j, src=0)
+        return all_x0[j[rank * n:(rank + 1) * n]], x1, labels
 
     def config(self) -> dict:
         return {"name": self.name, "method": self.method, "reg": self.reg, "by_class": self.by_class}
+
+
+def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every process's ``x`` (the same shape on each), concatenated in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def _cpu(generator):
