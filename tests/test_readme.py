@@ -65,7 +65,7 @@ def test_the_first_install_brings_everything_readme_commands_need():
     reqs = requires("flowmatch")  # what pip installed, from pyproject.toml
     core = " ".join(r for r in reqs if "extra ==" not in r).lower()
     for needed in ("torch", "torchdiffeq", "pot", "safetensors", "accelerate", "diffusers", "matplotlib", "tqdm",
-                   "typer", "pillow", "scikit-learn", "prdc"):
+                   "typer", "pillow", "scikit-learn", "prdc", "mlxtend"):
         assert needed in core, needed
     dev = [re.split(r"[<>=\[ ;]", r)[0].lower() for r in reqs if 'extra == "dev"' in r]
     assert set(dev) <= {"pytest", "hypothesis", "ruff"}, dev

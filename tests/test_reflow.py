@@ -56,8 +56,9 @@ def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
 
     teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=5, device="cpu")
     unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
-    sched = DDIMScheduler.from_pretrained(ddpm_dir / "scheduler")
+    sched = DDIMScheduler.from_pretrained(ddpm_dir / "scheduler", timestep_spacing="trailing")
     sched.set_timesteps(5)
+    assert sched.timesteps.tolist() == [99, 79, 59, 39, 19]  # trailing: the first step starts from pure noise
     ac = sched.alphas_cumprod
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     out = teacher(x)
@@ -70,6 +71,22 @@ def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
             x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # the DDPM config clips x0
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # eta = 0: no fresh noise
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-4)
+
+
+def test_one_ddim_step_is_the_clipped_data_prediction_from_pure_noise(ddpm_dir):
+    """DDIM at one step maps x_T to the network's x0 prediction at t = T - 1 (clipped to [-1, 1]):
+    what a one-step diffusion sample is. The saved DDPM's own "leading" spacing would start from
+    t = 0 and hand back (nearly) the noise."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=1, device="cpu")
+    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
+    ab = DDPMScheduler.from_pretrained(ddpm_dir / "scheduler").alphas_cumprod[99]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        x0 = ((x - (1 - ab).sqrt() * unet(x, 99).sample) / ab.sqrt()).clamp(-1, 1)
+    torch.testing.assert_close(teacher(x), x0, atol=1e-5, rtol=1e-4)
+    assert teacher.describe()["spacing"] == "trailing"
 
 
 def test_interrupted_pair_generation_resumes_to_the_same_pairs(tiny_run, tmp_path):

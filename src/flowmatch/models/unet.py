@@ -17,19 +17,52 @@ from ..errors import UserError
 
 def default_channels(size: int) -> tuple[int, ...]:
     """Small defaults per image size (CPU-friendly): 8x8 -> (32, 64); 16 -> (32, 64, 64);
-    32 -> (32, 64, 64, 128); larger -> (64, 128, 128, 256)."""
+    32 -> (32, 64, 64, 128); larger -> (64, 128, 128, 256). A level halves the image, so a size
+    that does not divide keeps fewer levels, at least two (28x28 -> (32, 64, 64): 28, 14, 7)."""
     if size <= 8:
-        return (32, 64)
-    if size <= 16:
-        return (32, 64, 64)
-    if size <= 32:
-        return (32, 64, 64, 128)
-    return (64, 128, 128, 256)
+        channels = (32, 64)
+    elif size <= 16:
+        channels = (32, 64, 64)
+    elif size <= 32:
+        channels = (32, 64, 64, 128)
+    else:
+        channels = (64, 128, 128, 256)
+    return _levels(channels, size)
+
+
+def _levels(channels, size: int) -> tuple[int, ...]:
+    """The first levels of ``channels`` that halve ``size`` evenly, at least two (a size that
+    cannot be halved once is refused where the network is built)."""
+    levels = len(channels)
+    while levels > 2 and size % 2 ** (levels - 1):
+        levels -= 1
+    return tuple(channels[:levels])
+
+
+#: ``--unet`` presets: (channels, layers per block, attention at level indices, dropout); ``auto``
+#: and ``small`` are the per-size defaults. ``cifar`` is close to the DDPM/ADM CIFAR-10 network (128
+#: channels, multipliers 1-2-2-2, two blocks per level, attention at 16x16 for 32x32 images,
+#: dropout 0.1); ``tiny`` is the CPU-sized network of benchmarks/ddpm_teacher.py.
+UNET_PRESETS = ("auto", "tiny", "small", "cifar")
+
+
+def unet_settings(preset: str, size: int) -> dict:
+    """The UNet a preset builds for images whose smaller side is ``size``; levels that do not
+    halve ``size`` evenly are dropped."""
+    if preset not in UNET_PRESETS:
+        raise UserError(f"--unet: unknown preset {preset!r}; expected one of {', '.join(UNET_PRESETS)}")
+    if preset == "tiny":
+        channels = _levels((16, 32, 64), size)
+        return {"channels": channels, "layers_per_block": 1, "attention": (len(channels) - 1,), "dropout": 0.0}
+    if preset == "cifar":
+        channels = _levels((128, 256, 256, 256), size)
+        return {"channels": channels, "layers_per_block": 2, "attention": (1,) if len(channels) > 2 else (), "dropout": 0.1}
+    return {"channels": default_channels(size), "layers_per_block": 1, "attention": (), "dropout": 0.0}
 
 
 class UNet(nn.Module):
     def __init__(self, shape, num_classes: int = 0, channels: tuple[int, ...] | None = None, layers_per_block: int = 1,
-                 attention: bool = False, interval: bool = False):
+                 attention: bool | tuple[int, ...] = False, interval: bool = False, dropout: float = 0.0):
         super().__init__()
         try:
             from diffusers import UNet2DModel
@@ -43,14 +76,16 @@ class UNet(nn.Module):
             raise UserError(f"--image-size: {h}x{w} must be divisible by {2 ** (len(channels) - 1)} for this UNet")
         down = ["DownBlock2D"] * len(channels)
         up = ["UpBlock2D"] * len(channels)
-        if attention and len(channels) > 1:
-            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        if attention is True:  # at the lowest level
+            attention = (len(channels) - 1,) if len(channels) > 1 else ()
+        for level in attention or ():
+            down[level], up[len(channels) - 1 - level] = "AttnDownBlock2D", "AttnUpBlock2D"
         self.num_classes = num_classes
         classes = num_classes + 1 if num_classes and not interval else None
         self.net = UNet2DModel(
             sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=channels,
             layers_per_block=layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
-            norm_num_groups=min(8, channels[0]), num_class_embeds=classes,
+            norm_num_groups=min(8 if channels[0] < 128 else 32, channels[0]), num_class_embeds=classes, dropout=dropout,
             class_embed_type="identity" if interval else None,  # interval: this adapter adds label and h
         )
         self.interval = self.label = None

