@@ -85,6 +85,16 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def tiny_ddpm(folder: Path) -> None:
+    """An untrained 28x28 DDPMPipeline, saved by diffusers as benchmarks/ddpm_teacher.py saves its own."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+
+
 def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
     cmds = flowmatch_commands()
     assert len(cmds) >= 10, cmds
@@ -98,7 +108,11 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
         if sub == "sample" and "distilled" in cmd[2]:
             args.remove("--nfe"), args.remove("2")
         if sub == "eval":  # image runs are measured at one NFE; 2-D runs at several, with an adaptive row
-            args += ["--nfe", "2"] if "digits" in cmd[2] else ["--nfe", "1,2", "--repeats", "1", "--tol", "1e-3"]
+            image = "digits" in cmd[2] or "mnist" in cmd[2]
+            args += ["--nfe", "2"] if image else ["--nfe", "1,2", "--repeats", "1", "--tol", "1e-3"]
+        for a in args:  # a diffusers teacher the README makes with a benchmark script: a tiny one saved the same way
+            if a.startswith("diffusers:") and not Path(a.split(":", 1)[1]).exists():
+                tiny_ddpm(Path(a.split(":", 1)[1]))
         t0 = time.perf_counter()
         rc, out, err = cli(sub, *args)
         print(f"{time.perf_counter() - t0:6.1f} s  {' '.join(cmd)}", file=sys.__stderr__)

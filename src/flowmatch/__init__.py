@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .config import TrainConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .hub import load, save_pretrained  # noqa: E402
 from .paths import CosinePath, LinearPath, PathSample, VPPath, marginal_velocity  # noqa: E402
 from .solvers import SolveResult, integrate  # noqa: E402
 
@@ -15,6 +16,8 @@ __all__ = [
     "__version__",
     "TrainConfig",
     "UserError",
+    "load",
+    "save_pretrained",
     "LinearPath",
     "VPPath",
     "CosinePath",

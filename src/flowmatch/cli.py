@@ -586,6 +586,22 @@ def plot(run: Path = typer.Argument(..., help="run directory")):
         _say(f"wrote {p}")
 
 
+@command("save-pretrained")
+def save_pretrained(
+    run: Path = typer.Argument(..., help="run directory"),
+    out: Path = typer.Option(..., help="the Hub folder to write (config.json, model.safetensors, README.md)"),
+    weights: str = typer.Option("ema", help="which weights sample: ema or model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder's files"),
+):
+    """Write a run as a Hub-style folder (huggingface_hub's layout, with a model card): load it
+    with flowmatch.load(DIR) or sample it with `flowmatch sample DIR`."""
+    from .hub import save_pretrained as save
+    from .runs import load_run
+
+    r = load_run(run, device="cpu", weights=weights)
+    _say(f"wrote {save(r, out, weights=weights, overwrite=overwrite)}")
+
+
 _ARGV: list[str] | None = None
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -91,6 +92,10 @@ def _check_doc(doc: dict, where: str) -> None:
     data = doc.get("data")
     if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
         raise UserError(f"{where}: 'data' should be a JSON object with a 'name', got {data!r}")
+    if "pretrained" in doc:  # a Hub folder: its one weights file, beside config.json
+        file = doc["pretrained"].get("weights") if isinstance(doc["pretrained"], dict) else None
+        if not (isinstance(file, str) and re.fullmatch(r"[\w.-]+\.safetensors", file)):
+            raise UserError(f"{where}: 'pretrained.weights' should name a .safetensors file in the folder, got {file!r}")
 
 
 def dataset_from_doc(doc: dict, where: str, build=None):
@@ -188,14 +193,23 @@ class Run:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights not in ("ema", "model"):
             raise UserError(f"--weights: expected ema or model, got {weights!r}")
+        self.weights = self.doc["pretrained"].get("from", weights) if "pretrained" in self.doc else weights
         self.model = self.cfg.build_model(self.shape, self.num_classes, self.path)
-        state = load_weights(self.dir / f"{weights}.safetensors")
+        # a Hub folder (flowmatch.hub.save_pretrained) holds one set of weights, named in config.json
+        file = self.doc["pretrained"]["weights"] if "pretrained" in self.doc else f"{weights}.safetensors"
+        state = load_weights(self.dir / file)
         try:
             self.model.load_state_dict(state)
         except RuntimeError as e:
-            raise UserError(f"{self.dir / (weights + '.safetensors')}: weights do not fit the network in config.json "
+            raise UserError(f"{self.dir / file}: weights do not fit the network in config.json "
                             f"({str(e).splitlines()[0][:100]})") from None
         self.model.to(self.device).eval().requires_grad_(False)
+
+    def save_pretrained(self, folder, overwrite: bool = False) -> Path:
+        """This run's sampling weights, config and a model card as a Hub folder (:mod:`flowmatch.hub`)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, folder, weights=self.weights, overwrite=overwrite)
 
     @property
     def lineage(self) -> dict:
