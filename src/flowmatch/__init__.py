@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from .config import TrainConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .hub import load, save_pretrained  # noqa: E402
 from .paths import CosinePath, LinearPath, PathSample, VPPath, marginal_velocity  # noqa: E402
+from .runs import load, save_pretrained  # noqa: E402
 from .solvers import SolveResult, integrate  # noqa: E402
 
 __all__ = [

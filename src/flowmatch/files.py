@@ -1,7 +1,7 @@
 """Files written whole or not at all: a temporary file in the same folder, then ``os.replace``.
 Text and JSON, safetensors weights, and the trainer state (read back with
 ``torch.load(weights_only=True)``); a missing or unreadable file is a :class:`UserError`
-naming it."""
+naming it. ``metrics.jsonl`` is read here too (appended, so its torn last line is skipped)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,36 @@ def load_state(path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{path}: not a valid trainer state (expected a dict with a step)")
     return state
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of ``RUN/metrics.jsonl``. The file is appended to, so a process killed during
+    an append leaves a torn last line: that line is skipped. A bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not readable ({type(e).__name__})") from None
+    rows = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row = _metrics_row(line)
+        if row is None:
+            if k == len(lines) - 1:
+                break  # torn by an interrupted append
+            raise UserError(f"{path}: line {k + 1} is not a JSON object with an integer step and a numeric loss")
+        rows.append(row)
+    return rows
+
+
+def _metrics_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)
+          and isinstance(row.get("loss"), (int, float)) and not isinstance(row.get("loss"), bool))
+    return row if ok else None

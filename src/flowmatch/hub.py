@@ -7,9 +7,9 @@ The layout is huggingface_hub's convention for PyTorch models (``PyTorchModelHub
     DIR/model.safetensors  the weights that sample (the EMA copy by default)
     DIR/README.md          a model card (huggingface_hub.ModelCard): what was trained, how long, its measures
 
-:func:`load` reads such a folder, a run directory, or a Hub repository id (downloaded with
-``huggingface_hub.snapshot_download``; nothing else is fetched), and returns a
-:class:`~flowmatch.runs.Run`: ``flowmatch.load(DIR).sample(16)``.
+``flowmatch.load`` (:func:`flowmatch.runs.load`) reads such a folder, a run directory, or a Hub
+repository id (:func:`download`, with ``huggingface_hub.snapshot_download``; nothing else is
+fetched), and returns a :class:`~flowmatch.runs.Run`: ``flowmatch.load(DIR).sample(16)``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .files import write_json, write_text
+from .files import read_metrics, save_weights, write_json, write_text
 
 #: the files a Hub folder holds (and the only ones downloaded)
 FILES = ("config.json", "model.safetensors", "README.md")
@@ -27,8 +27,6 @@ FILES = ("config.json", "model.safetensors", "README.md")
 
 def _measures(run) -> dict:
     """What the run itself recorded: the last logged loss, wall-clock, and any eval JSON left in it."""
-    from .runs import read_metrics
-
     out = {}
     metrics = run.dir / "metrics.jsonl"
     if metrics.exists():
@@ -85,13 +83,11 @@ or `flowmatch sample THIS_FOLDER --n 16 --out samples.npy`.
     return str(ModelCard(text))
 
 
-def save_pretrained(run, folder, weights: str = "ema", overwrite: bool = False) -> Path:
-    """Write ``run`` (a loaded :class:`~flowmatch.runs.Run` or a run directory) as a Hub folder;
-    returns the folder. An existing folder is replaced only with ``overwrite``."""
-    from .runs import Run, save_weights
-
-    if not isinstance(run, Run):
-        run = Run(run, device="cpu", weights=weights)
+def save_pretrained(run, folder, weights: str | None = None, overwrite: bool = False) -> Path:
+    """Write a loaded :class:`~flowmatch.runs.Run` as a Hub folder; returns the folder. An
+    existing folder is replaced only with ``overwrite``. (``flowmatch.save_pretrained`` also takes
+    a run directory.)"""
+    weights = weights or run.weights
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise UserError(f"--out: {folder} already exists; pass --overwrite to replace it")
@@ -108,21 +104,14 @@ def save_pretrained(run, folder, weights: str = "ema", overwrite: bool = False) 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load(name, device=None, revision: str | None = None):
-    """A :class:`~flowmatch.runs.Run` from a Hub folder, a run directory, or a Hub repository id
-    ("owner/name", downloaded once into huggingface_hub's cache)."""
-    from .runs import Run
+def download(name: str, revision: str | None = None) -> Path:
+    """A Hub repository id ("owner/name") fetched into huggingface_hub's cache (only :data:`FILES`)."""
+    if not _REPO_ID.match(str(name)):
+        raise UserError(f"{name}: neither a folder nor a Hub repository id (owner/name)")
+    from huggingface_hub import snapshot_download
 
-    path = Path(name)
-    if not path.exists():
-        if not _REPO_ID.match(str(name)):
-            raise UserError(f"{name}: neither a folder nor a Hub repository id (owner/name)")
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(name), revision=revision, allow_patterns=list(FILES)))
-        except Exception as e:  # noqa: BLE001 - network, missing repository, offline mode: one line
-            raise UserError(f"{name}: could not download from the Hub ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return Run(path, device=device)
-
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=list(FILES)))
+    except Exception as e:  # noqa: BLE001 - network, missing repository, offline mode: one line
+        raise UserError(f"{name}: could not download from the Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

@@ -24,7 +24,16 @@ import torch
 
 from .config import ONE_STEP
 from .errors import UserError
-from .files import atomic_path, load_state, load_weights, save_state, save_weights, write_json, write_text  # noqa: F401 - imported from here too
+from .files import (  # noqa: F401 - imported from here too
+    atomic_path,
+    load_state,
+    load_weights,
+    read_metrics,
+    save_state,
+    save_weights,
+    write_json,
+    write_text,
+)
 from .noise import batch_generator, batch_noise
 
 FORMAT_VERSION = 1
@@ -112,39 +121,6 @@ def dataset_from_doc(doc: dict, where: str, build=None):
     if list(dataset.shape) != doc["shape"]:
         raise UserError(f"{where}: 'shape' {doc['shape']} does not match the data's {list(dataset.shape)}")
     return dataset
-
-
-def read_metrics(path) -> list[dict]:
-    """The rows of ``RUN/metrics.jsonl``. The file is appended to, so a process killed during
-    an append leaves a torn last line: that line is skipped. A bad line elsewhere is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not readable ({type(e).__name__})") from None
-    rows = []
-    for k, line in enumerate(lines):
-        if not line.strip():
-            continue
-        row = _metrics_row(line)
-        if row is None:
-            if k == len(lines) - 1:
-                break  # torn by an interrupted append
-            raise UserError(f"{path}: line {k + 1} is not a JSON object with an integer step and a numeric loss")
-        rows.append(row)
-    return rows
-
-
-def _metrics_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    ok = (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)
-          and isinstance(row.get("loss"), (int, float)) and not isinstance(row.get("loss"), bool))
-    return row if ok else None
 
 
 class RunLock:
@@ -369,3 +345,20 @@ def log_scale(dataset, shape) -> float:
 def load_run(run_dir, device=None, weights: str = "ema") -> Run:
     """Load a run directory for sampling and evaluation."""
     return Run(run_dir, device=device, weights=weights)
+
+
+def load(name, device=None, revision: str | None = None) -> Run:
+    """A :class:`Run` from a Hub folder (:mod:`flowmatch.hub`), a run directory, or a Hub
+    repository id ("owner/name", downloaded once into huggingface_hub's cache)."""
+    from .hub import download
+
+    path = Path(name)
+    return Run(path if path.exists() else download(str(name), revision), device=device)
+
+
+def save_pretrained(run, folder, weights: str = "ema", overwrite: bool = False) -> Path:
+    """A run (loaded, or its directory) as a Hub folder: :func:`flowmatch.hub.save_pretrained`."""
+    from .hub import save_pretrained as save
+
+    return save(run if isinstance(run, Run) else Run(run, device="cpu", weights=weights), folder,
+                overwrite=overwrite)
