@@ -53,7 +53,7 @@ def test_readme_opens_with_the_two_fresh_machine_commands():
     setup = [" ".join(c) for c in first]
     assert setup[:3] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install -c constraints.txt -e ."]
     assert first[3] == ["flowmatch", "train"]  # the main job: the default data set, the checkerboard
-    assert "pip install -c constraints.txt -e .[dev,export]" in setup and setup[-1] == "python -m pytest"
+    assert "pip install -c constraints.txt -e .[dev,export,track]" in setup and setup[-1] == "python -m pytest"
     assert (ROOT / ".ci" / "run").read_text().count("python -m pytest") == 1
 
 

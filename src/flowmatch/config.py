@@ -76,6 +76,8 @@ class TrainConfig:
     label_dropout: float = setting(0.2, "labelled data: probability of dropping a label (classifier-free guidance)")
     # bookkeeping
     log_every: int = setting(50)
+    log_with: str | None = setting(None, "experiment tracker through accelerate: tensorboard, wandb or mlflow (loss, lr, "
+                                         "gradient norm each log step; samples at checkpoints; logs in RUN/tracking)")
     checkpoint_every: int = setting(1000, "write a checkpoint every N steps")
     # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py); far slower on CPUs without bf16 units
     precision: str = setting("fp32", "fp32, bf16 or fp16 (CUDA only)")
@@ -108,6 +110,14 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise bad(name, f"one of {', '.join(choices)}", getattr(self, name))
+        if self.log_with is not None:
+            import importlib.util
+
+            if self.log_with not in TRACKERS:
+                raise bad("log_with", f"one of {', '.join(TRACKERS)}", self.log_with)
+            if importlib.util.find_spec(TRACKERS[self.log_with]) is None:
+                raise UserError(f"--log-with {self.log_with}: the {TRACKERS[self.log_with]} package is not installed "
+                                f"(pip install {TRACKERS[self.log_with]})")
         if self.objective in ONE_STEP:  # the straight path's average velocity, regressed with MSE
             for name, allowed in (("path", ("linear",)), ("loss", ("mse",)),
                                   ("sigma_min", (0.0,))):
@@ -357,6 +367,8 @@ RANGES = {
 #: the settings that name one of a few choices
 CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"), "prediction": ("auto", "velocity", "data"),
            "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("fp32", "bf16", "fp16")}
+#: --log-with: accelerate's tracker name -> the package it needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: objectives whose network takes the step's interval and generates in one step
 ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.

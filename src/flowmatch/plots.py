@@ -35,9 +35,7 @@ def _limits(*clouds, margin=0.5):
     return (lo[0].item(), hi[0].item()), (lo[1].item(), hi[1].item())
 
 
-def scatter(samples: torch.Tensor, path, title: str = "samples", reference: torch.Tensor | None = None) -> Path:
-    """Samples (first two dimensions; a histogram for 1-D data), beside the data when
-    ``reference`` is given."""
+def _scatter_figure(samples: torch.Tensor, title: str, reference: torch.Tensor | None = None):
     panels = [("data", reference), (title, samples)] if reference is not None else [(title, samples)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     if samples.shape[1] == 1:
@@ -45,12 +43,29 @@ def scatter(samples: torch.Tensor, path, title: str = "samples", reference: torc
         for ax, (name, pts) in zip(axes[0], panels):
             ax.hist(pts[:, 0].numpy(), bins=bins.numpy(), density=True, color="C0" if name == "data" else "C1", alpha=0.8)
             ax.set(title=name, xlabel="x", ylabel="density")
-        return _save(fig, path)
+        return fig
     xl, yl = _limits(*[p for _, p in panels if p is not None])
     for ax, (name, pts) in zip(axes[0], panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="C0" if name == "data" else "C1")
         ax.set(title=name, xlim=xl, ylim=yl, aspect="equal")
-    return _save(fig, path)
+    return fig
+
+
+def scatter(samples: torch.Tensor, path, title: str = "samples", reference: torch.Tensor | None = None) -> Path:
+    """Samples (first two dimensions; a histogram for 1-D data), beside the data when
+    ``reference`` is given."""
+    return _save(_scatter_figure(samples, title, reference), path)
+
+
+def figure_array(samples: torch.Tensor, title: str = "samples"):
+    """:func:`scatter`'s picture as an RGB array (H, W, 3), uint8: for experiment trackers."""
+    import numpy as np
+
+    fig = _scatter_figure(samples, title)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
 
 
 def _bins(*clouds, n: int = 60) -> torch.Tensor:

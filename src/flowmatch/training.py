@@ -92,7 +92,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                       "expect training many times slower than fp32 (measured: 20x on an AVX2 CPU)", stacklevel=2)
     # Mixed precision is torch.autocast (+ a GradScaler for fp16) rather than accelerate's
     # process-wide setting, so runs of different precision can follow each other in one process.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    tracking = {"log_with": cfg.log_with, "project_dir": str(out)} if cfg.log_with else {}
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(), **tracking)
     trainer = Trainer(cfg, parts, accelerator, out, progress, on_checkpoint)
     if state is not None:
         trainer.load(state)
@@ -111,7 +112,11 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                 if resume:
                     _remove_stale_temporaries(out)
                 _truncate_metrics(out / "metrics.jsonl", trainer.step)
+            if cfg.log_with:  # accelerate's trackers log from the main process only
+                accelerator.init_trackers("tracking", config=_hparams(cfg))
             trainer.run()
+            if cfg.log_with:
+                accelerator.end_training()
         except BaseException:
             if main and not resume and not (out / "trainer_state.pt").exists():
                 _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
@@ -191,6 +196,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.running = torch.zeros((), device=self.device)  # summed step losses since the last log line
+        self.running_norm = torch.zeros((), device=self.device)  # summed gradient norms (before clipping), the same
         self.bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first non-finite step, or -1
         self.last_log, self.progress = 0, progress
 
@@ -246,9 +252,10 @@ class Trainer:
                     loss = self.objective.loss(self.forward, drawn)
                 self.scaler.scale(loss / cfg.grad_accum).backward()  # / 1 is exact
             step_loss = step_loss + loss.detach()
-        if cfg.grad_clip is not None:
+        if cfg.grad_clip is not None or cfg.log_with:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
+            self.running_norm += norm.detach()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -263,9 +270,12 @@ class Trainer:
 
     def log_line(self, lr: float, bar=None) -> None:
         """The mean loss since the last line, into metrics.jsonl (main process) and the bar."""
-        mean_loss = (self.running / max(1, self.step - self.last_log)).item()
-        self.running.zero_()
+        steps = max(1, self.step - self.last_log)
+        mean_loss, mean_norm = (self.running / steps).item(), (self.running_norm / steps).item()
+        self.running.zero_(), self.running_norm.zero_()
         self.last_log = self.step
+        if self.cfg.log_with:
+            self.accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": mean_norm}, step=self.step)
         if self.main:
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
@@ -278,6 +288,10 @@ class Trainer:
         _save_checkpoint(self.accelerator, self.raw, self.ema, self.opt, self.gen, self.step, self.out, self.dataset)
         if self.main and len(self.dataset.shape) == 3 and self.cfg.plots:
             _progress_grid(self.ema, self.dataset, self.out, self.step, self.device)
+        if self.main and self.cfg.log_with:
+            paused = time.perf_counter()
+            _track_samples(self.accelerator, self.ema, self.dataset, self.step, self.device)
+            self.t_start += time.perf_counter() - paused  # not training time
         if self.main and self.on_checkpoint is not None:
             paused = time.perf_counter()
             self.on_checkpoint(self.step, self.ema)
@@ -348,6 +362,35 @@ def _progress_grid(ema, dataset, out: Path, step: int, device) -> None:
     x = dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", 20).x).clamp(0, 1)
     (out / "progress").mkdir(exist_ok=True)
     image_grid(x, out / "progress" / f"step-{step:07d}.png", nrow=6, title=f"step {step}")
+
+
+def _hparams(cfg: TrainConfig) -> dict:
+    """The settings as a tracker's run configuration (scalars and strings; None as "none")."""
+    return {k: ("none" if v is None else v) for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+@torch.inference_mode()
+def _track_samples(accelerator, ema, dataset, step: int, device) -> None:
+    """EMA samples at a checkpoint (32 Euler steps, fixed noise) as a picture for the trackers that
+    take images: a 6x6 grid of images, or a scatter of the first two coordinates of 2000 vectors."""
+    import numpy as np
+
+    from .plots import figure_array
+    from .solvers import integrate
+
+    images = len(dataset.shape) == 3
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(36 if images else 2000, *dataset.shape, generator=g, device=device)
+    x = dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", 32).x).float().cpu()
+    if images:
+        c, h, w = dataset.shape
+        grid = x.clamp(0, 1).reshape(6, 6, c, h, w).permute(0, 3, 1, 4, 2).reshape(6 * h, 6 * w, c).numpy()
+        picture = (grid.repeat(3, axis=2) if c == 1 else grid) * 255
+    else:
+        picture = figure_array(x, f"step {step}")
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": picture.astype(np.uint8)}, step=step, dataformats="HWC")
 
 
 def _append_metrics(path: Path, row: dict) -> None:

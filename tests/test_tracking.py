@@ -1,0 +1,65 @@
+"""train --log-with tensorboard: accelerate's tracker writes event files that tensorboard's own
+reader reads back: the same losses and learning rates as metrics.jsonl, gradient norms, and
+sample pictures at checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import TINY, one_line_error
+
+pytest.importorskip("tensorboard", reason="flowmatch[track] is not installed")
+
+
+def events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_holds_what_metrics_jsonl_holds_and_samples(cli, tmp_path):
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--steps", "40", "--log-every", "10", "--checkpoint-every", "20", "--batch-size", "64",
+                     "--grad-clip", "0.5", "--log-with", "tensorboard", "--out", run, "--no-plots", *TINY)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"step", "loss", "lr", "time"}  # metrics.jsonl stays as it was
+    acc = events(run / "tracking")
+    assert {"loss", "lr", "grad_norm"} <= set(acc.Tags()["scalars"])
+    loss = {e.step: e.value for e in acc.Scalars("loss")}
+    lr = {e.step: e.value for e in acc.Scalars("lr")}
+    assert sorted(loss) == [10, 20, 30, 40]
+    for row in rows:
+        assert loss[row["step"]] == pytest.approx(row["loss"], rel=1e-6)
+        assert lr[row["step"]] == pytest.approx(row["lr"], rel=1e-6)
+    norms = [e.value for e in acc.Scalars("grad_norm")]
+    # the norm before clipping: above the clip threshold early in training
+    assert all(math.isfinite(v) and v > 0 for v in norms) and max(norms) > 0.5
+    pictures = acc.Images("samples")
+    assert [p.step for p in pictures] == [20, 40] and pictures[0].width > 100
+
+
+def test_image_runs_log_a_grid_of_samples(cli, tmp_path):
+    run = tmp_path / "digits"
+    rc, _, err = cli("train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
+                     "--log-with", "tensorboard", "--out", run, "--no-plots", "--no-progress")
+    assert rc == 0, err
+    (picture,) = events(run / "tracking").Images("samples")
+    assert (picture.width, picture.height) == (48, 48)  # 6 x 6 digits of 8 x 8 pixels
+
+
+def test_a_tracker_that_is_not_installed_or_unknown_is_refused(cli, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "run"
+    if importlib.util.find_spec("wandb") is None:
+        line = one_line_error(*cli("train", "--log-with", "wandb", "--out", out, *TINY)[::2])
+        assert "--log-with wandb" in line and "not installed" in line
+    line = one_line_error(*cli("train", "--log-with", "visdom", "--out", out, *TINY)[::2])
+    assert "--log-with" in line and "tensorboard" in line
+    assert not out.exists()
