@@ -241,6 +241,21 @@ def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
     assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches
 
 
+def assert_one_step_on_the_mean_gradient(model, grads, cfg, trained) -> None:
+    """What DDP's step does: AdamW with clipping on the mean of the ranks' gradients ``grads``
+    (one list per rank), recomputed here; the 2-process run's weights ``trained`` must equal it."""
+    import torch
+
+    for p, *per_rank in zip(model.parameters(), *grads):
+        p.grad = sum(per_rank) / len(per_rank)
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
+    expected = model.state_dict()
+    assert set(expected) == set(trained)
+    for k in expected:
+        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
 def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradients(tmp_path, objective):
     """MeanFlow's target is a JVP (torch.func), inside which DDP's forward cannot run; shortcut
@@ -270,14 +285,7 @@ def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradi
         model.zero_grad()
         objective.loss(model, objective.draw(parts.dataset.sample(cfg.batch_size, gen), gen)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for p, g0, g1 in zip(model.parameters(), *grads):
-        p.grad = (g0 + g1) / 2
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
-    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
-    expected = model.state_dict()
-    assert set(expected) == set(trained)
-    for k in expected:
-        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert_one_step_on_the_mean_gradient(model, grads, cfg, trained)
     # each rank alone (DDP's all-reduce skipped) would have moved the weights elsewhere
     assert not torch.allclose(grads[0][0], grads[1][0], atol=1e-3)
 
@@ -319,13 +327,7 @@ def test_ot_coupling_under_two_processes_pairs_the_global_batch(tmp_path):
         model.zero_grad()
         objective.loss(model, Drawn(all_x0[j[rank * 16:(rank + 1) * 16]], x1, t, None)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for p, g0, g1 in zip(model.parameters(), *grads):
-        p.grad = (g0 + g1) / 2
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
-    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
-    expected = model.state_dict()
-    for k in expected:
-        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert_one_step_on_the_mean_gradient(model, grads, cfg, trained)
     # pairing each share alone would differ: some rows take noise drawn on the other process
     assert not all(torch.equal(j[r * 16:(r + 1) * 16] - r * 16, per_share[r]) for r in range(2))
 
