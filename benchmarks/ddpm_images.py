@@ -5,6 +5,7 @@ measured from the same noise.
 
     python benchmarks/ddpm_images.py                       # trains the DDPM too if runs/ddpm-mnist is missing
     python benchmarks/ddpm_images.py --teacher runs/ddpm-mnist --out runs/ddpm-story --n 500
+    python benchmarks/ddpm_images.py --ddpm-steps 0            # leave out the costliest row (1000 steps per image)
 
 Rows: the DDPM at 1000 ancestral steps, DDIM at 100/10/4/1 steps, 2-RF at 1/2/4 Euler steps, the
 distilled student at 1 step. Measures (image_metrics.image_scores against the 1000 held-out mnist
@@ -45,7 +46,7 @@ def timed(fn, *args, **kw):
 
 
 @torch.inference_mode()
-def ddpm_ancestral(folder: Path, z0: torch.Tensor, steps: int = 1000, seed: int = 0, batch: int = 250) -> torch.Tensor:
+def ddpm_ancestral(folder: Path, z0: torch.Tensor, steps: int = 1000, seed: int = 0, batch: int = 500) -> torch.Tensor:
     """The pipeline's own sampler (DDPMPipeline's loop: ancestral steps) from x_T = z0, in [0, 1]."""
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -162,15 +163,15 @@ def main():
     ap.add_argument("--n", type=int, default=500, help="samples per row for the measures")
     ap.add_argument("--pairs", type=int, default=4000)
     ap.add_argument("--pair-steps", type=int, default=50, help="DDIM steps for the pairs")
-    ap.add_argument("--reflow-steps", type=int, default=4000)
-    ap.add_argument("--distill-steps", type=int, default=2000)
+    ap.add_argument("--reflow-steps", type=int, default=3000)
+    ap.add_argument("--distill-steps", type=int, default=1500)
     ap.add_argument("--distill-nfe", type=int, default=16, help="the 2-RF teacher's midpoint NFE for the distillation pairs")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--unet", default="tiny", help="the students' UNet preset (tiny: the same size as the DDPM here)")
     ap.add_argument("--time-dist", default="uniform", help="reflow's times: uniform or u-shaped (RF++)")
     ap.add_argument("--loss", default="mse", help="mse or pseudo-huber (RF++)")
-    ap.add_argument("--ddpm-steps", type=int, default=1000)
+    ap.add_argument("--ddpm-steps", type=int, default=1000, help="the DDPM row's ancestral steps (0: leave the row out)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages, rows, table = {}, {}, []
@@ -182,15 +183,6 @@ def main():
         info = json.loads((args.teacher / "train.json").read_text()) if (args.teacher / "train.json").exists() else {}
     stages["ddpm training"] = info.get("train_s", float("nan"))
 
-    z0 = batch_noise(12345, 0, args.n, SHAPE)  # the same noise for every row
-    x, s = timed(ddpm_ancestral, args.teacher, z0, args.ddpm_steps)
-    rows[f"DDPM {args.ddpm_steps}"] = x
-    table.append({"sampler": f"DDPM, {args.ddpm_steps} ancestral steps", "nfe": args.ddpm_steps, "s": s, **scores(x)})
-    for k in (100, 10, 4, 1):
-        x, s = timed(ddim, args.teacher, z0, k)
-        rows[f"DDIM {k}"] = x
-        table.append({"sampler": f"DDIM (eta 0), {k} steps", "nfe": k, "s": s, **scores(x)})
-
     opts = StudentOptions(pairs=args.pairs, teacher_nfe=args.pair_steps, steps=args.reflow_steps, lr=args.lr,
                           batch_size=args.batch_size, unet=args.unet, time_dist=args.time_dist, loss=args.loss)
     teacher = DiffusersTeacher(args.teacher, steps=args.pair_steps)
@@ -198,32 +190,55 @@ def main():
     if not (rf2 / "ema.safetensors").exists():
         _, stages["pairs (DDIM)"] = timed(rf.pairs_job, teacher, rf2 / "pairs", opts.validate())
         _, stages["reflow training"] = timed(rf.student, teacher, rf2, "reflow", opts, resume=True)
-    run = load_run(rf2)
-    for k in (1, 2, 4):
-        x, s = timed(lambda k=k: torch.cat([run.flow(z0[i:i + 250], k, "euler").x for i in range(0, args.n, 250)]))
-        rows[f"2-RF {k}"] = x
-        table.append({"sampler": f"2-rectified flow, {k} Euler step(s)", "nfe": k, "s": s, **scores(x)})
-
     dist = args.out / "distilled"
     if not (dist / "ema.safetensors").exists():
         dopts = StudentOptions(pairs=args.pairs, teacher_nfe=args.distill_nfe, steps=args.distill_steps, lr=args.lr,
                                batch_size=args.batch_size, loss=args.loss)
         flow_teacher = FlowTeacher(rf2, solver="midpoint", nfe=args.distill_nfe)
         _, stages["distillation (pairs + training)"] = timed(rf.student, flow_teacher, dist, "distill", dopts)
+
+    straight = {}
+
+    def dump():  # every number so far (a long run can be read, or stopped, part way)
+        (args.out / "story.json").write_text(json.dumps({"settings": vars(args) | {"teacher": str(args.teacher),
+                                                                                  "out": str(args.out)},
+                                                         "teacher": info, "rows": table, "stages": stages,
+                                                         "straightness": straight}, indent=1))
+
+    z0 = batch_noise(12345, 0, args.n, SHAPE)  # the same noise for every row
+    for k in (100, 10, 4, 1):
+        x, s = timed(ddim, args.teacher, z0, k)
+        rows[f"DDIM {k}"] = x
+        table.append({"sampler": f"DDIM (eta 0), {k} steps", "nfe": k, "s": s, **scores(x)})
+
+    run = load_run(rf2)
+    for k in (1, 2, 4):
+        x, s = timed(lambda k=k: torch.cat([run.flow(z0[i:i + 250], k, "euler").x for i in range(0, args.n, 250)]))
+        rows[f"2-RF {k}"] = x
+        table.append({"sampler": f"2-rectified flow, {k} Euler step(s)", "nfe": k, "s": s, **scores(x)})
+
     drun = load_run(dist)
     x, s = timed(lambda: torch.cat([drun.flow(z0[i:i + 250], 1, "euler").x for i in range(0, args.n, 250)]))
     rows["distilled 1"] = x
     table.append({"sampler": "2-RF distilled, 1 step", "nfe": 1, "s": s, **scores(x)})
 
+    dump()
     # straightness: DDIM's path against the student's, 10 steps each, on 100 of the same noises
     times, states = ddim(args.teacher, z0[:100], 10, trajectory=True)
     res = run.flow(z0[:100], 10, "euler", trajectory=True)
     student_states = res.trajectory * 2 - 1  # data units [0, 1] -> the pipeline's [-1, 1]
     student_times = torch.linspace(0, 1, 11)
-    straight = {"DDIM, 10 steps": path_straightness(times, states),
-                "2-RF, 10 Euler steps": path_straightness(student_times, student_states)}
+    straight.update({"DDIM, 10 steps": path_straightness(times, states),
+                     "2-RF, 10 Euler steps": path_straightness(student_times, student_states)})
     save_paths({"DDIM": (times, states), "2-RF": (student_times, student_states)}, args.out / "paths.png")
     save_grid(rows, args.out / "grid.png")
+    dump()
+    if args.ddpm_steps:  # the pipeline's own sampler: the costliest row, last (shown first)
+        x, s = timed(ddpm_ancestral, args.teacher, z0, args.ddpm_steps)
+        rows = {f"DDPM {args.ddpm_steps}": x, **rows}
+        table.insert(0, {"sampler": f"DDPM, {args.ddpm_steps} ancestral steps", "nfe": args.ddpm_steps, "s": s,
+                         **scores(x)})
+        save_grid(rows, args.out / "grid.png")
 
     print(f"teacher: {args.teacher} ({info.get('parameters', '?')} parameters, {info.get('steps', '?')} steps); "
           f"students: --unet {args.unet}, {args.pairs} pairs, reflow {args.reflow_steps} steps "
@@ -237,10 +252,7 @@ def main():
     for k, v in stages.items():
         print(f"| {k} | {v:.0f} |")
     print("straightness (0 = straight): " + ", ".join(f"{k} {v:.3f}" for k, v in straight.items()))
-    (args.out / "story.json").write_text(json.dumps({"settings": vars(args) | {"teacher": str(args.teacher),
-                                                                              "out": str(args.out)},
-                                                     "teacher": info, "rows": table, "stages": stages,
-                                                     "straightness": straight}, indent=1))
+    dump()
 
 
 if __name__ == "__main__":
