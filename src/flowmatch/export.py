@@ -44,17 +44,16 @@ class Sampler(nn.Module):
         self.register_buffer("std", run.dataset.std.float().clone(), persistent=False)
 
     def velocity(self, x, t, h):
+        from .solvers import guided
+
+        def v(x, tt, label=None):
+            kw = {"h": torch.full_like(tt, h)} if self.interval else {}
+            return self.model(x, tt, label, **kw) if label is not None else self.model(x, tt, **kw)
+
         tb = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-        kw = {"h": torch.full_like(tb, h)} if self.interval else {}
         if not self.has_label:
-            return self.model(x, tb, **kw)
-        label = self.label.expand(x.shape[0])
-        if self.guidance == 1.0:
-            return self.model(x, tb, label, **kw)
-        both = self.model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([label, torch.full_like(label, -1)]),
-                          **({"h": torch.cat([kw["h"], kw["h"]])} if kw else {}))
-        cond, uncond = both.chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+            return v(x, tb)
+        return guided(v, self.label.expand(x.shape[0]), self.guidance)(x, tb)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x, dt = z, 1.0 / self.steps
