@@ -74,9 +74,13 @@ def test_the_first_install_brings_everything_readme_commands_need():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """README's commands run from a fresh directory; `path/to/folder` is a small image folder."""
+    """README's commands run from a fresh directory; `path/to/folder` is a small image folder,
+    `path/to/table.csv` a table of three columns (the last one a condition), `c.npy` a condition."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    np.savetxt(tmp_path / "path" / "to" / "table.csv", rng.normal(size=(200, 3)), delimiter=",")
+    np.save(tmp_path / "c.npy", np.array([1.5], dtype=np.float32))
     for cls in ("a", "b"):
         (tmp_path / "path" / "to" / "folder" / cls).mkdir(parents=True)
         for i in range(6):

@@ -63,3 +63,43 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_refused(cli, tmp_path):
     line = one_line_error(*cli("train", "--log-with", "visdom", "--out", out, *TINY)[::2])
     assert "--log-with" in line and "tensorboard" in line
     assert not out.exists()
+
+
+def test_eval_every_logs_the_ema_networks_measures(cli, tmp_path):
+    """--eval-every N: a row in RUN/eval.jsonl every N steps (and at the end) whose measures are
+    those of the EMA weights the run saves (recomputed here from the saved run), the same values
+    in TensorBoard, eval.png; a resumed run keeps the rows up to its checkpoint and goes on."""
+    import torch
+
+    from flowmatch.runs import load_run
+    from flowmatch.training import TrainingEval
+
+    run = tmp_path / "run"
+    rc, _, err = cli("train", "--steps", "30", "--checkpoint-every", "20", "--eval-every", "20", "--eval-n", "300",
+                     "--eval-nfe", "8", "--batch-size", "64", "--log-with", "tensorboard", "--out", run, *TINY)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 30]
+    assert {"w2", "floor", "ratio", "off_support", "precision", "recall", "c2st"} <= set(rows[-1])
+    assert (run / "eval.png").is_file()
+    r = load_run(run, device="cpu")
+    again = TrainingEval(r.dataset, None, 300, 8, seed=0)(r.velocity, torch.device("cpu"))
+    for key in ("w2", "floor", "off_support", "precision", "c2st"):
+        assert rows[-1][key] == pytest.approx(again[key], rel=1e-5, abs=1e-6), key
+    tb = {e.step: e.value for e in events(run / "tracking").Scalars("eval/ratio")}
+    assert tb == pytest.approx({r["step"]: r["ratio"] for r in rows}, rel=1e-6)
+
+    with open(run / "eval.jsonl", "a") as f:  # as if a run killed after its last checkpoint (30) had measured on
+        f.write(json.dumps({"step": 35, "n": 300, "nfe": 8, "ratio": 1.0}) + "\n")
+    rc, _, err = cli("train", "--resume", "--out", run, "--steps", "40", "--no-progress")
+    assert rc == 0, err
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [20, 30, 40]
+
+
+def test_eval_every_on_digits_uses_the_frechet_measures(cli, tmp_path):
+    run = tmp_path / "digits"
+    rc, _, err = cli("train", "--data", "digits", "--steps", "2", "--batch-size", "8", "--eval-every", "2",
+                     "--eval-n", "100", "--eval-nfe", "2", "--out", run, "--no-plots", "--no-progress")
+    assert rc == 0, err
+    (row,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert row["fd_ratio"] > 1.5 and 0 <= row["precision"] <= 1  # two steps of training: far from the data

@@ -313,7 +313,9 @@ def sample(
     tol: float = typer.Option(1e-5, help="adaptive solvers: atol = rtol"),
     weights: str = typer.Option("ema", help="ema or model"),
     label: int | None = typer.Option(None, help="class to sample (class-conditional runs)"),
-    guidance: float = typer.Option(1.0, help="classifier-free guidance weight with --label (1: none)"),
+    cond: Path | None = typer.Option(None, help="runs trained with condition vectors: FILE.npy of one condition "
+                                                "(K,) for all samples, or one per sample (N, K), in the data's units"),
+    guidance: float = typer.Option(1.0, help="classifier-free guidance weight with --label or --cond (1: none)"),
     processes: int = typer.Option(1, help="local processes sharing the batches (the samples do not depend on it)"),
     progress: bool = typer.Option(True),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
@@ -331,7 +333,8 @@ def sample(
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     r = load_run(run, weights=weights, device=_distributed_device())
-    r.check_label(label, guidance)
+    c = None if cond is None else _load_cond(cond)
+    r.check_label(label, guidance, c, n)
     from .solvers import check_method
 
     check_method(solver, nfe)
@@ -341,7 +344,7 @@ def sample(
     nfe = r.default_nfe if nfe is None else nfe
     _check_shift(time_shift)
     kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance,
-              time_shift=time_shift, **kw_noise)
+              time_shift=time_shift, cond=c, **kw_noise)
     if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
         x = r.sample_distributed(n, progress=progress, **kw)
         if x is None:  # not process 0, which writes --out
@@ -355,6 +358,26 @@ def sample(
     _write_samples(x, out, images=len(r.shape) == 3,
                    title=f"{solver}, NFE {nfe}" + (f", label {label}" if label is not None else ""))
     _say(f"wrote {n} samples to {out}")
+
+
+def _load_cond(path: Path):
+    """``sample --cond FILE.npy``: one condition vector (K,) or one per sample (N, K)."""
+    import numpy as np
+
+    from .data.arrays import check_finite
+
+    if path.suffix.lower() != ".npy" or not path.is_file():
+        raise UserError(f"--cond: {path}: expected an existing .npy file of condition vectors")
+    try:
+        c = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"--cond: {path}: not a readable numeric .npy file ({e})") from None
+    if c.dtype.kind not in "fiub" or c.ndim not in (1, 2) or c.size == 0:
+        raise UserError(f"--cond: {path}: expected real numbers of shape (K,) or (N, K), got {c.dtype} {c.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = c.astype(np.float32)
+    check_finite(c if c.ndim == 2 else c[None], f"--cond: {path}")
+    return c
 
 
 def _stream_npy(batches, out: Path, shape: tuple, images: bool) -> None:

@@ -28,6 +28,8 @@ class TrainConfig:
     n_points: int | None = setting(None, "train on a fixed set of N points of a 2-D toy (the notebook's)")
     image_size: int = setting(32, "image folders: resize and centre-crop to this size")
     skip_bad: bool = setting(False, "image folders: skip unreadable files with a warning")
+    cond_columns: str | None = setting(None, "tables: columns (from 0, e.g. 2,3) that condition the rest "
+                                             "(classifier-free guidance; .npz files: their array 'cond')")
     holdout: float = setting(0.1, "user tables and images: share of rows held out of training (eval and nll measure on them)")
     # optimisation (defaults chosen by benchmarks/levers.py: quality per CPU minute)
     steps: int = setting(4000, "optimizer steps; with --resume, the new total (at least the steps already done)")
@@ -73,12 +75,16 @@ class TrainConfig:
                                              "[default: 10000, the notebook's; meanflow, shortcut: 10, smooth in the interval]")
     prediction: str = setting("auto", "velocity, data (the network predicts x1) or auto (data for vectors)")
     init_from: str | None = setting(None, "safetensors weights to start from (reflow: the teacher's)", cli=False)
-    label_dropout: float = setting(0.2, "labelled data: probability of dropping a label (classifier-free guidance)")
+    label_dropout: float = setting(0.2, "labels or condition vectors: probability of dropping one for the null (classifier-free guidance)")
     # bookkeeping
     log_every: int = setting(50)
     log_with: str | None = setting(None, "experiment tracker through accelerate: tensorboard, wandb or mlflow (loss, lr, "
                                          "gradient norm each log step; samples at checkpoints; logs in RUN/tracking)")
     checkpoint_every: int = setting(1000, "write a checkpoint every N steps")
+    eval_every: int = setting(0, "every N steps, measure EMA samples against real data (RUN/eval.jsonl, eval.png, the "
+                                 "tracker); 0: never")
+    eval_n: int = setting(1000, "--eval-every: samples per measurement")
+    eval_nfe: int = setting(20, "--eval-every: Euler steps per sample")
     # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py); far slower on CPUs without bf16 units
     precision: str = setting("fp32", "fp32, bf16 or fp16 (CUDA only)")
     compile: bool = setting(False, "torch.compile the network for training steps")
@@ -129,7 +135,8 @@ class TrainConfig:
         """The dataset spec that ``data`` (a name or a path) and the data settings describe."""
         from .data import spec_from_arg
 
-        return spec_from_arg(self.data, self.n_points, self.seed, self.image_size, self.skip_bad, self.holdout)
+        return spec_from_arg(self.data, self.n_points, self.seed, self.image_size, self.skip_bad, self.holdout,
+                             self.cond_columns)
 
     def build_coupling(self):
         from .couplings import make_coupling
@@ -152,7 +159,7 @@ class TrainConfig:
             return make_time_sampler(self.time_dist, k=self.time_steps)
         return make_time_sampler(self.time_dist)
 
-    def build_model(self, shape: tuple, num_classes: int = 0, path=None):
+    def build_model(self, shape: tuple, num_classes: int = 0, path=None, cond_dim: int = 0):
         """The network for samples of ``shape``, initialised from ``seed`` (global random state
         untouched). Images the UNet cannot halve down to its lowest resolution are refused here,
         naming the data, before anything is written."""
@@ -170,7 +177,8 @@ class TrainConfig:
                                 f"width must be multiples of {factor}; crop or resize them (image folders: --image-size)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return make_model(self.model_spec(shape), shape, num_classes, path=path if path is not None else self.build_path())
+            return make_model(self.model_spec(shape), shape, num_classes, path=path if path is not None else self.build_path(),
+                              cond_dim=cond_dim)
 
     def build(self, data_spec: dict | None = None, dataset=None) -> Parts:
         """Everything these settings describe, each built once: the data set (from ``data_spec``,
@@ -185,7 +193,9 @@ class TrainConfig:
             dataset = make_dataset(data_spec)
         else:
             data_spec = data_spec if data_spec is not None else {}
-        model = self.build_model(dataset.shape, dataset.num_classes, path)
+        if dataset.cond_dim and self.coupling == "ot" and self.ot_by_class:
+            raise UserError(f"--ot-by-class: pairs within each class of labelled data; {self.data} has continuous conditions")
+        model = self.build_model(dataset.shape, dataset.num_classes, path, dataset.cond_dim)
         return Parts(data_spec, dataset, path, time_sampler, coupling, model)
 
     def model_spec(self, shape: tuple | None = None) -> dict:
@@ -347,6 +357,9 @@ RANGES = {
                                                           "width", "depth", "grad_accum", "processes", "time_steps",
                                                           "image_size")},
     "n_points": (lambda v: v >= 2, "an integer >= 2"),
+    "eval_every": (lambda v: v >= 0, "a number of steps >= 0 (0: never)"),
+    "eval_n": (lambda v: v >= 10, "an integer >= 10"),
+    "eval_nfe": (_positive, "a positive number of steps"),
     "fourier": (lambda v: v >= 0, "a count >= 0"),
     "fourier_scale": (_positive, "a positive value"),
     "time_scale": (_positive, "a positive value"),

@@ -35,6 +35,9 @@ class Sampler(nn.Module):
             raise UserError(f"--nfe: {solver} takes a multiple of {SOLVERS[solver]} evaluations, got {nfe}")
         if run.cfg.objective in ONE_STEP and solver != "euler":
             raise UserError(f"--solver: a {run.cfg.objective} run steps by its average velocity: use euler")
+        if run.cond_dim:
+            raise UserError(f"export: {run.dir} takes condition vectors, which the exported sampler does not take yet; "
+                            "sample it with flowmatch sample --cond")
         run.check_label(label, guidance)
         self.model, self.interval = run.model, run.cfg.objective in ONE_STEP
         self.steps, self.solver, self.guidance = nfe // SOLVERS[solver], solver, float(guidance)

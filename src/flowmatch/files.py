@@ -79,9 +79,10 @@ def load_state(path) -> dict:
     return state
 
 
-def read_metrics(path) -> list[dict]:
-    """The rows of ``RUN/metrics.jsonl``. The file is appended to, so a process killed during
-    an append leaves a torn last line: that line is skipped. A bad line elsewhere is an error."""
+def read_metrics(path, value: str | None = "loss") -> list[dict]:
+    """The rows of ``RUN/metrics.jsonl`` (or of ``RUN/eval.jsonl``, with ``value=None``: rows need
+    only their step). The file is appended to, so a process killed during an append leaves a torn
+    last line: that line is skipped. A bad line elsewhere is an error."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -93,20 +94,21 @@ def read_metrics(path) -> list[dict]:
     for k, line in enumerate(lines):
         if not line.strip():
             continue
-        row = _metrics_row(line)
+        row = _metrics_row(line, value)
         if row is None:
             if k == len(lines) - 1:
                 break  # torn by an interrupted append
-            raise UserError(f"{path}: line {k + 1} is not a JSON object with an integer step and a numeric loss")
+            also = f" and a numeric {value}" if value else ""
+            raise UserError(f"{path}: line {k + 1} is not a JSON object with an integer step{also}")
         rows.append(row)
     return rows
 
 
-def _metrics_row(line: str) -> dict | None:
+def _metrics_row(line: str, value: str | None = "loss") -> dict | None:
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
         return None
     ok = (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)
-          and isinstance(row.get("loss"), (int, float)) and not isinstance(row.get("loss"), bool))
+          and (value is None or (isinstance(row.get(value), (int, float)) and not isinstance(row.get(value), bool))))
     return row if ok else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Batch
+from .models.cond import null_condition
 from .paths import AffinePath
 
 
@@ -68,7 +69,7 @@ class CFM:
         x0, x1, label = self.coupling.pair(x0, x1, gen, batch.label)
         if label is not None and self.label_dropout > 0:
             drop = torch.rand(len(label), generator=gen, device=x1.device) < self.label_dropout
-            label = torch.where(drop, -1, label)
+            label = torch.where(drop.reshape(-1, *[1] * (label.dim() - 1)), null_condition(label), label)
         return Drawn(x0, x1, t, label)
 
     def loss(self, model, d: Drawn) -> torch.Tensor:

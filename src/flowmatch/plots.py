@@ -136,6 +136,27 @@ def loss_curve(rows: list[dict], path) -> Path:
     return _save(fig, path)
 
 
+def eval_curve(rows: list[dict], path) -> Path:
+    """``train --eval-every``'s measures against the step (RUN/eval.jsonl): the ratio to the
+    floor (W2, or the Fréchet distance for digits), and the precision and recall beside it."""
+    ratio = "fd_ratio" if "fd_ratio" in rows[0] else "ratio"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r[ratio] for r in rows], marker="o")
+    axes[0].axhline(1.0, color="grey", ls="--", lw=1, label="floor (real against real)")
+    axes[0].set(xlabel="step", ylabel=f"{'FD' if ratio == 'fd_ratio' else 'W2'} / floor", yscale="log",
+                title=f"EMA samples ({rows[0]['n']}, {rows[0]['nfe']} Euler steps)")
+    axes[0].legend()
+    for key in ("precision", "recall", "off_support"):
+        if key in rows[0]:
+            axes[1].plot(steps, [r[key] for r in rows], marker="o", label=key)
+    axes[1].set(xlabel="step", ylim=(0, 1.02), title="sharpness")
+    axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def flow_gif(run, path, n: int = 1500, frames: int = 40, seed: int = 0) -> Path:
     """An animation of samples flowing from noise to data (Euler, one frame per step)."""
     res = _paths(run, n, frames, seed)
@@ -225,7 +246,12 @@ def plot_image_run(run, run_dir: Path, seed: int = 0, metrics: list[dict] | None
     written.append(image_flow(run, run_dir / "trajectories.png"))
     if metrics:
         written.append(loss_curve(metrics, run_dir / "loss.png"))
-    return written
+    return written + _eval_picture(run_dir)
+
+
+def _eval_picture(run_dir: Path) -> list[Path]:
+    rows = read_metrics(run_dir / "eval.jsonl", value=None) if (run_dir / "eval.jsonl").exists() else []
+    return [eval_curve(rows, run_dir / "eval.png")] if rows else []
 
 
 def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
@@ -254,7 +280,7 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     if run.shape == (2,):
         written.append(vector_field(run, run_dir / "field.png"))
     written.append(flow_gif(run, run_dir / "flow.gif"))
-    return written
+    return written + _eval_picture(run_dir)
 
 
 def compare_trajectories(runs: dict, path, n: int = 300, nfe: int = 100, seed: int = 0) -> Path:

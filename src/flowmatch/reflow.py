@@ -34,7 +34,7 @@ SHARD_SIZE = 4096
 def _pairs_meta(teacher, n, shard_size, seed) -> dict:
     return {"n": n, "shard_size": shard_size, "seed": seed, "num_shards": -(-n // shard_size),
             "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec,
-            "num_classes": getattr(teacher, "num_classes", 0)}
+            "num_classes": getattr(teacher, "num_classes", 0), "cond_dim": getattr(teacher, "cond_dim", 0)}
 
 
 def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:

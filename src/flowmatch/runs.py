@@ -98,6 +98,9 @@ def _check_doc(doc: dict, where: str) -> None:
     classes = doc.get("num_classes", 0)
     if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0):
         raise UserError(f"{where}: 'num_classes' should be an integer >= 0, got {classes!r}")
+    cond_dim = doc.get("cond_dim", 0)
+    if not (isinstance(cond_dim, int) and not isinstance(cond_dim, bool) and cond_dim >= 0):
+        raise UserError(f"{where}: 'cond_dim' should be an integer >= 0, got {cond_dim!r}")
     data = doc.get("data")
     if not (isinstance(data, dict) and isinstance(data.get("name"), str)):
         raise UserError(f"{where}: 'data' should be a JSON object with a 'name', got {data!r}")
@@ -164,13 +167,16 @@ class Run:
         self.cfg = TrainConfig.from_dict(self.doc["train"], where=where)
         self.shape = tuple(self.doc["shape"])
         self.num_classes = self.doc.get("num_classes", 0)
+        self.cond_dim = self.doc.get("cond_dim", 0)
         self.dataset = dataset_from_doc(self.doc, where, eval_dataset)
         self.path = self.cfg.build_path()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if weights not in ("ema", "model"):
             raise UserError(f"--weights: expected ema or model, got {weights!r}")
         self.weights = self.doc["pretrained"].get("from", weights) if "pretrained" in self.doc else weights
-        self.model = self.cfg.build_model(self.shape, self.num_classes, self.path)
+        if self.cond_dim != self.dataset.cond_dim:
+            raise UserError(f"{where}: 'cond_dim' {self.cond_dim} does not match the data's {self.dataset.cond_dim}")
+        self.model = self.cfg.build_model(self.shape, self.num_classes, self.path, self.cond_dim)
         # a Hub folder (flowmatch.hub.save_pretrained) holds one set of weights, named in config.json
         file = self.doc["pretrained"]["weights"] if "pretrained" in self.doc else f"{weights}.safetensors"
         state = load_weights(self.dir / file)
@@ -210,21 +216,45 @@ class Run:
         v = self.velocity if grid is None else _average_velocity(self.model, grid)
         return v if label is None else guided(v, label, guidance)
 
-    def check_label(self, label: int | None, guidance: float = 1.0) -> None:
-        """A label fits this run's classes; guidance (other than 1, none) is a finite weight given with a label."""
+    def check_label(self, label: int | None, guidance: float = 1.0, cond=None, n: int | None = None) -> None:
+        """A label fits this run's classes, a condition (``cond``: one vector, or one per sample
+        of ``n``) its condition vectors; guidance (other than 1, none) is a finite weight given
+        with a label or a condition."""
         import math
 
         if not (isinstance(guidance, (int, float)) and math.isfinite(guidance)):
             raise UserError(f"--guidance: expected a finite weight, got {guidance!r}")
-        if label is None:
+        if cond is not None:
+            self._check_cond(cond, n)
+        if label is None and cond is None:
             if guidance != 1.0:
-                raise UserError(f"--guidance: weighs a class against the unconditional field, so it needs --label; "
-                                f"got --guidance {guidance:g} without --label")
+                what, option = ("a condition", "--cond") if self.cond_dim else ("a class", "--label")
+                raise UserError(f"--guidance: weighs {what} against the unconditional field, so it needs {option}; "
+                                f"got --guidance {guidance:g} without {option}")
+            return
+        if label is None:
             return
         if self.num_classes == 0:
-            raise UserError(f"--label: {self.dir} is an unconditional run; it takes no label")
+            what = "takes a condition vector (--cond), not a label" if self.cond_dim else "is an unconditional run; it takes no label"
+            raise UserError(f"--label: {self.dir} {what}")
         if not 0 <= label < self.num_classes:
             raise UserError(f"--label: expected a class in 0..{self.num_classes - 1}, got {label}")
+
+    def _check_cond(self, cond, n: int | None) -> None:
+        if self.cond_dim == 0:
+            raise UserError(f"--cond: {self.dir} was not trained with condition vectors; it takes none")
+        c = torch.as_tensor(cond)
+        shapes = f"({self.cond_dim},)" + (f" or ({n}, {self.cond_dim})" if n is not None else "")
+        if not (c.shape == (self.cond_dim,) or (c.dim() == 2 and c.shape[1] == self.cond_dim and (n is None or len(c) == n))):
+            raise UserError(f"--cond: expected a condition of shape {shapes} (one for all samples, or one per sample), "
+                            f"got {tuple(c.shape)}")
+        if not torch.isfinite(c.double()).all():
+            raise UserError("--cond: expected finite numbers")
+
+    def condition(self, cond, n: int) -> torch.Tensor:
+        """Condition vectors in data units -> ``n`` of them in model space, on the run's device."""
+        c = self.dataset.encode_cond(torch.as_tensor(cond, dtype=torch.float32).to(self.device))
+        return c.expand(n, -1) if c.dim() == 1 else c
 
     def noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(n, *self.shape, generator=generator, device=generator.device)
@@ -247,22 +277,24 @@ class Run:
     @torch.inference_mode()
     def sample(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
                label: int | None = None, guidance: float = 1.0, progress: bool = False, part: tuple[int, int] | None = None,
-               **solver_kw) -> torch.Tensor:
+               cond=None, **solver_kw) -> torch.Tensor:
         """``n`` samples in data units (CPU float32), drawn in batches of bounded memory.
 
         Batch ``k`` uses its own generator seeded from ``(seed, k)``, so the result does not
         depend on the device's memory or the number of processes, only on ``seed`` and
         ``batch_size``. ``part=(i, p)`` draws only the batches ``k = i, i + p, ...`` (process
-        ``i`` of ``p``); their concatenation in ``k`` order is the full result.
+        ``i`` of ``p``); their concatenation in ``k`` order is the full result. ``cond``: a run
+        trained with condition vectors, one (cond_dim,) for all samples or (n, cond_dim), in the
+        data's units (None: unconditional).
         """
         out = [x for _, x in self.sample_batches(n, nfe, solver, seed, batch_size, label, guidance, progress, part,
-                                                 **solver_kw)]
+                                                 cond=cond, **solver_kw)]
         return torch.cat(out) if out else torch.empty(0, *self.shape)
 
     @torch.inference_mode()
     def sample_batches(self, n: int, nfe: int = 100, solver: str = "euler", seed: int = 0, batch_size: int = 65536,
                        label: int | None = None, guidance: float = 1.0, progress: bool = False,
-                       part: tuple[int, int] | None = None, **solver_kw):
+                       part: tuple[int, int] | None = None, cond=None, **solver_kw):
         """:meth:`sample` one batch at a time: yields ``(start, x)`` with ``x`` the samples
         ``start .. start + len(x)`` (CPU float32, data units), so a caller can stream them to disk."""
         from tqdm.auto import tqdm
@@ -270,14 +302,16 @@ class Run:
         from .solvers import check_method
 
         check_method(solver, nfe if solver not in ("dopri5", "dopri8", "bosh3") else None)
-        self.check_label(label, guidance)
+        self.check_label(label, guidance, cond, n)
+        cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
         starts = list(enumerate(range(0, n, batch_size)))
         if part is not None:
             starts = starts[part[0]::part[1]]
         for k, i in tqdm(starts, disable=not progress, desc="sample", unit="batch"):
             x0 = batch_noise(seed, k, min(batch_size, n - i), self.shape, self.device)
             sde_seed = batch_generator(seed, k).initial_seed()  # the batch's Brownian path (torchsde's own generator)
-            yield i, self.flow(x0, nfe, solver, label, guidance, sde_seed=sde_seed, **solver_kw).x.float().cpu()
+            c = None if cond is None else (cond if cond.dim() == 1 else cond[i:i + len(x0)])
+            yield i, self.flow(x0, nfe, solver, label, guidance, sde_seed=sde_seed, cond=c, **solver_kw).x.float().cpu()
 
     def sample_distributed(self, n: int, batch_size: int = 65536, progress: bool = False, **kw) -> torch.Tensor | None:
         """:meth:`sample` under ``torch.distributed`` (torchrun): every process draws its share of
@@ -299,15 +333,18 @@ class Run:
 
     @torch.inference_mode()
     def flow(self, x0: torch.Tensor, nfe: int | None = 100, solver: str = "euler", label: int | None = None,
-             guidance: float = 1.0, trajectory: bool = False, **solver_kw):
+             guidance: float = 1.0, trajectory: bool = False, cond=None, **solver_kw):
         """Integrate noise ``x0`` (model space, on the run's device) from t = 0 to 1 with
         :meth:`field` and decode: a :class:`~flowmatch.solvers.SolveResult` whose ``x`` (and
-        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device. A stochastic
+        ``trajectory``, (T, *x0.shape)) are in data units, on the run's device. ``cond``: condition
+        vectors in data units, one or one per row of ``x0`` (runs trained with them). A stochastic
         ``solver`` (euler-maruyama) takes ``noise`` and ``sde_seed`` (its Brownian path) from
         ``solver_kw`` and ignores ``trajectory``."""
         from .solvers import SDE_METHODS, fixed_grid, integrate, integrate_sde
 
         lab = None if label is None else torch.full((len(x0),), label, device=self.device, dtype=torch.long)
+        if cond is not None:
+            lab = self.condition(cond, len(x0))
         if solver in SDE_METHODS:
             res = integrate_sde(self.field(lab, guidance), x0, self.path, nfe, noise=solver_kw.get("noise", 1.0),
                                 seed=solver_kw.get("sde_seed", 0), time_shift=solver_kw.get("time_shift", 1.0))

@@ -204,13 +204,16 @@ def guided(v_cond: Callable, label: torch.Tensor, weight: float) -> Velocity:
     """Classifier-free guidance: ``v = v(x, t, null) + w (v(x, t, label) - v(x, t, null))``.
 
     ``v_cond(x, t, label)`` takes ``label=None`` for the null class; ``w = 1`` is plain
-    conditional sampling, ``w = 0`` unconditional.
+    conditional sampling, ``w = 0`` unconditional. ``label``: class indices, or condition
+    vectors (B, cond_dim) whose null is a NaN row.
     """
+    from .models.cond import null_condition
+
     if weight == 1.0:
         return lambda x, t: v_cond(x, t, label)
 
     def v(x, t):
-        both = v_cond(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, torch.full_like(label, -1)]))
+        both = v_cond(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null_condition(label)]))
         cond, uncond = both.chunk(2)
         return uncond + weight * (cond - uncond)
 

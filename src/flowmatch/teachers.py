@@ -35,6 +35,7 @@ class FlowTeacher:
         self.shape, self.device = self.run.shape, self.run.device
         self.data_spec = self.run.doc["data"]
         self.num_classes = self.run.num_classes
+        self.cond_dim = self.run.cond_dim  # sampled unconditionally too: the student keeps the embedding
 
     def describe(self) -> dict:
         return {"kind": "flowmatch", "run": str(self.run.dir.resolve()), "solver": self.solver, "nfe": self.nfe,

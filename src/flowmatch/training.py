@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -112,6 +113,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                 if resume:
                     _remove_stale_temporaries(out)
                 _truncate_metrics(out / "metrics.jsonl", trainer.step)
+                _truncate_metrics(out / "eval.jsonl", trainer.step, value=None)
             if cfg.log_with:  # accelerate's trackers log from the main process only
                 accelerator.init_trackers("tracking", config=_hparams(cfg))
             trainer.run()
@@ -154,6 +156,7 @@ def _config_doc(cfg: TrainConfig, parts: Parts, accelerator) -> dict:
         "data": parts.data_spec | parts.dataset.spec,
         "shape": list(parts.dataset.shape),
         "num_classes": parts.dataset.num_classes,
+        **({"cond_dim": parts.dataset.cond_dim} if parts.dataset.cond_dim else {}),
         "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
         "num_processes": accelerator.num_processes,
     }
@@ -233,6 +236,8 @@ class Trainer:
                     self.log_line(lr, bar)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     self.checkpoint()
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and self.main:
+                self.evaluate()
         bar.close()
 
     def optimisation_step(self) -> tuple[torch.Tensor, float]:
@@ -281,6 +286,23 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             _append_metrics(self.out / "metrics.jsonl", {"step": self.step, "loss": mean_loss, "lr": lr,
                                                          "time": round(time.perf_counter() - self.t_start, 3)})
+
+    def evaluate(self) -> None:
+        """``--eval-every``: the EMA network's measures (:class:`~flowmatch.metrics.TrainingEval`)
+        into RUN/eval.jsonl and the trackers; their time is left out of the logged training time."""
+        from .data import EMBEDDED_IMAGES
+
+        paused = time.perf_counter()
+        if not hasattr(self, "measure"):
+            name = self.cfg.data if self.cfg.data in EMBEDDED_IMAGES else None
+            self.measure = TrainingEval(self.dataset, name, self.cfg.eval_n, self.cfg.eval_nfe, self.cfg.seed)
+        v = _sampling_field(self.ema, self.cfg, self.device)
+        measures = {k: (x if math.isfinite(x) else None) for k, x in self.measure(v, self.device).items()}  # strict JSON
+        row = {"step": self.step, "n": self.cfg.eval_n, "nfe": self.cfg.eval_nfe, **measures}
+        _append_metrics(self.out / "eval.jsonl", row | {"seconds": round(time.perf_counter() - paused, 2)})
+        if self.cfg.log_with:
+            self.accelerator.log({f"eval/{k}": x for k, x in measures.items() if x is not None}, step=self.step)
+        self.t_start += time.perf_counter() - paused  # not training time
 
     def checkpoint(self) -> None:
         """Trainer state and weights (atomically), the image progress grid, the callback (whose
@@ -364,6 +386,57 @@ def _progress_grid(ema, dataset, out: Path, step: int, device) -> None:
     image_grid(x, out / "progress" / f"step-{step:07d}.png", nrow=6, title=f"step {step}")
 
 
+class TrainingEval:
+    """What ``train --eval-every N`` measures of the EMA network every N steps: ``n`` samples from
+    fixed noise (``nfe`` Euler steps) against a fixed draw of real data. Digits and mnist: the
+    Fréchet distances and their floors (:func:`~flowmatch.image_metrics.image_scores`); other data:
+    W2 against the real draw, its floor (a second real draw) and the ratio, and the sharpness
+    measures (:func:`~flowmatch.metrics.sharpness`, vectors only). The real draws are made once, at the first call."""
+
+    def __init__(self, dataset, data_name: str | None, n: int = 1000, nfe: int = 20, seed: int = 0):
+        self.dataset, self.data_name, self.n, self.nfe, self.seed = dataset, data_name, n, nfe, seed
+        self.refs = None
+
+    @torch.inference_mode()
+    def __call__(self, v, device) -> dict:
+        """The measures of the field ``v(x, t)`` (model space), flat: ``{"w2": .., "ratio": ..}``."""
+        from .metrics import sharpness, toy_name, w2
+        from .noise import batch_noise
+        from .solvers import integrate
+
+        x0 = batch_noise(self.seed, 0, self.n, self.dataset.shape, device)
+        x = self.dataset.decode(integrate(v, x0, "euler", self.nfe).x).float().cpu()
+        if self.data_name is not None:  # the embedded digit sets: the measures their evaluation uses
+            from .image_metrics import image_scores
+
+            s = image_scores(x.clamp(0, 1), self.data_name, self.seed, floor_draws=2)
+            return {"fd_ratio": s["classifier"]["ratio"], "pca_fd_ratio": s["pca"]["ratio"],
+                    "precision": s["prdc"]["precision"]["value"], "recall": s["prdc"]["recall"]["value"]}
+        if self.refs is None:
+            g = torch.Generator(device=device).manual_seed(self.seed + 1)
+            self.refs = [self.dataset.reference(self.n, g).float().cpu() for _ in range(2)]
+            self.floor = w2(*self.refs)
+        images = len(self.dataset.shape) == 3
+        if images:
+            x = x.clamp(0, 1)
+        d = w2(x, self.refs[0])
+        out = {"w2": d, "floor": self.floor, "ratio": d / self.floor}
+        return out if images else out | sharpness(x, self.refs[0], toy_name(self.dataset))
+
+
+def _sampling_field(ema, cfg: TrainConfig, device):
+    """The field Euler integrates to sample the EMA network: ``v(x, t)``, or for a one-step
+    objective the average velocity over each step of the ``eval_nfe`` grid."""
+    from .config import ONE_STEP
+
+    if cfg.objective not in ONE_STEP:
+        return lambda x, t: ema(x, t)
+    from .runs import _average_velocity
+    from .solvers import fixed_grid
+
+    return _average_velocity(ema, fixed_grid("euler", cfg.eval_nfe, device=device, dtype=torch.float64))
+
+
 def _hparams(cfg: TrainConfig) -> dict:
     """The settings as a tracker's run configuration (scalars and strings; None as "none")."""
     return {k: ("none" if v is None else v) for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
@@ -398,9 +471,9 @@ def _append_metrics(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int, value: str | None = "loss") -> None:
     """On resume, drop log lines written after the checkpoint being resumed from."""
     if not path.exists():
         return
-    keep = [row for row in read_metrics(path) if row["step"] <= step]
+    keep = [row for row in read_metrics(path, value) if row["step"] <= step]
     write_text(path, "".join(json.dumps(row) + "\n" for row in keep))

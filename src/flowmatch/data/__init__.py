@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .arrays import ARRAY_SUFFIXES, load_array
+from .arrays import ARRAY_SUFFIXES, load_table, parse_columns
 from .toy2d import TOY2D
 
 #: labelled images shipped inside packages, with a fixed held-out split (data/images.py)
@@ -33,10 +33,12 @@ class Batch:
 
 
 class Dataset:
-    """Base class. ``shape`` is one sample's shape; ``num_classes`` is 0 for unlabelled data."""
+    """Base class. ``shape`` is one sample's shape; ``num_classes`` is 0 for unlabelled data;
+    ``cond_dim`` is the length of a continuous condition vector per sample (0: none)."""
 
     shape: tuple = ()
     num_classes: int = 0
+    cond_dim: int = 0
     spec: dict = {}
 
     def __init__(self):
@@ -107,21 +109,35 @@ def split_rows(n: int, holdout: float, where: str) -> tuple[torch.Tensor, torch.
 
 class ArrayDataset(Dataset):
     """Rows of a user array (N, D), standardised per column for training. A fixed share
-    ``holdout`` of the rows never trains: :meth:`reference` (eval, nll) draws from them."""
+    ``holdout`` of the rows never trains: :meth:`reference` (eval, nll) draws from them.
 
-    def __init__(self, path: str, mean=None, std=None, holdout: float = 0.0):
+    With a condition vector per row (``cond_columns`` of a table, or an .npz file's ``cond``),
+    batches carry it, standardised too, as their ``label`` (``cond_dim`` > 0)."""
+
+    def __init__(self, path: str, mean=None, std=None, holdout: float = 0.0, cond_columns: list[int] | None = None,
+                 cond_mean=None, cond_std=None):
         super().__init__()
         self.path = os.path.abspath(path)
         self.holdout = float(holdout)  # runs written before the split existed: 0 (every row trains)
-        self.data = self.held = None
+        self.cond_columns = list(cond_columns) if cond_columns else None
+        self.data = self.held = self.cond = None
         if mean is None or std is None:
             self._rows()
             mean, std = _standardisation(self.data, self.path)
+            if self.cond is not None:
+                cond_mean, cond_std = _standardisation(self.cond, self.path)
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
         self.shape = (len(self.mean),)
         self.spec = {"name": "array", "path": self.path, "mean": self.mean.tolist(), "std": self.std.tolist(),
                      "holdout": self.holdout}
+        self.cond_mean = self.cond_std = None
+        if cond_mean is not None:
+            self.cond_mean = torch.as_tensor(cond_mean, dtype=torch.float32)
+            self.cond_std = torch.as_tensor(cond_std, dtype=torch.float32)
+            self.cond_dim = len(self.cond_mean)
+            self.spec |= {"cond_columns": self.cond_columns, "cond_mean": self.cond_mean.tolist(),
+                          "cond_std": self.cond_std.tolist()}
 
     # in float64: x - mean of float32 values near ±3e38 would overflow float32
     def encode(self, x):
@@ -130,24 +146,34 @@ class ArrayDataset(Dataset):
     def decode(self, x):
         return (x.double() * self.std.to(x.device).double() + self.mean.to(x.device).double()).to(x.dtype)
 
+    def encode_cond(self, c):
+        return ((c.double() - self.cond_mean.to(c.device).double()) / self.cond_std.to(c.device).double()).float()
+
     def _rows(self) -> torch.Tensor:
         """The training rows (loading the file and splitting off the held-out rows once)."""
         if self.data is None:
-            rows = load_array(self.path)
+            rows, cond = load_table(self.path, self.cond_columns)
             if self.shape and tuple(rows.shape[1:]) != self.shape:
                 raise UserError(f"{self.path}: rows have shape {tuple(rows.shape[1:])}, the run expects {self.shape}")
+            if self.cond_dim and (cond is None or cond.shape[1] != self.cond_dim):
+                found = "none" if cond is None else cond.shape[1]
+                raise UserError(f"{self.path}: the run expects {self.cond_dim} condition(s) per row, the file has {found}")
             train, held = split_rows(len(rows), self.holdout, self.path)
             self.data, self.held = rows[train], (rows[held] if len(held) else rows[train])
+            self.cond = None if cond is None else cond[train]
         return self.data
 
     def to(self, device):
         self.data, self.held = self._rows().to(device), self.held.to(device)
+        if self.cond is not None:
+            self.cond = self.cond.to(device)
         return self
 
     def sample(self, n, generator):
         rows = self._rows()
         idx = torch.randint(len(rows), (n,), generator=generator, device=generator.device)
-        return Batch(self.encode(rows.to(generator.device)[idx]))
+        cond = None if self.cond is None else self.encode_cond(self.cond.to(generator.device)[idx])
+        return Batch(self.encode(rows.to(generator.device)[idx]), label=cond)
 
     def reference(self, n, generator):
         """Held-out rows (the training rows where the table was too small to hold any out),
@@ -267,10 +293,15 @@ def valid_names() -> list[str]:
 
 
 def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_size: int = 32,
-                  skip_bad: bool = False, holdout: float = 0.1) -> dict:
+                  skip_bad: bool = False, holdout: float = 0.1, cond_columns: str | None = None) -> dict:
     """Turn ``--data NAME|PATH`` into a dataset spec; unknown names list the valid ones. User
-    tables and images hold out a share ``holdout`` of their rows for evaluation."""
+    tables and images hold out a share ``holdout`` of their rows for evaluation; a table's
+    ``cond_columns`` ("2,3") are conditions, not data."""
     from .images import is_image_array
+
+    columns = parse_columns(cond_columns)
+    if columns and not (os.path.splitext(data)[1].lower() in (".npy", ".csv", ".pt") and not is_image_array(data)):
+        raise UserError(f"--cond-columns: only applies to tables (.npy, .csv, .pt files), not --data {data!r}")
 
     if data in TOY2D:
         return {"name": data, "n_points": n_points, "seed": seed}
@@ -284,7 +315,8 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
     if is_image_array(data):
         return {"name": "image-array", "path": os.path.abspath(data), "holdout": holdout}
     if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
-        return {"name": "array", "path": os.path.abspath(data), "holdout": holdout}
+        return {"name": "array", "path": os.path.abspath(data), "holdout": holdout} | (
+            {"cond_columns": columns} if columns else {})
     raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} "
                     "or a .npy/.csv/.pt file or an image folder")
 

@@ -1,5 +1,6 @@
-"""User arrays of shape (N, D): ``.npy``, ``.csv`` (comma-separated, optional header) and
-``.pt`` (a tensor saved with ``torch.save``, loaded with ``weights_only=True``).
+"""User arrays of shape (N, D): ``.npy``, ``.csv`` (comma-separated, optional header),
+``.pt`` (a tensor saved with ``torch.save``, loaded with ``weights_only=True``) and ``.npz``
+(its array ``x``, and optionally ``cond``: a condition vector per row, :func:`load_table`).
 
 Real numbers of any precision (integers, booleans, float16, bfloat16, float64) are converted
 to float32; complex numbers, strings and objects are refused. Values are checked after the
@@ -17,11 +18,21 @@ import torch
 
 from ..errors import UserError
 
-ARRAY_SUFFIXES = (".npy", ".csv", ".pt")
+ARRAY_SUFFIXES = (".npy", ".csv", ".pt", ".npz")
 
 
-def _read(path: str) -> np.ndarray:
+def _read(path: str, key: str = "x") -> np.ndarray:
     suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if key not in npz.files:
+                    raise UserError(f"{path}: no array {key!r} in the .npz file (it holds {', '.join(npz.files) or 'none'})")
+                return npz[key]
+        except ValueError as e:  # object arrays need pickle: refused
+            raise UserError(f"{path}: expected numeric arrays in the .npz file ({e})") from None
+        except (OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npz file ({e})") from None
     if suffix == ".npy":
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":
@@ -71,11 +82,14 @@ def _numeric_row(row) -> bool:
     return True
 
 
-def load_array(path: str, ndim: int = 2) -> torch.Tensor:
-    """Load and validate a float array with ``ndim`` dimensions; returns float32 on the CPU."""
+def load_array(path: str, ndim: int = 2, key: str = "x") -> torch.Tensor:
+    """Load and validate a float array with ``ndim`` dimensions (``key``: the array of an .npz
+    file); returns float32 on the CPU."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    arr = _read(path)
+    arr = _read(path, key)
+    if key == "cond" and arr.ndim == 1:  # one condition per row
+        arr = arr[:, None]
     if arr.dtype.kind not in "fiub":
         raise UserError(f"{path}: expected real numbers, found dtype {arr.dtype}")
     if arr.ndim != ndim:
@@ -95,3 +109,44 @@ def check_finite(arr: np.ndarray, path: str) -> None:
         bad = int((~finite).any(axis=tuple(range(1, arr.ndim))).nonzero()[0][0])
         raise UserError(f"{path}: row {bad} holds NaN or Inf, or a value beyond float32's range (±3.4e38); "
                         "expected finite numbers")
+
+
+def parse_columns(text: str | None) -> list[int] | None:
+    """``--cond-columns 2,3`` -> [2, 3]: distinct column indices (from 0), or None."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        cols = [int(c) for c in str(text).split(",")]
+    except ValueError:
+        raise UserError(f"--cond-columns: expected column indices from 0 separated by commas (e.g. 2,3), got {text!r}") from None
+    if any(c < 0 for c in cols) or len(set(cols)) != len(cols):
+        raise UserError(f"--cond-columns: expected distinct column indices >= 0, got {text!r}")
+    return cols
+
+
+def load_table(path: str, cond_columns: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A table's rows ``x`` and, where it has them, a condition vector per row: the columns
+    ``cond_columns`` of a table (split off ``x``), or an .npz file's array ``cond`` ((N,) or
+    (N, K), beside its ``x``)."""
+    npz = path.lower().endswith(".npz")
+    if npz and cond_columns:
+        raise UserError(f"--cond-columns: {path} is an .npz file, whose conditions are its array 'cond'; "
+                        "the option is for tables")
+    rows = load_array(path)
+    if npz:
+        with np.load(path, allow_pickle=False) as f:
+            has_cond = "cond" in f.files
+        if not has_cond:
+            return rows, None
+        cond = load_array(path, key="cond")
+        if len(cond) != len(rows):
+            raise UserError(f"{path}: 'cond' has {len(cond)} rows and 'x' has {len(rows)}; expected one condition per row")
+        return rows, cond
+    if not cond_columns:
+        return rows, None
+    width = rows.shape[1]
+    if max(cond_columns) >= width or len(cond_columns) >= width:
+        raise UserError(f"--cond-columns: {path} has {width} columns (0..{width - 1}); expected condition columns among "
+                        f"them that leave at least one data column, got {','.join(map(str, cond_columns))}")
+    keep = [c for c in range(width) if c not in cond_columns]
+    return rows[:, keep].contiguous(), rows[:, cond_columns].contiguous()

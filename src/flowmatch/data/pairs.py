@@ -49,6 +49,7 @@ class PairsDataset(Dataset):
         # The teacher samples unconditionally (its null class): the student keeps the teacher's
         # label embedding, so it starts as the teacher's field, and learns the null class only.
         self.num_classes = int(meta.get("num_classes", 0))
+        self.cond_dim = int(meta.get("cond_dim", 0))
         self.spec = {"name": "pairs", "dir": str(self.dir.resolve()), "base": base}
         per_shard = 2 * 4 * meta["shard_size"] * max(1, int(torch.tensor(self.shape).prod()))
         self.window = max(1, min(meta["num_shards"], max_bytes // per_shard))

@@ -11,20 +11,21 @@ from .mlp import MLP
 
 
 def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False,
-         unet=None):
+         unet=None, cond_dim=0):
     # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
     return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes,
-               fourier=fourier, fourier_scale=fourier_scale, interval=interval)
+               fourier=fourier, fourier_scale=fourier_scale, interval=interval, cond_dim=cond_dim)
 
 
 def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False,
-          unet="auto"):
+          unet="auto", cond_dim=0):
     from .unet import UNet, unet_settings
 
     # width/depth are the MLP's; the UNet's size is its preset's (--unet), per image size
     if len(shape) != 3:
         raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
-    return UNet(tuple(shape), num_classes=num_classes, interval=interval, **unet_settings(unet, min(shape[1:])))
+    return UNet(tuple(shape), num_classes=num_classes, interval=interval, cond_dim=cond_dim,
+                **unet_settings(unet, min(shape[1:])))
 
 
 def _auto(shape, num_classes=0, **kw):
@@ -55,9 +56,10 @@ class DataPrediction(nn.Module):
         return da * d + ds * (x - a * d) / s.clamp_min(self.min_sigma)
 
 
-def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None):
+def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None, cond_dim: int = 0):
     """Build a model from ``{"name": ..., **options}`` for samples of ``shape``; with
-    ``prediction: "data"`` the network predicts ``x1`` and ``path`` turns it into a velocity."""
+    ``prediction: "data"`` the network predicts ``x1`` and ``path`` turns it into a velocity.
+    ``num_classes`` labels or a ``cond_dim`` condition vector per sample come as its ``label``."""
     spec = dict(spec)
     name = spec.pop("name")
     prediction = spec.pop("prediction", "velocity")
@@ -65,7 +67,7 @@ def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None):
         raise UserError(f"--model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if prediction not in PREDICTIONS:
         raise UserError(f"--prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
-    net = MODELS[name](tuple(shape), num_classes=num_classes, **spec)
+    net = MODELS[name](tuple(shape), num_classes=num_classes, **spec, **({"cond_dim": cond_dim} if cond_dim else {}))
     if prediction == "data":
         from ..paths import LinearPath
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .cond import CondEmbedding
+
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 10000.0) -> torch.Tensor:
     """Transformer-style embedding of ``scale * t``: ``[sin(s t w_k), cos(s t w_k)]``,
@@ -28,11 +30,12 @@ class MLP(nn.Module):
     ``t`` of shape (B,).
 
     ``num_classes > 0`` adds a label embedding with one extra *null* class (index
-    ``num_classes``) for classifier-free guidance.
+    ``num_classes``) for classifier-free guidance; ``cond_dim > 0`` instead takes a continuous
+    condition vector per row as ``label`` (:class:`~flowmatch.models.cond.CondEmbedding`).
     """
 
     def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0, num_classes: int = 0,
-                 fourier: int = 0, fourier_scale: float = 1.0, interval: bool = False):
+                 fourier: int = 0, fourier_scale: float = 1.0, interval: bool = False, cond_dim: int = 0):
         super().__init__()
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even integer >= 2, got {width}")
@@ -48,6 +51,7 @@ class MLP(nn.Module):
         # average-velocity networks (MeanFlow): the interval h = t_end - t embedded beside t
         self.interval = nn.Linear(width, width) if interval else None
         self.label = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.cond = CondEmbedding(cond_dim, width) if cond_dim else None
         self.blocks = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
         self.out = nn.Linear(width, dim)
 
@@ -70,4 +74,6 @@ class MLP(nn.Module):
                 label = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
             label = torch.where(label < 0, self.num_classes, label)  # -1 also means null
             emb = emb + self.label(label)
+        if self.cond is not None:  # a continuous condition vector per row (``label`` (B, cond_dim))
+            emb = emb + self.cond(label, len(x), x.dtype)
         return self.out(self.blocks(emb)).reshape(shape)

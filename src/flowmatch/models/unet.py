@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .cond import CondEmbedding
 
 
 def default_channels(size: int) -> tuple[int, ...]:
@@ -62,7 +63,8 @@ def unet_settings(preset: str, size: int) -> dict:
 
 class UNet(nn.Module):
     def __init__(self, shape, num_classes: int = 0, channels: tuple[int, ...] | None = None, layers_per_block: int = 1,
-                 attention: bool | tuple[int, ...] = False, interval: bool = False, dropout: float = 0.0):
+                 attention: bool | tuple[int, ...] = False, interval: bool = False, dropout: float = 0.0,
+                 cond_dim: int = 0):
         super().__init__()
         try:
             from diffusers import UNet2DModel
@@ -86,9 +88,11 @@ class UNet(nn.Module):
             sample_size=(h, w), in_channels=c, out_channels=c, block_out_channels=channels,
             layers_per_block=layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
             norm_num_groups=min(8 if channels[0] < 128 else 32, channels[0]), num_class_embeds=classes, dropout=dropout,
-            class_embed_type="identity" if interval else None,  # interval: this adapter adds label and h
+            # interval or a condition vector: this adapter makes the embedding added to the time's
+            class_embed_type="identity" if interval or cond_dim else None,
         )
         self.interval = self.label = None
+        self.cond = CondEmbedding(cond_dim, 4 * channels[0]) if cond_dim else None  # the time embedding's width
         if interval:
             from diffusers.models.embeddings import TimestepEmbedding
 
@@ -105,6 +109,8 @@ class UNet(nn.Module):
         """The field at ``(x, t)``; with ``h`` (an interval UNet), the average velocity over
         ``[t, t + h]`` (``h = 0``, or None: the instantaneous velocity)."""
         labels = None
+        if self.cond is not None:
+            labels, label = self.cond(label, len(x), x.dtype), None
         if self.num_classes:
             if label is None:
                 label = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
@@ -112,5 +118,5 @@ class UNet(nn.Module):
         if self.interval is not None:
             h = torch.zeros_like(t) if h is None else h
             cond = self.interval(self.net.time_proj(1000 * h).to(x.dtype))
-            labels = cond if labels is None else cond + self.label(labels)
+            labels = cond if labels is None else cond + (self.label(labels) if self.label is not None else labels)
         return self.net(x, 1000 * t, class_labels=labels).sample
