@@ -233,4 +233,5 @@ def test_fid_weights_on_a_vector_run_and_other_images_without_it(cli, tiny_run, 
     assert "--fid-weights" in line and "image runs" in line and str(tiny_run) in line
     line = one_line_error(*cli("eval", image_run, "--n", "16", "--nfe", "2")[::2])
     assert "--fid-weights" in line and str(image_run) in line
+    assert "--n" in one_line_error(*cli("eval", image_run, "--fid-weights", weights, "--n", "5", "--nfe", "2")[::2])
     assert not (tmp_path / "cache").exists()

@@ -569,6 +569,8 @@ def _eval_images(loaded, n, nfe, solver, seed, json_out, fid_weights=None):
     if fid_weights is not None:  # a bad file fails before anything is sampled
         from .fid import FeatureNet
 
+        if n < 6:
+            raise UserError(f"--n: FID's precision and recall use 5 nearest neighbours: expected at least 6 samples, got {n}")
         net = FeatureNet(fid_weights, device=loaded[0].device)
     for r in loaded:
         if run_data_name(r) is None and net is None:
