@@ -53,7 +53,7 @@ def test_readme_opens_with_the_two_fresh_machine_commands():
     setup = [" ".join(c) for c in first]
     assert setup[:3] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install -c constraints.txt -e ."]
     assert first[3] == ["flowmatch", "train"]  # the main job: the default data set, the checkerboard
-    assert "pip install -c constraints.txt -e .[dev,export,track]" in setup and setup[-1] == "python -m pytest"
+    assert "pip install -c constraints.txt -e .[dev,export,track,fid]" in setup and setup[-1] == "python -m pytest"
     assert (ROOT / ".ci" / "run").read_text().count("python -m pytest") == 1
 
 
@@ -99,6 +99,15 @@ def tiny_ddpm(folder: Path) -> None:
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
 
 
+def tiny_feature_net(path: Path) -> None:
+    """A small random TorchScript network, images (B, 3, 299, 299) -> features (B, 8), as the FID file's stand-in."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 13, stride=13), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    torch.jit.save(torch.jit.trace(net.eval(), torch.zeros(1, 3, 299, 299)), str(path))
+
+
 def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
     cmds = flowmatch_commands()
     assert len(cmds) >= 10, cmds
@@ -117,6 +126,8 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
         for a in args:  # a diffusers teacher the README makes with a benchmark script: a tiny one saved the same way
             if a.startswith("diffusers:") and not Path(a.split(":", 1)[1]).exists():
                 tiny_ddpm(Path(a.split(":", 1)[1]))
+        if "--fid-weights" in args and not Path(args[args.index("--fid-weights") + 1]).exists():
+            tiny_feature_net(Path(args[args.index("--fid-weights") + 1]))  # the user's Inception file: a small stand-in
         t0 = time.perf_counter()
         rc, out, err = cli(sub, *args)
         print(f"{time.perf_counter() - t0:6.1f} s  {' '.join(cmd)}", file=sys.__stderr__)

@@ -431,10 +431,15 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png (not for images)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --plot file"),
+    fid_weights: Path | None = typer.Option(None, help="image runs: also FID, precision and recall in the features of "
+                                                       "this TorchScript network (torch.jit.save; e.g. the FID Inception "
+                                                       "file inception-2015-12-05.pt), fed float32 RGB (B, 3, 299, 299) in "
+                                                       "[0, 255]; reference features cached (needs the fid extra)"),
 ):
     """W2 against fresh data (and its floor), the share off the support (2-D toys), precision, recall, density,
     coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness; Fréchet
-    distances, precision and recall in a classifier's features for digits and mnist runs."""
+    distances, precision and recall in a classifier's features for digits and mnist runs; FID with
+    --fid-weights for any image run."""
     from .metrics import evaluate as run_eval
     from .metrics import format_table
     from .runs import check_output, load_run
@@ -461,7 +466,10 @@ def evaluate(
     if any(images):
         _check_image_eval(images, nfe, nfes, {"--tol": tol, "--repeats": repeats, "--plot": plot,
                                               "--time-shift": None if time_shift == 1.0 else time_shift})
-        return _eval_images(loaded, n or 1000, nfes[0] if nfe is not None else 100, solver, seed, json_out)
+        return _eval_images(loaded, n or 1000, nfes[0] if nfe is not None else 100, solver, seed, json_out, fid_weights)
+    if fid_weights is not None:
+        raise UserError(f"--fid-weights: FID is measured on image runs; {loaded[0].dir} models vectors of shape "
+                        f"{tuple(loaded[0].shape)}")
     results = {}
     for r in loaded:
         res = run_eval(r, nfes, n=n or 4000, seed=seed, solver=solver, tol=tol or 1e-5, repeats=repeats or 3,
@@ -577,25 +585,53 @@ def _check_image_eval(images: list[bool], nfe: str | None, nfes: list[int], vect
         raise UserError(f"--nfe: image runs are measured at one NFE, got {nfe!r}")
 
 
-def _eval_images(loaded, n, nfe, solver, seed, json_out):
+def _eval_images(loaded, n, nfe, solver, seed, json_out, fid_weights=None):
     from .image_metrics import evaluate_digits, run_data_name
 
+    net = None
+    if fid_weights is not None:  # a bad file fails before anything is sampled
+        from .fid import FeatureNet
+
+        if n < 6:
+            raise UserError(f"--n: FID's precision and recall use 5 nearest neighbours: expected at least 6 samples, got {n}")
+        net = FeatureNet(fid_weights, device=loaded[0].device)
+    for r in loaded:
+        if run_data_name(r) is None and net is None:
+            raise UserError(f"{r.dir}: image quality is measured in a classifier's features for digits and mnist runs; "
+                            "for other images give --fid-weights FILE, a TorchScript Inception network (see README)")
     out = []
     for r in loaded:
-        if run_data_name(r) is None:
-            raise UserError(f"{r.dir}: image quality is measured for digits and mnist runs; for other images use FID "
-                            "from torch-fidelity or clean-fid (see README)")
-        res = evaluate_digits(r, n=n, nfe=nfe, solver=solver, seed=seed)
+        x = r.sample(n, nfe=nfe, solver=solver, seed=seed)
+        data = run_data_name(r)
+        res = evaluate_digits(r, n=n, nfe=nfe, solver=solver, seed=seed, x=x) if data else \
+            {"n": n, "data": r.dataset.spec.get("path") or r.dataset.spec.get("name"), "nfe": nfe, "solver": solver}
+        if net is not None:
+            from .fid import fid_scores
+
+            res["fid"] = fid_scores(x, r.dataset, net, seed=seed, name=data or Path(str(res["data"])).name)
         res["run"] = str(r.dir)
         out.append(res)
         if not json_out:
-            _say(f"{r.dir}: Fréchet/floor {res['classifier']['ratio']:.3f} (classifier features), "
-                 f"{res['pca']['ratio']:.3f} (PCA)" + (f"; class-conditional accuracy {res['conditional']['accuracy']:.3f}"
-                                                      if "conditional" in res else "")
-                 + "; in classifier features " + ", ".join(f"{k} {v['value']:.3f} (data {v['data']:.3f})"
-                                                          for k, v in res["prdc"].items()))
+            _say(f"{r.dir}: " + "; ".join(_image_summary(res)))
     if json_out:
         print(json.dumps(out[0] if len(out) == 1 else {"runs": out}))
+
+
+def _image_summary(res: dict) -> list[str]:
+    """The human lines' parts: the classifier's measures (digits, mnist) and FID (--fid-weights)."""
+    parts = []
+    if "classifier" in res:
+        parts.append(f"Fréchet/floor {res['classifier']['ratio']:.3f} (classifier features), {res['pca']['ratio']:.3f} (PCA)")
+        if "conditional" in res:
+            parts.append(f"class-conditional accuracy {res['conditional']['accuracy']:.3f}")
+        parts.append("in classifier features " + ", ".join(f"{k} {v['value']:.3f} (data {v['data']:.3f})"
+                                                          for k, v in res["prdc"].items()))
+    if "fid" in res:
+        f = res["fid"]
+        parts.append(f"FID {f['fid']:.3f} (floor {f['floor']:.3f}) in {f['features']} features of {Path(f['weights']).name}, "
+                     + ", ".join(f"{k} {f['prdc'][k]['value']:.3f} (data {f['prdc'][k]['data']:.3f})"
+                                 for k in ("precision", "recall")))
+    return parts
 
 
 @command()

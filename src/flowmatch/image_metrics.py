@@ -160,11 +160,12 @@ def label_accuracy(x: torch.Tensor, labels, data: str = "digits") -> float:
 
 
 def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", seed: int = 0, guidance: float = 2.0,
-                    per_class: int = 100) -> dict:
-    """:func:`image_scores` of ``n`` unconditional samples of a digits or mnist run, and the
+                    per_class: int = 100, x: torch.Tensor | None = None) -> dict:
+    """:func:`image_scores` of ``n`` unconditional samples of a digits or mnist run (``x``: those
+    samples, already drawn with these settings, so that FID measures the same ones), and the
     judge's accuracy on class-conditional samples when the run has labels."""
     data = run_data_name(run) or "digits"
-    x = run.sample(n, nfe=nfe, solver=solver, seed=seed)
+    x = run.sample(n, nfe=nfe, solver=solver, seed=seed) if x is None else x
     res = {**image_scores(x, data, seed), "nfe": nfe, "solver": solver}
     test_x, test_y = _split(data, "test")
     if run.num_classes:

@@ -261,6 +261,14 @@ class ImageDataset(Dataset):
         idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
         return x[idx].to(generator.device)
 
+    def distinct_images(self, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Up to ``n`` different images of ``split`` ("train" or "held-out"; all of them when it has
+        fewer), in [0, 1], chosen with ``generator`` (CPU). FID and precision/recall compare sets
+        without repeats: a repeated real image shrinks its k-nearest-neighbour ball to nothing."""
+        self._data()
+        x = self.x if split == "train" else self.held_out[0]
+        return x[torch.randperm(len(x), generator=generator)[:n]]
+
 
 class DecodeOnly(Dataset):
     """Samples of known shape and scale but no data to draw (a diffusers teacher's space)."""
