@@ -24,10 +24,14 @@ def setting(default, help: str = "", cli: bool = True, factory=None):
 class TrainConfig:
     # data
     data: str = setting("checkerboard", "checkerboard, moons, 8gaussians, spirals, rings, digits (8x8), mnist (28x28); "
-                        "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder")
+                        "cifar10:DIR (CIFAR-10's binary batches); a .npy/.csv/.pt table, a .npy of images (N, C, H, W) "
+                        "or an image folder")
     n_points: int | None = setting(None, "train on a fixed set of N points of a 2-D toy (the notebook's)")
     image_size: int = setting(32, "image folders: resize and centre-crop to this size")
     skip_bad: bool = setting(False, "image folders: skip unreadable files with a warning")
+    hflip: bool = setting(False, "images: flip each training image left-right with probability 1/2")
+    workers: int | None = setting(None, "images: processes loading training batches (0: the training process) "
+                                        "[default: 0 for fewer than 10,000 images, else min(4, CPUs - 1)]")
     holdout: float = setting(0.1, "user tables and images: share of rows held out of training (eval and nll measure on them)")
     # optimisation (defaults chosen by benchmarks/levers.py: quality per CPU minute)
     steps: int = setting(4000, "optimizer steps; with --resume, the new total (at least the steps already done)")
@@ -176,7 +180,7 @@ class TrainConfig:
         """Everything these settings describe, each built once: the data set (from ``data_spec``,
         by default :meth:`data_spec`, unless ``dataset`` is given), path, time sampler, coupling
         and network. Bad input raises :class:`UserError` naming the option."""
-        from .data import make_dataset
+        from .data import ImageDataset, make_dataset
 
         self.validate()
         path, time_sampler, coupling = self.build_path(), self.build_time_sampler(), self.build_coupling()
@@ -185,6 +189,8 @@ class TrainConfig:
             dataset = make_dataset(data_spec)
         else:
             data_spec = data_spec if data_spec is not None else {}
+        if self.hflip and not isinstance(dataset, ImageDataset):
+            raise UserError(f"--hflip: flips training images left-right; --data {self.data} is not image data")
         model = self.build_model(dataset.shape, dataset.num_classes, path)
         return Parts(data_spec, dataset, path, time_sampler, coupling, model)
 
@@ -347,6 +353,7 @@ RANGES = {
                                                           "width", "depth", "grad_accum", "processes", "time_steps",
                                                           "image_size")},
     "n_points": (lambda v: v >= 2, "an integer >= 2"),
+    "workers": (lambda v: v >= 0, "a count >= 0"),
     "fourier": (lambda v: v >= 0, "a count >= 0"),
     "fourier_scale": (_positive, "a positive value"),
     "time_scale": (_positive, "a positive value"),
