@@ -6,6 +6,15 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory):
+    """The decoded-image cache of every test, in a temporary folder (not the user's ~/.cache)."""
+    folder = tmp_path_factory.mktemp("image-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWMATCH_IMAGE_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the command line in-process: returns (exit status, stdout, stderr)."""

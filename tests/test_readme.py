@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_streaming import write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -75,7 +76,8 @@ def test_the_first_install_brings_everything_readme_commands_need():
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """README's commands run from a fresh directory; `path/to/folder` is a small image folder,
-    `path/to/table.csv` a table of three columns (the last one a condition), `c.npy` a condition."""
+    `path/to/table.csv` a table of three columns (the last one a condition), `c.npy` a condition,
+    `path/to/cifar-10-batches-bin` a small CIFAR-10."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     (tmp_path / "path" / "to").mkdir(parents=True)
@@ -86,6 +88,7 @@ def workdir(tmp_path, monkeypatch):
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
                 tmp_path / "path" / "to" / "folder" / cls / f"{i}.png")
+    write_cifar10(tmp_path / "path" / "to" / "cifar-10-batches-bin")  # a few records in the official format
     return tmp_path
 
 

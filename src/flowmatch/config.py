@@ -24,12 +24,16 @@ def setting(default, help: str = "", cli: bool = True, factory=None):
 class TrainConfig:
     # data
     data: str = setting("checkerboard", "checkerboard, moons, 8gaussians, spirals, rings, digits (8x8), mnist (28x28); "
-                        "a .npy/.csv/.pt table, a .npy of images (N, C, H, W) or an image folder")
+                        "cifar10:DIR (CIFAR-10's binary batches); a .npy/.csv/.pt table, a .npy of images (N, C, H, W) "
+                        "or an image folder")
     n_points: int | None = setting(None, "train on a fixed set of N points of a 2-D toy (the notebook's)")
     image_size: int = setting(32, "image folders: resize and centre-crop to this size")
     skip_bad: bool = setting(False, "image folders: skip unreadable files with a warning")
     cond_columns: str | None = setting(None, "tables: columns (from 0, e.g. 2,3) that condition the rest "
                                              "(classifier-free guidance; .npz files: their array 'cond')")
+    hflip: bool = setting(False, "images: flip each training image left-right with probability 1/2")
+    workers: int | None = setting(None, "images: processes loading training batches (0: the training process) "
+                                        "[default: 0 for fewer than 10,000 images, else min(4, CPUs - 1)]")
     holdout: float = setting(0.1, "user tables and images: share of rows held out of training (eval and nll measure on them)")
     # optimisation (defaults chosen by benchmarks/levers.py: quality per CPU minute)
     steps: int = setting(4000, "optimizer steps; with --resume, the new total (at least the steps already done)")
@@ -184,7 +188,7 @@ class TrainConfig:
         """Everything these settings describe, each built once: the data set (from ``data_spec``,
         by default :meth:`data_spec`, unless ``dataset`` is given), path, time sampler, coupling
         and network. Bad input raises :class:`UserError` naming the option."""
-        from .data import make_dataset
+        from .data import ImageDataset, make_dataset
 
         self.validate()
         path, time_sampler, coupling = self.build_path(), self.build_time_sampler(), self.build_coupling()
@@ -193,6 +197,8 @@ class TrainConfig:
             dataset = make_dataset(data_spec)
         else:
             data_spec = data_spec if data_spec is not None else {}
+        if self.hflip and not isinstance(dataset, ImageDataset):
+            raise UserError(f"--hflip: flips training images left-right; --data {self.data} is not image data")
         if dataset.cond_dim and self.coupling == "ot" and self.ot_by_class:
             raise UserError(f"--ot-by-class: pairs within each class of labelled data; {self.data} has continuous conditions")
         model = self.build_model(dataset.shape, dataset.num_classes, path, dataset.cond_dim)
@@ -360,6 +366,7 @@ RANGES = {
     "eval_every": (lambda v: v >= 0, "a number of steps >= 0 (0: never)"),
     "eval_n": (lambda v: v >= 10, "an integer >= 10"),
     "eval_nfe": (_positive, "a positive number of steps"),
+    "workers": (lambda v: v >= 0, "a count >= 0"),
     "fourier": (lambda v: v >= 0, "a count >= 0"),
     "fourier_scale": (_positive, "a positive value"),
     "time_scale": (_positive, "a positive value"),

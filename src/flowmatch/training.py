@@ -226,19 +226,35 @@ class Trainer:
         self.t_start = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and self.progress), desc="train",
                    dynamic_ncols=True)
-        while self.step < cfg.steps:
-            loss, lr = self.optimisation_step()
-            bar.update(1)
-            done = self.step
-            if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _check_finite(self.bad_step, self.out)  # one host sync per log, not per step
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    self.log_line(lr, bar)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    self.checkpoint()
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and self.main:
-                self.evaluate()
+        self.next_batch = self.batch_source()
+        try:
+            while self.step < cfg.steps:
+                loss, lr = self.optimisation_step()
+                bar.update(1)
+                done = self.step
+                if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    _check_finite(self.bad_step, self.out)  # one host sync per log, not per step
+                    if done % cfg.log_every == 0 or done == cfg.steps:
+                        self.log_line(lr, bar)
+                    if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                        self.checkpoint()
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and self.main:
+                    self.evaluate()
+        finally:
+            self.next_batch = None  # stops the DataLoader's workers
         bar.close()
+
+    def batch_source(self):
+        """Where micro-batches come from. Images: the dataset's DataLoader, whose draw ``k`` is a
+        pure function of (seed, process, k) (data/loader.py); micro-batch ``m`` of step ``s`` is draw
+        ``s * grad_accum + m``, so a resumed run restarts the stream at its checkpoint's draw and
+        workers prefetch ahead. Other data: drawn from the trainer's generator as each step comes."""
+        cfg = self.cfg
+        if not hasattr(self.dataset, "loader"):
+            return lambda: self.dataset.sample(cfg.batch_size, self.gen)
+        stream = self.dataset.loader(cfg.batch_size, seed=cfg.seed * 1000 + self.accelerator.process_index,
+                                     start=self.step * cfg.grad_accum, hflip=cfg.hflip, workers=cfg.workers)
+        return lambda: next(stream)
 
     def optimisation_step(self) -> tuple[torch.Tensor, float]:
         """One step: the learning rate, ``grad_accum`` micro-batches (gradients all-reduced on
@@ -250,7 +266,7 @@ class Trainer:
             group["lr"] = lr
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            drawn = self.objective.draw(self.dataset.sample(cfg.batch_size, self.gen), self.gen)
+            drawn = self.objective.draw(self.next_batch(), self.gen)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last or not distributed else self.accelerator.no_sync(self.model):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

