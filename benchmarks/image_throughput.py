@@ -5,6 +5,8 @@ process, on 32x32x3 images.
     python benchmarks/image_throughput.py --out runs/speed/cpu.json  # the CPU table (small preset, batch 32)
     python benchmarks/image_throughput.py --device cuda --out runs/speed/gpu.json
                                                                      # the GPU table (cifar preset, batch 128)
+    python benchmarks/image_throughput.py --preset cifar --batch 8 --settings fp32 --warmup 1 --block 1 --rounds 5 \
+        --levers fm-heads64,cfm-fmloop --no-memory --profile 1       # the cifar networks on the CPU, operators too
     python benchmarks/image_throughput.py --settings fp32 --rounds 2 --no-memory --levers none   # smoke test
 
 The two steps (each library's own code; only the data is shared: the same synthetic images in
@@ -47,7 +49,7 @@ cores other jobs share, torch's OpenMP threads wait on each other whenever one i
 2 shared cores this was measured on, a step of either library took 2 s with one thread and 6-15 s
 (varying from step to step) with two.
 
-Levers (``--levers``): variants timed in the same rotation as the first setting, to show where the time goes:
+Levers (``--levers``): variants timed in the same rotation as ``--lever-setting``, to show where the time goes:
 
 - ``fm-heads64``: flowmatch's UNet with attention heads of 64 channels (torchcfm's num_head_channels); the
   diffusers UNet2DModel that flowmatch builds uses attention_head_dim 8 (32 heads at 256 channels). Same
@@ -58,7 +60,7 @@ Levers (``--levers``): variants timed in the same rotation as the first setting,
   the difference is the loop around the network and how much the network.
 
 and a per-phase breakdown (``--breakdown``, ms per step: data and path, forward with loss, backward,
-clipping, optimizer, EMA) of both steps at the first setting, timed the same interleaved way.
+clipping, optimizer, EMA) of both steps at ``--lever-setting``, timed the same interleaved way.
 """
 
 from __future__ import annotations
@@ -342,6 +344,26 @@ def breakdown(steppers: dict, rounds: int, block: int) -> dict[str, dict[str, fl
     return {k: {p: statistics.median(v) for p, v in ph.items()} for k, ph in per.items()}
 
 
+def profile_ops(steppers: dict, steps: int, rows: int) -> dict[str, list[dict]]:
+    """torch.profiler over ``steps`` whole steps of each stepper: the operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, s in steppers.items():
+        gpu = s.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+            for _ in range(steps):
+                s.step()
+            sync(s.device)
+        events = prof.key_averages()
+        key = "self_device_time_total" if gpu else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events)
+        top = sorted(events, key=lambda e: -getattr(e, key))[:rows]
+        out[name] = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": getattr(e, key) / 1e3 / steps,
+                      "share": getattr(e, key) / total} for e in top]
+    return out
+
+
 # ---------------------------------------------------------------- peak memory (a fresh process each)
 
 
@@ -411,6 +433,10 @@ def machine_note(device: torch.device) -> str:
             f"load average at start {load:.1f}")
 
 
+def fmt_speed(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
 def fmt_mem(m: dict | None, device: torch.device) -> str:
     if m is None:
         return "n/a"
@@ -432,28 +458,31 @@ def report(res: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["settings"].items():
         mem = row.get("memory", {})
-        lines.append(f"| {name} | {row['flowmatch']:.1f} | {row['torchcfm']:.1f} | {row['ratio']:.2f}x | "
-                     f"{row['vs_example']:.2f}x ({row['torchcfm_example']:.1f}) | "
+        lines.append(f"| {name} | {fmt_speed(row['flowmatch'])} | {fmt_speed(row['torchcfm'])} | {row['ratio']:.2f}x | "
+                     f"{row['vs_example']:.2f}x ({fmt_speed(row['torchcfm_example'])}) | "
                      f"{fmt_mem(mem.get('flowmatch'), device)} | {fmt_mem(mem.get('torchcfm'), device)} |")
     best = max(res["settings"], key=lambda k: res["settings"][k]["flowmatch"])
     lines.append(f"\nratio: flowmatch / torchcfm at the same setting; vs torchcfm as written: flowmatch at the setting / "
                  f"torchcfm's example as it is written (fp32, eager), timed in the same rotation (its images/s in "
-                 f"brackets).\nfastest flowmatch setting: {best}, {res['settings'][best]['flowmatch']:.1f} images/s, "
+                 f"brackets).\nfastest flowmatch setting: {best}, {fmt_speed(res['settings'][best]['flowmatch'])} images/s, "
                  f"{res['settings'][best]['vs_example']:.2f}x torchcfm's example as written")
     if res.get("levers"):
-        first = next(iter(res["settings"]))
-        lines += ["", f"levers at {first} (timed in the same rotation):", "",
+        lines += ["", f"levers at {res['lever_setting']} (timed in the same rotation):", "",
                   "| variant | img/s | vs its base |", "|---|---:|---:|"]
         for name, lv in res["levers"].items():
-            lines.append(f"| {name} | {lv['images_per_s']:.1f} | {lv['vs_base']:.2f}x |")
+            lines.append(f"| {name} | {fmt_speed(lv['images_per_s'])} | {lv['vs_base']:.2f}x |")
     if res.get("breakdown"):
         bd = res["breakdown"]
         phases = list(next(iter(bd.values())))
-        lines += ["", f"ms per step by phase at {next(iter(res['settings']))} (median over rounds):", "",
+        lines += ["", f"ms per step by phase at {res['lever_setting']} (median over rounds):", "",
                   "| phase | " + " | ".join(bd) + " |", "|---|" + "---:|" * len(bd)]
         for p in phases + ["total"]:
             vals = [sum(ph.values()) if p == "total" else ph[p] for ph in bd.values()]
             lines.append(f"| {p} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    for lib, ops in res.get("profile", {}).items():
+        lines += ["", f"{lib}: operators with the most self time at {res['lever_setting']}", "",
+                  "| operator | calls/step | ms/step | share |", "|---|---:|---:|---:|"]
+        lines += [f"| {o['op'][:50]} | {o['calls_per_step']:.0f} | {o['ms_per_step']:.1f} | {o['share']:.1%} |" for o in ops]
     for name, row in res["settings"].items():
         if row.get("warmup_s"):
             lines.append(f"\nwarm-up at {name} ({res['warmup']} steps, compilation included): "
@@ -474,7 +503,11 @@ def main() -> None:
     ap.add_argument("--block", type=int, help="steps per timed block (default: 3 on the CPU, 20 on CUDA)")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds (each times every stepper once)")
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}, or none")
-    ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True, help="per-phase ms at the first setting")
+    ap.add_argument("--lever-setting", help="the setting the levers and the breakdown run at (default: bf16 on CUDA where "
+                    "--settings has it, else the first of --settings)")
+    ap.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True, help="per-phase ms at --lever-setting")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS steps of each library at --lever-setting (torch.profiler: the top operators)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory per library and setting")
     ap.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: 1 on the CPU, see below; 0: torch's own)")
@@ -506,6 +539,9 @@ def main() -> None:
     names = args.settings.split(",") if args.settings else default_settings(device)
     settings = {n: parse_setting(n) for n in names}
     levers = [] if args.levers in ("", "none") else args.levers.split(",")
+    lever_at = args.lever_setting or ("bf16" if gpu and "bf16" in settings else names[0])
+    if lever_at not in settings:
+        raise SystemExit(f"--lever-setting: {lever_at!r} is not one of --settings ({', '.join(names)})")
     if set(levers) - set(LEVERS):
         raise SystemExit(f"--levers: expected a comma list of {', '.join(LEVERS)}, or none")
 
@@ -513,16 +549,16 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     res = {"device": args.device, "machine": machine_note(device), "preset": args.preset, "batch": args.batch,
-           "rounds": args.rounds, "block": args.block, "warmup": args.warmup, "settings": {}, "levers": {},
+           "rounds": args.rounds, "block": args.block, "warmup": args.warmup, "settings": {}, "levers": {}, "lever_setting": lever_at,
            "argv": sys.argv[1:]}
     base_argv = ["--device", args.device, "--preset", args.preset, "--batch", str(args.batch),
                  "--memory-steps", str(args.memory_steps)] + (["--threads", str(args.threads)] if args.threads else [])
     with tempfile.TemporaryDirectory() as tmp:
         data_path, images = make_data(tmp)
-        for i, (name, setting) in enumerate(settings.items()):
+        for name, setting in settings.items():
             say(f"setting {name}")
-            as_written = setting == parse_setting("fp32")
-            kinds = ["flowmatch", "torchcfm"] + (levers if i == 0 else []) + ([] if as_written else ["torchcfm-example"])
+            as_written, here = setting == parse_setting("fp32"), name == lever_at
+            kinds = ["flowmatch", "torchcfm"] + (levers if here else []) + ([] if as_written else ["torchcfm-example"])
             steppers = {k: build(k, args, setting, data_path, images, os.path.join(tmp, f"run-{k}")) for k in kinds}
             res["params"] = {k: steppers[k].params for k in ("flowmatch", "torchcfm")}
             warm = {k: warm_up(s, args.warmup) for k, s in steppers.items()}
@@ -533,13 +569,16 @@ def main() -> None:
                    "warmup_s": warm if setting["compile"] else {}}
             example = med["torchcfm"] if as_written else med["torchcfm-example"]
             row |= {"torchcfm_example": example, "vs_example": med["flowmatch"] / example}
-            for k in levers if i == 0 else []:
+            for k in levers if here else []:
                 base = "flowmatch" if k.startswith("fm-") else "torchcfm"
                 res["levers"][k] = {"images_per_s": med[k], "vs_base": med[k] / med[base], "rounds": speeds[k]}
-            if i == 0 and args.breakdown:
+            if here and args.breakdown:
                 say("  per-phase breakdown")
                 res["breakdown"] = breakdown({k: steppers[k] for k in ("flowmatch", "torchcfm")},
                                              max(3, args.rounds // 2), args.block)
+            if here and args.profile:
+                say("  profile")
+                res["profile"] = profile_ops({k: steppers[k] for k in ("flowmatch", "torchcfm")}, args.profile, 12)
             res["settings"][name] = row
             del steppers
             if args.memory:
