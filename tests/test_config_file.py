@@ -103,3 +103,18 @@ def test_generated_files_print_or_are_refused(cli, settings):
     else:
         one_line_error(rc, err)
     assert os.listdir(d) == ["run.toml"]
+
+
+def test_precision_auto_is_bf16_on_a_cuda_device_with_bfloat16_else_fp32(monkeypatch):
+    import torch
+
+    from flowmatch.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.precision == "auto" and cfg.amp("cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cfg.amp("cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cfg.amp("cuda") == "fp32"
+    for chosen in ("fp32", "bf16", "fp16"):
+        assert TrainConfig(precision=chosen).amp("cuda") == chosen

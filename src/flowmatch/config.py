@@ -90,7 +90,8 @@ class TrainConfig:
     eval_n: int = setting(1000, "--eval-every: samples per measurement")
     eval_nfe: int = setting(20, "--eval-every: Euler steps per sample")
     # bf16 autocast: about 1.9x the steps/s on CPUs with AMX (benchmarks/peers.py); far slower on CPUs without bf16 units
-    precision: str = setting("fp32", "fp32, bf16 or fp16 (CUDA only)")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA devices that support it, else fp32), fp32, bf16 "
+                                     "or fp16 (CUDA only)")
     compile: bool = setting(False, "torch.compile the network for training steps")
     grad_accum: int = setting(1, "gradient accumulation steps")
     processes: int = setting(1, "local training processes (gloo on the CPU, NCCL on GPUs), via torchrun")
@@ -134,6 +135,17 @@ class TrainConfig:
                 if getattr(self, name) not in allowed:
                     raise bad(name, f"{' or '.join(map(str, allowed))} with --objective {self.objective}", getattr(self, name))
         return self
+
+    def amp(self, device) -> str:
+        """The precision training runs at on ``device``: ``auto`` is bf16 autocast on a CUDA device
+        with bfloat16 support (about twice the throughput of fp32 on recent GPUs, with fp32's range,
+        so no loss scaling), else fp32 (a CPU without bfloat16 units would only emulate it)."""
+        import torch
+
+        if self.precision != "auto":
+            return self.precision
+        cuda = torch.device(device).type == "cuda"
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
     def data_spec(self) -> dict:
         """The dataset spec that ``data`` (a name or a path) and the data settings describe."""
@@ -386,7 +398,7 @@ RANGES = {
 }
 #: the settings that name one of a few choices
 CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"), "prediction": ("auto", "velocity", "data"),
-           "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("fp32", "bf16", "fp16")}
+           "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("auto", "fp32", "bf16", "fp16")}
 #: --log-with: accelerate's tracker name -> the package it needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: objectives whose network takes the step's interval and generates in one step

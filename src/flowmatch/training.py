@@ -195,8 +195,9 @@ class Trainer:
                                      weight_decay=cfg.weight_decay, fused=True)
         # One generator per process draws data, noise and times: no global random state.
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.precision = cfg.amp(self.device)  # --precision auto: bf16 on CUDA devices that support it, else fp32
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.running = torch.zeros((), device=self.device)  # summed step losses since the last log line
         self.running_norm = torch.zeros((), device=self.device)  # summed gradient norms (before clipping), the same

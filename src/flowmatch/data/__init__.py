@@ -293,8 +293,8 @@ class ImageDataset(Dataset):
         fewer), in [0, 1], chosen with ``generator`` (CPU). FID and precision/recall compare sets
         without repeats: a repeated real image shrinks its k-nearest-neighbour ball to nothing."""
         self._data()
-        x = self.x if split == "train" else self.held_out[0]
-        return x[torch.randperm(len(x), generator=generator)[:n]]
+        rows = self.train_rows if split == "train" else self.held_rows
+        return self.pixels.rows(rows[torch.randperm(len(rows), generator=generator)[:n].numpy()])
 
 
 class DecodeOnly(Dataset):
