@@ -68,12 +68,14 @@ def test_image_folders_and_arrays_hold_out_images(tmp_path):
         for i in range(10):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
     ds = make_dataset(spec_from_arg(str(root), image_size=8))
-    assert len(ds.x) == 18 and len(ds.held_out[0]) == 2 and len(ds.y) == 18 and len(ds.held_out[1]) == 2
-    flat = {tuple(v) for v in ds.x.reshape(18, -1).tolist()}
-    assert not flat & {tuple(v) for v in ds.held_out[0].reshape(2, -1).tolist()}
+    ds._data()
+    assert len(ds.train_rows) == 18 and len(ds.held_rows) == 2 and len(ds.labels) == 20
+    train, held = ds.pixels.rows(ds.train_rows), ds.pixels.rows(ds.held_rows)
+    assert not {tuple(v) for v in train.reshape(18, -1).tolist()} & {tuple(v) for v in held.reshape(2, -1).tolist()}
     np.save(tmp_path / "im.npy", rng.random((30, 1, 4, 4)).astype(np.float32))
     arr = make_dataset(spec_from_arg(str(tmp_path / "im.npy")))
-    assert len(arr.x) == 27 and len(arr.held_out[0]) == 3
+    arr._data()
+    assert len(arr.train_rows) == 27 and len(arr.held_rows) == 3 and not set(arr.train_rows) & set(arr.held_rows)
 
 
 def test_eval_and_nll_of_a_table_run_measure_held_out_rows(cli, tmp_path):
