@@ -83,7 +83,7 @@ def test_eval_every_logs_the_ema_networks_measures(cli, tmp_path):
     assert {"w2", "floor", "ratio", "off_support", "precision", "recall", "c2st"} <= set(rows[-1])
     assert (run / "eval.png").is_file()
     r = load_run(run, device="cpu")
-    again = TrainingEval(r.dataset, None, 300, 8, seed=0)(r.velocity, torch.device("cpu"))
+    again = TrainingEval(r.dataset, None, 300, 8, seed=0)(lambda x0: r.flow(x0, 8, "euler").x, torch.device("cpu"))
     for key in ("w2", "floor", "off_support", "precision", "c2st"):
         assert rows[-1][key] == pytest.approx(again[key], rel=1e-5, abs=1e-6), key
     tb = {e.step: e.value for e in events(run / "tracking").Scalars("eval/ratio")}

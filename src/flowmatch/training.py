@@ -313,8 +313,8 @@ class Trainer:
         if not hasattr(self, "measure"):
             name = self.cfg.data if self.cfg.data in EMBEDDED_IMAGES else None
             self.measure = TrainingEval(self.dataset, name, self.cfg.eval_n, self.cfg.eval_nfe, self.cfg.seed)
-        v = _sampling_field(self.ema, self.cfg, self.device)
-        measures = {k: (x if math.isfinite(x) else None) for k, x in self.measure(v, self.device).items()}  # strict JSON
+        sample = lambda x0: _ema_samples(self.ema, self.cfg, self.dataset, x0, self.cfg.eval_nfe)  # noqa: E731
+        measures = {k: (x if math.isfinite(x) else None) for k, x in self.measure(sample, self.device).items()}  # strict JSON
         row = {"step": self.step, "n": self.cfg.eval_n, "nfe": self.cfg.eval_nfe, **measures}
         _append_metrics(self.out / "eval.jsonl", row | {"seconds": round(time.perf_counter() - paused, 2)})
         if self.cfg.log_with:
@@ -326,10 +326,10 @@ class Trainer:
         time is left out of the logged training time)."""
         _save_checkpoint(self.accelerator, self.raw, self.ema, self.opt, self.gen, self.step, self.out, self.dataset)
         if self.main and len(self.dataset.shape) == 3 and self.cfg.plots:
-            _progress_grid(self.ema, self.dataset, self.out, self.step, self.device)
+            _progress_grid(self.ema, self.cfg, self.dataset, self.out, self.step, self.device)
         if self.main and self.cfg.log_with:
             paused = time.perf_counter()
-            _track_samples(self.accelerator, self.ema, self.dataset, self.step, self.device)
+            _track_samples(self.accelerator, self.ema, self.cfg, self.dataset, self.step, self.device)
             self.t_start += time.perf_counter() - paused  # not training time
         if self.main and self.on_checkpoint is not None:
             paused = time.perf_counter()
@@ -391,14 +391,11 @@ def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
 
 
 @torch.inference_mode()
-def _progress_grid(ema, dataset, out: Path, step: int, device) -> None:
+def _progress_grid(ema, cfg, dataset, out: Path, step: int, device) -> None:
     """Images over training: 36 EMA samples (20 Euler steps, fixed noise) per checkpoint."""
     from .plots import image_grid
-    from .solvers import integrate
 
-    g = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(36, *dataset.shape, generator=g, device=device)
-    x = dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", 20).x).clamp(0, 1)
+    x = _ema_samples(ema, cfg, dataset, _fixed_noise(36, dataset, device), 20).clamp(0, 1)
     (out / "progress").mkdir(exist_ok=True)
     image_grid(x, out / "progress" / f"step-{step:07d}.png", nrow=6, title=f"step {step}")
 
@@ -415,14 +412,13 @@ class TrainingEval:
         self.refs = None
 
     @torch.inference_mode()
-    def __call__(self, v, device) -> dict:
-        """The measures of the field ``v(x, t)`` (model space), flat: ``{"w2": .., "ratio": ..}``."""
+    def __call__(self, sample, device) -> dict:
+        """The measures of ``sample(x0)`` (noise in model space -> samples in data units, ``nfe``
+        Euler steps), flat: ``{"w2": .., "ratio": ..}``."""
         from .metrics import sharpness, toy_name, w2
         from .noise import batch_noise
-        from .solvers import integrate
 
-        x0 = batch_noise(self.seed, 0, self.n, self.dataset.shape, device)
-        x = self.dataset.decode(integrate(v, x0, "euler", self.nfe).x).float().cpu()
+        x = sample(batch_noise(self.seed, 0, self.n, self.dataset.shape, device)).float().cpu()
         if self.data_name is not None:  # the embedded digit sets: the measures their evaluation uses
             from .image_metrics import image_scores
 
@@ -441,17 +437,25 @@ class TrainingEval:
         return out if images else out | sharpness(x, self.refs[0], toy_name(self.dataset))
 
 
-def _sampling_field(ema, cfg: TrainConfig, device):
-    """The field Euler integrates to sample the EMA network: ``v(x, t)``, or for a one-step
-    objective the average velocity over each step of the ``eval_nfe`` grid."""
+@torch.inference_mode()
+def _ema_samples(ema, cfg: TrainConfig, dataset, x0: torch.Tensor, nfe: int) -> torch.Tensor:
+    """The EMA network's samples (data units) from noise ``x0`` by ``nfe`` Euler steps of its field,
+    or, for a one-step objective, of its average velocity over each step (as :class:`~flowmatch.runs.Run`
+    samples them): the progress grids, the trackers' pictures and ``--eval-every`` all draw here."""
     from .config import ONE_STEP
+    from .solvers import fixed_grid, integrate
 
-    if cfg.objective not in ONE_STEP:
-        return lambda x, t: ema(x, t)
-    from .runs import _average_velocity
-    from .solvers import fixed_grid
+    v = lambda x, t: ema(x, t)  # noqa: E731
+    if cfg.objective in ONE_STEP:
+        from .runs import _average_velocity
 
-    return _average_velocity(ema, fixed_grid("euler", cfg.eval_nfe, device=device, dtype=torch.float64))
+        v = _average_velocity(ema, fixed_grid("euler", nfe, device=x0.device, dtype=torch.float64))
+    return dataset.decode(integrate(v, x0, "euler", nfe).x).float()
+
+
+def _fixed_noise(n: int, dataset, device) -> torch.Tensor:
+    """The same noise at every checkpoint, so pictures over training show one set of samples change."""
+    return torch.randn(n, *dataset.shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
 
 
 def _hparams(cfg: TrainConfig) -> dict:
@@ -460,18 +464,15 @@ def _hparams(cfg: TrainConfig) -> dict:
 
 
 @torch.inference_mode()
-def _track_samples(accelerator, ema, dataset, step: int, device) -> None:
+def _track_samples(accelerator, ema, cfg, dataset, step: int, device) -> None:
     """EMA samples at a checkpoint (32 Euler steps, fixed noise) as a picture for the trackers that
     take images: a 6x6 grid of images, or a scatter of the first two coordinates of 2000 vectors."""
     import numpy as np
 
     from .plots import figure_array
-    from .solvers import integrate
 
     images = len(dataset.shape) == 3
-    g = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(36 if images else 2000, *dataset.shape, generator=g, device=device)
-    x = dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", 32).x).float().cpu()
+    x = _ema_samples(ema, cfg, dataset, _fixed_noise(36 if images else 2000, dataset, device), 32).cpu()
     if images:
         c, h, w = dataset.shape
         grid = x.clamp(0, 1).reshape(6, 6, c, h, w).permute(0, 3, 1, 4, 2).reshape(6 * h, 6 * w, c).numpy()
