@@ -331,6 +331,12 @@ class StudentOptions:
     unet: str | None = setting(None, "the student's UNet preset for a diffusers teacher (auto, tiny, small, cifar); "
                                      "a flowmatch teacher's student keeps the teacher's network")
     k: int = setting(1, "distill: steps of the distilled sampler (1: one-step generator)")
+    guidance: float | None = setting(None, "a class-conditional teacher: give each pair a class (each class equally often) and "
+                                           "map its noise to that class with this classifier-free guidance weight (1: "
+                                           "plain conditional); the student learns the classes. Default: unconditional "
+                                           "pairs (the teacher's null class)")
+    teacher_null_class: int | None = setting(None, "a class-conditional diffusers teacher: the class index it was "
+                                                   "trained to read as 'no class' (its other indices are the classes)")
     processes: int = setting(1, "local processes: pair shards and training are shared among them")
     plots: bool = setting(True, "write pictures at the end")
 
@@ -344,6 +350,10 @@ class StudentOptions:
             raise UserError(f"--teacher-nfe: expected a positive integer, got {self.teacher_nfe}")
         if self.time_dist not in ("uniform", "u-shaped"):
             raise UserError(f"--time-dist: expected uniform or u-shaped, got {self.time_dist!r}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise UserError(f"--guidance: expected a finite weight, got {self.guidance!r}")
+        if self.teacher_null_class is not None and self.teacher_null_class < 0:
+            raise UserError(f"--teacher-null-class: expected a class index >= 0, got {self.teacher_null_class}")
         if self.unet is not None and self.unet not in CHOICES["unet"]:
             raise UserError(f"--unet: expected one of {', '.join(CHOICES['unet'])}, got {self.unet!r}")
         return self

@@ -25,16 +25,17 @@ from tqdm.auto import tqdm
 from .config import StudentOptions, TrainConfig
 from .data.pairs import PairsDataset, check_pairs
 from .errors import UserError
-from .noise import batch_noise
+from .noise import batch_generator, batch_noise
 from .runs import save_weights, write_json
 
 SHARD_SIZE = 4096
 
 
-def _pairs_meta(teacher, n, shard_size, seed) -> dict:
+def _pairs_meta(teacher, n, shard_size, seed, guidance) -> dict:
     return {"n": n, "shard_size": shard_size, "seed": seed, "num_shards": -(-n // shard_size),
             "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec,
-            "num_classes": getattr(teacher, "num_classes", 0), "cond_dim": getattr(teacher, "cond_dim", 0)}
+            "num_classes": getattr(teacher, "num_classes", 0), "cond_dim": getattr(teacher, "cond_dim", 0),
+            "guidance": guidance}
 
 
 def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
@@ -42,23 +43,46 @@ def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
     return batch_noise(seed, k, m, shape)
 
 
+def shard_draws(k: int, m: int, shape, seed: int, num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shard ``k``'s noise (:func:`shard_noise`) and, with ``num_classes``, its pairs' classes:
+    every class equally often (up to one), in an order drawn from the same generator after the noise."""
+    g = batch_generator(seed, k)
+    z0 = torch.randn(m, *shape, generator=g)
+    return z0, (torch.randperm(m, generator=g) % num_classes if num_classes else None)
+
+
+def check_guidance(teacher, guidance: float | None) -> int:
+    """Refuse pairs a teacher cannot make (before anything is written); returns its classes."""
+    classes = getattr(teacher, "num_classes", 0)
+    if guidance is not None and not classes:
+        raise UserError("--guidance: the teacher has no classes; pairs with classes need a class-conditional teacher")
+    if getattr(teacher, "embeds", 0) and teacher.null_class is None and guidance != 1.0:
+        why = "for unconditional pairs" if guidance is None else f"for --guidance {guidance:g} (1 needs none)"
+        raise UserError(f"--teacher-null-class: the diffusers UNet in {teacher.directory} is class-conditional; name "
+                        f"the class index it reads as 'no class' {why}")
+    return classes
+
+
 def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,
-                   shards: list[int] | None = None) -> Path:
+                   shards: list[int] | None = None, guidance: float | None = None) -> Path:
     """Write ``n`` teacher pairs as shards into ``pairs_dir`` (resumable); returns the folder.
 
-    ``shards`` restricts the work to those shard indices (one process's share).
+    ``shards`` restricts the work to those shard indices (one process's share). ``guidance``
+    (a class-conditional teacher) gives each pair a class (:func:`shard_labels`, saved as the
+    shard's ``label``) and maps its noise to that class with that guidance weight.
     """
     if n < 1:
         raise UserError(f"--pairs: expected a positive number of pairs, got {n}")
     if shard_size < 1:
         raise UserError(f"--shard-size: expected a positive integer, got {shard_size}")
+    classes = check_guidance(teacher, guidance)
     pairs_dir = Path(pairs_dir)
-    meta = _pairs_meta(teacher, n, shard_size, seed)
+    meta = _pairs_meta(teacher, n, shard_size, seed, guidance)
     meta_file = pairs_dir / "pairs.json"
+    keys = ("n", "shard_size", "seed", "shape", "teacher", "guidance")
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in ("n", "shard_size", "seed", "shape", "teacher")} != \
-                {k: meta[k] for k in ("n", "shard_size", "seed", "shape", "teacher")}:
+        if {k: old.get(k) for k in keys} != {k: meta[k] for k in keys}:
             raise UserError(f"{pairs_dir}: holds pairs from another teacher or settings; use a new --out")
     else:
         pairs_dir.mkdir(parents=True, exist_ok=True)
@@ -69,9 +93,13 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         if f.exists():
             continue  # written atomically, so an existing shard is complete
         m = min(shard_size, n - k * shard_size)
-        z0 = shard_noise(k, m, teacher.shape, seed)
-        z1 = teacher(z0).float().cpu()
-        save_weights(f, {"z0": z0, "z1": z1}, {"index": k, "seed": seed})
+        if guidance is None:
+            z0 = shard_noise(k, m, teacher.shape, seed)
+            save_weights(f, {"z0": z0, "z1": teacher(z0).float().cpu()}, {"index": k, "seed": seed})
+        else:
+            z0, label = shard_draws(k, m, teacher.shape, seed, classes)
+            z1 = teacher(z0, label, guidance).float().cpu()
+            save_weights(f, {"z0": z0, "z1": z1, "label": label}, {"index": k, "seed": seed})
     return pairs_dir
 
 
@@ -122,18 +150,18 @@ def pairs_job(teacher, pairs_dir: Path, opts: StudentOptions, progress: bool = T
     shard, after the main process has written the folder's metadata."""
     n, size, seed = opts.pairs, opts.shard_size, opts.seed
     if "WORLD_SIZE" not in os.environ:
-        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress)
+        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress, guidance=opts.guidance)
         return
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()  # every process has checked --out before any writes
     if state.is_main_process:  # the metadata first, from one process
-        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=False, shards=[])
+        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=False, shards=[], guidance=opts.guidance)
     state.wait_for_everyone()
     mine = list(range(state.process_index, -(-n // size), state.num_processes))
     generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress and state.is_main_process,
-                   shards=mine)
+                   shards=mine, guidance=opts.guidance)
     state.wait_for_everyone()
 
 
@@ -168,4 +196,4 @@ def distill(teacher, out, resume: bool = False, progress: bool = True, **options
     return student(teacher, out, "distill", StudentOptions(**options), resume, progress)
 
 
-__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_noise"]
+__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_noise", "shard_draws", "check_guidance"]

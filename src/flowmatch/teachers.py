@@ -1,8 +1,11 @@
 """Teachers for reflow and distillation: deterministic maps from noise ``z0`` to a sample ``z1``.
 
 A teacher has ``shape`` (one sample), ``data_spec`` (how its samples decode to data units,
-or ``None``), ``describe()`` (recorded in the student's lineage) and ``__call__(z0) -> z1``,
-the same ``z1`` for the same ``z0`` and the same batch.
+or ``None``), ``num_classes``, ``describe()`` (recorded in the student's lineage) and
+``__call__(z0, label=None, guidance=1.0) -> z1``, the same ``z1`` for the same ``z0`` (and
+labels) and the same batch. ``label`` (class indices ``0 .. num_classes - 1``) asks a
+class-conditional teacher for those classes, with classifier-free guidance ``guidance``;
+without it a class-conditional teacher samples its null class.
 
 - :class:`FlowTeacher`: a flowmatch run integrated from t = 0 to 1 (default: dopri5).
 - :class:`DiffusersTeacher`: a saved diffusers pipeline directory (``UNet2DModel`` with a
@@ -42,17 +45,23 @@ class FlowTeacher:
                 "tol": self.tol, "k": int(self.run.lineage.get("k", 1))}
 
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
-        res = integrate(self.run.velocity, z0.to(self.device), self.solver, self.nfe, atol=self.tol, rtol=self.tol)
+    def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        v = self.run.field(None if label is None else label.to(self.device), guidance)
+        res = integrate(v, z0.to(self.device), self.solver, self.nfe, atol=self.tol, rtol=self.tol)
         return res.x.to(z0.device)
 
 
 class DiffusersTeacher:
     """A saved diffusers pipeline (``DDPMPipeline``/``DDIMPipeline.save_pretrained`` layout, or
     a folder with the UNet's ``config.json`` and a ``scheduler_config.json``), sampled by DDIM
-    with eta = 0 in ``steps`` steps. Samples live in the pipeline's space ([-1, 1] pixels)."""
+    with eta = 0 in ``steps`` steps. Samples live in the pipeline's space ([-1, 1] pixels).
 
-    def __init__(self, directory, steps: int = 50, device=None):
+    A class-conditional UNet (``num_class_embeds``) needs ``null_class``, the index it was trained
+    to read as "no class" (label dropout), for unconditional pairs and for guidance; its other
+    indices are the classes, numbered ``0 .. num_classes - 1`` in order. Guidance is
+    classifier-free, on the predicted noise."""
+
+    def __init__(self, directory, steps: int = 50, device=None, null_class: int | None = None):
         try:
             from diffusers import DDIMScheduler, UNet2DModel
         except ImportError:
@@ -82,27 +91,56 @@ class DiffusersTeacher:
         self.shape = (self.unet.config.in_channels, *size)
         # [-1, 1] pixels in the pipeline; data units are [0, 1] pixels
         self.data_spec = {"name": "diffusers", "shape": list(self.shape), "mean": 0.5, "std": 0.5}
-        self.num_classes = 0
+        embeds = int(self.unet.config.num_class_embeds or 0)
+        if null_class is not None and not 0 <= null_class < embeds:
+            what = f"has class indices 0 .. {embeds - 1}" if embeds else "takes no class labels"
+            raise UserError(f"--teacher-null-class: the UNet in {d} {what}, got {null_class}")
+        self.embeds, self.null_class = embeds, null_class
+        self.num_classes = embeds - (null_class is not None)
 
     def describe(self) -> dict:
         return {"kind": "diffusers", "dir": str(self.directory.resolve()), "sampler": "ddim", "eta": 0.0,
-                "steps": self.steps, "spacing": "trailing", "k": 0}
+                "steps": self.steps, "spacing": "trailing", "k": 0,
+                **({"null_class": self.null_class} if self.embeds else {})}
+
+    def _class_index(self, label: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The UNet's class indices for labels ``0 .. num_classes - 1`` (None: the null class)."""
+        if not self.embeds:
+            return None
+        if label is None:
+            if self.null_class is None:
+                raise UserError(f"--teacher-null-class: the UNet in {self.directory} is class-conditional; name its null "
+                                "class for unconditional pairs, or give --guidance for pairs with classes")
+            return torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
+        label = label.to(self.device, torch.long)
+        return label + (label >= self.null_class).long() if self.null_class is not None else label
 
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        n = len(z0)
+        cond = self._class_index(label, n)
+        null = self._class_index(None, n) if label is not None and guidance != 1.0 else None
         self.scheduler.set_timesteps(self.steps)
         x = z0.to(self.device) * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
-            eps = self.unet(x, t).sample
+            if null is None:
+                eps = self.unet(x, t, class_labels=cond).sample
+            else:  # classifier-free guidance on the predicted noise, both halves in one call
+                eps_c, eps_u = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
             x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
         return x.to(z0.device)
 
 
-def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = "dopri5", tol: float = 1e-5, device=None):
-    """``RUN`` (a flowmatch run directory) or ``diffusers:DIR``."""
+def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = "dopri5", tol: float = 1e-5, device=None,
+                 null_class: int | None = None):
+    """``RUN`` (a flowmatch run directory) or ``diffusers:DIR`` (``null_class``: its UNet's null
+    class index, when it is class-conditional)."""
     spec = str(spec)
     if spec.startswith("diffusers:"):
-        return DiffusersTeacher(spec.split(":", 1)[1], steps=nfe or 50, device=device)
+        return DiffusersTeacher(spec.split(":", 1)[1], steps=nfe or 50, device=device, null_class=null_class)
+    if null_class is not None:
+        raise UserError("--teacher-null-class: applies to diffusers teachers; a flowmatch run knows its null class")
     if not Path(spec).is_dir():
         raise UserError(f"--teacher: {spec} is not a run directory (or diffusers:DIR)")
     if nfe is not None and solver in ADAPTIVE_METHODS:

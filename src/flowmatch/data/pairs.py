@@ -46,9 +46,11 @@ class PairsDataset(Dataset):
         elif base:
             self.mean = torch.tensor(float(base.get("mean", 0.0)))
             self.std = torch.tensor(float(base.get("std", 1.0)))
-        # The teacher samples unconditionally (its null class): the student keeps the teacher's
-        # label embedding, so it starts as the teacher's field, and learns the null class only.
+        # Pairs made with --guidance carry the class each was drawn for, and the student learns the
+        # classes; otherwise the teacher sampled its null class, and the student keeps the teacher's
+        # label embedding (so it starts as the teacher's field) and learns the null class only.
         self.num_classes = int(meta.get("num_classes", 0))
+        self.labelled = meta.get("guidance") is not None
         self.cond_dim = int(meta.get("cond_dim", 0))
         self.spec = {"name": "pairs", "dir": str(self.dir.resolve()), "base": base}
         per_shard = 2 * 4 * meta["shard_size"] * max(1, int(torch.tensor(self.shape).prod()))
@@ -59,7 +61,9 @@ class PairsDataset(Dataset):
         t = load_weights(self.dir / f"shard-{k:05d}.safetensors")
         if tuple(t["z0"].shape[1:]) != self.shape or t["z0"].shape != t["z1"].shape:
             raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs of shape {tuple(t['z0'].shape)}, expected {self.shape}")
-        return t["z0"], t["z1"]
+        if self.labelled and ("label" not in t or t["label"].shape != (len(t["z0"]),)):
+            raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs with classes need one label per pair")
+        return t["z0"], t["z1"], t.get("label") if self.labelled else None
 
     def _window_shards(self, w: int) -> list[int]:
         n = self.meta["num_shards"]
@@ -77,8 +81,9 @@ class PairsDataset(Dataset):
             parts = [self._load(k) for k in self._window_shards(w)]
             z0 = torch.cat([p[0] for p in parts]).to(self.device)
             z1 = torch.cat([p[1] for p in parts]).to(self.device)
-            self._resident = (w, z0, z1)
-        return self._resident[1], self._resident[2]
+            label = torch.cat([p[2] for p in parts]).to(self.device) if self.labelled else None
+            self._resident = (w, z0, z1, label)
+        return self._resident[1:]
 
     def to(self, device):
         self.device = torch.device(device)
@@ -86,10 +91,10 @@ class PairsDataset(Dataset):
         return self
 
     def sample(self, n, generator):
-        z0, z1 = self._ensure(n)
+        z0, z1, label = self._ensure(n)
         self.served += 1
-        idx = torch.randint(len(z0), (n,), generator=generator, device=generator.device)
-        return Batch(x1=z1[idx.to(z1.device)], x0=z0[idx.to(z0.device)])
+        idx = torch.randint(len(z0), (n,), generator=generator, device=generator.device).to(z1.device)
+        return Batch(x1=z1[idx], x0=z0[idx], label=label[idx] if label is not None else None)
 
     def reference(self, n, generator):
         if self.base is None:
