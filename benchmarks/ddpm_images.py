@@ -6,6 +6,13 @@ measured from the same noise.
     python benchmarks/ddpm_images.py                       # trains the DDPM too if runs/ddpm-mnist is missing
     python benchmarks/ddpm_images.py --teacher runs/ddpm-mnist --out runs/ddpm-story --n 500
     python benchmarks/ddpm_images.py --ddpm-steps 0            # leave out the costliest row (1000 steps per image)
+    python benchmarks/ddpm_images.py --teacher runs/ddpm-mnist-cond --out runs/ddpm-story-cond --guidance 2
+                                                           # class-conditional (ddpm_teacher.py --classes)
+
+``--guidance W``: the teacher is class-conditional (null class ``--null-class``, 10); the pairs give
+each noise a digit (each equally often) and map it with guidance W; the students learn the digits and
+sample them unguided (the guidance is in the pairs). Every row draws the same digits (column k is
+digit k mod 10) and also reports how often the pixel judge recognises them.
 
 Rows: the DDPM at 1000 ancestral steps, DDIM at 100/10/4/1 steps, 2-RF at 1/2/4 Euler steps, the
 distilled student at 1 step. Measures (image_metrics.image_scores against the 1000 held-out mnist
@@ -31,7 +38,7 @@ from tqdm import tqdm
 
 from flowmatch import reflow as rf
 from flowmatch.config import StudentOptions
-from flowmatch.image_metrics import image_scores
+from flowmatch.image_metrics import image_scores, label_accuracy
 from flowmatch.noise import batch_noise
 from flowmatch.runs import load_run
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher
@@ -46,39 +53,57 @@ def timed(fn, *args, **kw):
 
 
 @torch.inference_mode()
-def ddpm_ancestral(folder: Path, z0: torch.Tensor, steps: int = 1000, seed: int = 0, batch: int = 500) -> torch.Tensor:
-    """The pipeline's own sampler (DDPMPipeline's loop: ancestral steps) from x_T = z0, in [0, 1]."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def ddpm_ancestral(folder: Path, z0: torch.Tensor, steps: int = 1000, seed: int = 0, batch: int = 500,
+                   classes: dict | None = None) -> torch.Tensor:
+    """The pipeline's own sampler (DDPMPipeline's loop: ancestral steps) from x_T = z0, in [0, 1];
+    ``classes``: ``{"label": ..., "guidance": W, "null_class": K}`` for a class-conditional UNet."""
+    from diffusers import DDPMScheduler
 
-    unet = UNet2DModel.from_pretrained(str(folder / "unet")).eval()
+    teacher = DiffusersTeacher(folder, null_class=(classes or {}).get("null_class"))
     sched = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
     sched.set_timesteps(steps)
     out = []
     for i in tqdm(range(0, len(z0), batch), desc=f"ddpm {steps} steps", unit="batch"):
         g = torch.Generator().manual_seed(seed * 100003 + i)
         x = z0[i:i + batch].clone()
+        label = classes["label"][i:i + batch] if classes else None
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, generator=g).prev_sample
+            eps = teacher.eps(x, t, label, classes["guidance"] if classes else 1.0)
+            x = sched.step(eps, t, x, generator=g).prev_sample
         out.append((x + 1) / 2)
     return torch.cat(out).clamp(0, 1)
 
 
 @torch.inference_mode()
-def ddim(folder: Path, z0: torch.Tensor, steps: int, batch: int = 250, trajectory: bool = False):
+def ddim(folder: Path, z0: torch.Tensor, steps: int, batch: int = 250, trajectory: bool = False,
+         classes: dict | None = None):
     """DDIM (eta 0) through flowmatch's diffusers teacher, in [0, 1]; with ``trajectory`` also the
     states mapped onto the straight path (below)."""
-    teacher = DiffusersTeacher(folder, steps=steps)
+    teacher = DiffusersTeacher(folder, steps=steps, null_class=(classes or {}).get("null_class"))
+    label, w = (classes["label"], classes["guidance"]) if classes else (None, 1.0)
     if not trajectory:
-        return torch.cat([(teacher(z0[i:i + batch]) + 1) / 2 for i in range(0, len(z0), batch)]).clamp(0, 1)
-    return straight_path_states(teacher, z0)
+        return torch.cat([(teacher(z0[i:i + batch], None if label is None else label[i:i + batch], w) + 1) / 2
+                          for i in range(0, len(z0), batch)]).clamp(0, 1)
+    return straight_path_states(teacher, z0, None if label is None else label[:len(z0)], w)
 
 
-def straight_path_states(teacher: DiffusersTeacher, z0: torch.Tensor):
+def student_flow(run, z0: torch.Tensor, k: int, label: torch.Tensor | None = None) -> torch.Tensor:
+    """A student's k Euler steps from ``z0`` (each row's class from ``label``, unguided)."""
+    if label is None:
+        return torch.cat([run.flow(z0[i:i + 250], k, "euler").x for i in range(0, len(z0), 250)])
+    out = torch.empty(len(z0), *SHAPE)
+    for c in label.unique().tolist():
+        rows = (label == c).nonzero().flatten()
+        out[rows] = run.flow(z0[rows], k, "euler", label=c).x.cpu()
+    return out
+
+
+def straight_path_states(teacher: DiffusersTeacher, z0: torch.Tensor, label=None, guidance: float = 1.0):
     """DDIM's states ``x = sqrt(ab) x1 + sqrt(1 - ab) eps`` as states of the straight path
     ``(1 - t) eps + t x1``: divide by ``sqrt(ab) + sqrt(1 - ab)``, at ``t = sqrt(ab) / (sqrt(ab) +
     sqrt(1 - ab))`` (both paths carry the same marginals up to that scale). Returns (times, states
     in the pipeline's [-1, 1] space)."""
-    sched, unet = teacher.scheduler, teacher.unet
+    sched = teacher.scheduler
     sched.set_timesteps(teacher.steps)
     ab = sched.alphas_cumprod
     x, times, states = z0.clone(), [], []
@@ -86,7 +111,7 @@ def straight_path_states(teacher: DiffusersTeacher, z0: torch.Tensor):
         a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
         times.append(float(a / (a + s)))
         states.append(x / (a + s))
-        x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+        x = sched.step(teacher.eps(x, t, label, guidance), t, x, eta=0.0).prev_sample
     times.append(1.0)
     states.append(x)
     return torch.tensor(times), torch.stack(states)
@@ -104,10 +129,13 @@ def path_straightness(times: torch.Tensor, states: torch.Tensor) -> float:
     return total
 
 
-def scores(x: torch.Tensor) -> dict:
+def scores(x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
     r = image_scores(x, "mnist")
-    return {"fd_ratio": r["classifier"]["ratio"], "pca_ratio": r["pca"]["ratio"],
-            "precision": r["prdc"]["precision"]["value"], "recall": r["prdc"]["recall"]["value"]}
+    res = {"fd_ratio": r["classifier"]["ratio"], "pca_ratio": r["pca"]["ratio"],
+           "precision": r["prdc"]["precision"]["value"], "recall": r["prdc"]["recall"]["value"]}
+    if label is not None:  # how often the independent pixel judge sees the digit asked for
+        res["label_accuracy"] = label_accuracy(x, label.numpy(), "mnist")
+    return res
 
 
 def save_grid(rows: dict, path: Path, cols: int = 10) -> None:
@@ -172,6 +200,9 @@ def main():
     ap.add_argument("--time-dist", default="uniform", help="reflow's times: uniform or u-shaped (RF++)")
     ap.add_argument("--loss", default="mse", help="mse or pseudo-huber (RF++)")
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="the DDPM row's ancestral steps (0: leave the row out)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="a class-conditional teacher: pairs with digits, guided with this weight")
+    ap.add_argument("--null-class", type=int, default=10, help="--guidance: the teacher's null class index")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages, rows, table = {}, {}, []
@@ -183,9 +214,12 @@ def main():
         info = json.loads((args.teacher / "train.json").read_text()) if (args.teacher / "train.json").exists() else {}
     stages["ddpm training"] = info.get("train_s", float("nan"))
 
+    cond = args.guidance is not None
+    null = args.null_class if cond else None
     opts = StudentOptions(pairs=args.pairs, teacher_nfe=args.pair_steps, steps=args.reflow_steps, lr=args.lr,
-                          batch_size=args.batch_size, unet=args.unet, time_dist=args.time_dist, loss=args.loss)
-    teacher = DiffusersTeacher(args.teacher, steps=args.pair_steps)
+                          batch_size=args.batch_size, unet=args.unet, time_dist=args.time_dist, loss=args.loss,
+                          guidance=args.guidance, teacher_null_class=null)
+    teacher = DiffusersTeacher(args.teacher, steps=args.pair_steps, null_class=null)
     rf2 = args.out / "rf2"
     if not (rf2 / "ema.safetensors").exists():
         _, stages["pairs (DDIM)"] = timed(rf.pairs_job, teacher, rf2 / "pairs", opts.validate())
@@ -193,7 +227,7 @@ def main():
     dist = args.out / "distilled"
     if not (dist / "ema.safetensors").exists():
         dopts = StudentOptions(pairs=args.pairs, teacher_nfe=args.distill_nfe, steps=args.distill_steps, lr=args.lr,
-                               batch_size=args.batch_size, loss=args.loss)
+                               batch_size=args.batch_size, loss=args.loss, guidance=1.0 if cond else None)
         flow_teacher = FlowTeacher(rf2, solver="midpoint", nfe=args.distill_nfe)
         _, stages["distillation (pairs + training)"] = timed(rf.student, flow_teacher, dist, "distill", dopts)
 
@@ -206,27 +240,35 @@ def main():
                                                          "straightness": straight}, indent=1))
 
     z0 = batch_noise(12345, 0, args.n, SHAPE)  # the same noise for every row
+    label = torch.arange(args.n) % 10 if cond else None  # and the same digits
+    classes = {"label": label, "guidance": args.guidance, "null_class": null} if cond else None
     for k in (100, 10, 4, 1):
-        x, s = timed(ddim, args.teacher, z0, k)
+        x, s = timed(ddim, args.teacher, z0, k, classes=classes)
         rows[f"DDIM {k}"] = x
-        table.append({"sampler": f"DDIM (eta 0), {k} steps", "nfe": k, "s": s, **scores(x)})
+        table.append({"sampler": f"DDIM (eta 0), {k} steps", "nfe": k, "s": s, **scores(x, label)})
 
     run = load_run(rf2)
     for k in (1, 2, 4):
-        x, s = timed(lambda k=k: torch.cat([run.flow(z0[i:i + 250], k, "euler").x for i in range(0, args.n, 250)]))
+        x, s = timed(student_flow, run, z0, k, label)
         rows[f"2-RF {k}"] = x
-        table.append({"sampler": f"2-rectified flow, {k} Euler step(s)", "nfe": k, "s": s, **scores(x)})
+        table.append({"sampler": f"2-rectified flow, {k} Euler step(s)", "nfe": k, "s": s, **scores(x, label)})
 
     drun = load_run(dist)
-    x, s = timed(lambda: torch.cat([drun.flow(z0[i:i + 250], 1, "euler").x for i in range(0, args.n, 250)]))
+    x, s = timed(student_flow, drun, z0, 1, label)
     rows["distilled 1"] = x
-    table.append({"sampler": "2-RF distilled, 1 step", "nfe": 1, "s": s, **scores(x)})
+    table.append({"sampler": "2-RF distilled, 1 step", "nfe": 1, "s": s, **scores(x, label)})
 
     dump()
     # straightness: DDIM's path against the student's, 10 steps each, on 100 of the same noises
-    times, states = ddim(args.teacher, z0[:100], 10, trajectory=True)
-    res = run.flow(z0[:100], 10, "euler", trajectory=True)
-    student_states = res.trajectory * 2 - 1  # data units [0, 1] -> the pipeline's [-1, 1]
+    times, states = ddim(args.teacher, z0[:100], 10, trajectory=True, classes=classes)
+    if cond:  # the student's path for each row's digit
+        student_states = torch.empty(11, 100, *SHAPE)
+        for c in range(10):
+            rows_c = (label[:100] == c).nonzero().flatten()
+            student_states[:, rows_c] = run.flow(z0[rows_c], 10, "euler", trajectory=True, label=c).trajectory.cpu()
+    else:
+        student_states = run.flow(z0[:100], 10, "euler", trajectory=True).trajectory.cpu()
+    student_states = student_states * 2 - 1  # data units [0, 1] -> the pipeline's [-1, 1]
     student_times = torch.linspace(0, 1, 11)
     straight.update({"DDIM, 10 steps": path_straightness(times, states),
                      "2-RF, 10 Euler steps": path_straightness(student_times, student_states)})
@@ -234,20 +276,24 @@ def main():
     save_grid(rows, args.out / "grid.png")
     dump()
     if args.ddpm_steps:  # the pipeline's own sampler: the costliest row, last (shown first)
-        x, s = timed(ddpm_ancestral, args.teacher, z0, args.ddpm_steps)
+        x, s = timed(ddpm_ancestral, args.teacher, z0, args.ddpm_steps, classes=classes)
         rows = {f"DDPM {args.ddpm_steps}": x, **rows}
         table.insert(0, {"sampler": f"DDPM, {args.ddpm_steps} ancestral steps", "nfe": args.ddpm_steps, "s": s,
-                         **scores(x)})
+                         **scores(x, label)})
         save_grid(rows, args.out / "grid.png")
 
     print(f"teacher: {args.teacher} ({info.get('parameters', '?')} parameters, {info.get('steps', '?')} steps); "
           f"students: --unet {args.unet}, {args.pairs} pairs, reflow {args.reflow_steps} steps "
           f"(--time-dist {args.time_dist}, --loss {args.loss}), distillation {args.distill_steps} steps; n = {args.n}")
-    print("| sampler | NFE | Fréchet/floor (classifier) | Fréchet/floor (PCA) | precision | recall | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    if cond:
+        print(f"class-conditional: pairs guided with weight {args.guidance:g} (null class {null}); students unguided")
+    acc = " label accuracy |" if cond else ""
+    print(f"| sampler | NFE | Fréchet/floor (classifier) | Fréchet/floor (PCA) | precision | recall |{acc} seconds |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if cond else ""))
     for r in table:
+        acc = f" {r['label_accuracy']:.3f} |" if cond else ""
         print(f"| {r['sampler']} | {r['nfe']} | {r['fd_ratio']:.2f} | {r['pca_ratio']:.2f} | {r['precision']:.3f} "
-              f"| {r['recall']:.3f} | {r['s']:.1f} |")
+              f"| {r['recall']:.3f} |{acc} {r['s']:.1f} |")
     print("| stage | seconds |\n|---|---|")
     for k, v in stages.items():
         print(f"| {k} | {v:.0f} |")

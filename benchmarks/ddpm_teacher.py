@@ -6,6 +6,13 @@ flowmatch only ever reads it through ``--teacher diffusers:DIR``.
 
     python benchmarks/ddpm_teacher.py --out runs/ddpm-mnist                  # about 40 min on 2 CPU cores
     python benchmarks/ddpm_teacher.py --out runs/ddpm-mnist --steps 200      # a quick look
+    python benchmarks/ddpm_teacher.py --out runs/ddpm-mnist-cond --classes   # class-conditional, for guidance
+
+``--classes``: the UNet takes the digit's label through ``num_class_embeds = 11``, index 10 being the
+null class (labels dropped to it with probability ``--label-dropout``, 0.1, for classifier-free
+guidance); flowmatch reads it with ``--teacher diffusers:DIR --teacher-null-class 10``, and its
+picture has a row per digit (guidance 2). ``DDPMPipeline`` itself does not pass labels, so the
+picture is drawn by the same ancestral loop written out.
 
 The network is small so that a CPU can sample it 1000 times per image: channels (16, 32, 64),
 attention at 7x7 (the recipe's network, (128, 128, 256, 256, 512, 512), is for GPUs). The learning
@@ -36,7 +43,23 @@ def make_unet(channels=(16, 32, 64), layers_per_block: int = 1, num_classes: int
                        norm_num_groups=8, num_class_embeds=num_classes)
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels, grid: bool = True) -> dict:
+NULL_CLASS = 10  # --classes: the ten digits are 0-9, index 10 is "no class"
+
+
+@torch.inference_mode()
+def guided_ancestral(unet, scheduler, labels: torch.Tensor, guidance: float, steps: int, generator) -> torch.Tensor:
+    """DDPM ancestral sampling with classifier-free guidance on the predicted noise, in [0, 1]."""
+    scheduler.set_timesteps(steps)
+    x = torch.randn(len(labels), 1, 28, 28, generator=generator)
+    null = torch.full_like(labels, NULL_CLASS)
+    for t in scheduler.timesteps:
+        eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+        x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x, generator=generator).prev_sample
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels, grid: bool = True,
+          classes: bool = False, label_dropout: float = 0.1) -> dict:
     from diffusers import DDPMPipeline, DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -44,9 +67,10 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
     from flowmatch.data.images import load_mnist_split
 
     torch.manual_seed(seed)
-    x, _ = load_mnist_split("train")
+    x, y = load_mnist_split("train")
     x = x * 2 - 1  # the pipeline's space: [-1, 1] pixels
-    unet = make_unet(channels)
+    y = torch.as_tensor(y, dtype=torch.long)
+    unet = make_unet(channels, num_classes=NULL_CLASS + 1 if classes else None)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(500, steps // 10), num_training_steps=steps)
@@ -55,10 +79,15 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
     losses, t0 = [], time.perf_counter()
     bar = tqdm(range(steps), desc="ddpm", mininterval=2)
     for step in bar:
-        x1 = x[torch.randint(len(x), (batch_size,), generator=g)]
+        rows = torch.randint(len(x), (batch_size,), generator=g)
+        x1 = x[rows]
         noise = torch.randn(x1.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
-        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x1, noise, t), t).sample, noise)
+        labels = None
+        if classes:
+            drop = torch.rand(batch_size, generator=g) < label_dropout
+            labels = torch.where(drop, NULL_CLASS, y[rows])
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x1, noise, t), t, class_labels=labels).sample, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -77,7 +106,16 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "channels": list(channels),
             "parameters": sum(p.numel() for p in unet.parameters()), "train_s": wall,
             "loss_last_500": sum(losses[-500:]) / len(losses[-500:])}
-    if grid:
+    if classes:
+        info.update(classes=NULL_CLASS, null_class=NULL_CLASS, label_dropout=label_dropout)
+    if grid and classes:
+        from PIL import Image
+
+        labels = torch.arange(10).repeat_interleave(8)
+        images = guided_ancestral(unet, scheduler, labels, 2.0, 1000, torch.Generator().manual_seed(0))
+        tiles = (images[:, 0].reshape(10, 8, 28, 28).permute(0, 2, 1, 3).reshape(280, 224) * 255).round()
+        Image.fromarray(tiles.numpy().astype("uint8")).resize((448, 560), Image.NEAREST).save(out / "samples.png")
+    elif grid:
         from PIL import Image
 
         images = pipe(batch_size=64, generator=torch.Generator().manual_seed(0), num_inference_steps=1000,
@@ -97,13 +135,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--channels", default="16,32,64", help="block_out_channels of the UNet")
     ap.add_argument("--no-grid", action="store_true", help="skip the 64-sample picture (1000 steps each)")
+    ap.add_argument("--classes", action="store_true", help="class-conditional: the digit's label, null class 10")
+    ap.add_argument("--label-dropout", type=float, default=0.1, help="--classes: share of labels dropped to the null")
     args = ap.parse_args()
     if args.steps < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
         ap.error("--steps, --batch-size and --lr must be positive")
+    if not 0 <= args.label_dropout < 1:
+        ap.error("--label-dropout must be in [0, 1)")
     info = train(args.out, args.steps, args.batch_size, args.lr, args.seed,
-                 tuple(int(c) for c in args.channels.split(",")), grid=not args.no_grid)
+                 tuple(int(c) for c in args.channels.split(",")), grid=not args.no_grid, classes=args.classes,
+                 label_dropout=args.label_dropout)
     print(json.dumps(info, indent=1))
-    print(f"saved a DDPMPipeline in {args.out}: use it with --teacher diffusers:{args.out}")
+    extra = f" --teacher-null-class {NULL_CLASS} --guidance W" if args.classes else ""
+    print(f"saved a DDPMPipeline in {args.out}: use it with --teacher diffusers:{args.out}{extra}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def test_default_run_likelihood_is_near_the_data_entropy(default_run):
 
     run = load_run(default_run[0])
     x = run.dataset.reference(300, torch.Generator().manual_seed(5))
-    res = nll_summary(run.log_prob(x, tol=1e-5), 2)
+    # dopri5 at 1e-4: on these 300 points of a default run it scored 3.6489 nats against 3.6476 at
+    # 1e-5 (se 0.045): the looser tolerance saves CI time and moves the NLL by 0.0013 nats
+    res = nll_summary(run.log_prob(x, tol=1e-4), 2)
     assert res["nll"] <= math.log(32) + 0.25, res
     assert res["nll"] >= math.log(32) - 3 * res["se"], res

@@ -92,13 +92,14 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def tiny_ddpm(folder: Path) -> None:
-    """An untrained 28x28 DDPMPipeline, saved by diffusers as benchmarks/ddpm_teacher.py saves its own."""
+def tiny_ddpm(folder: Path, class_embeds: int | None = None) -> None:
+    """An untrained 28x28 DDPMPipeline, saved by diffusers as benchmarks/ddpm_teacher.py saves its own
+    (``class_embeds``: class-conditional, as its ``--classes`` saves it)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+                       norm_num_groups=4, num_class_embeds=class_embeds)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
 
 
@@ -130,7 +131,8 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
             args += ["--nfe", "2"] if image else ["--nfe", "1,2", "--repeats", "1", "--tol", "1e-3"]
         for a in args:  # a diffusers teacher the README makes with a benchmark script: a tiny one saved the same way
             if a.startswith("diffusers:") and not Path(a.split(":", 1)[1]).exists():
-                tiny_ddpm(Path(a.split(":", 1)[1]))
+                null = int(args[args.index("--teacher-null-class") + 1]) if "--teacher-null-class" in args else None
+                tiny_ddpm(Path(a.split(":", 1)[1]), None if null is None else null + 1)
         if "--fid-weights" in args and not Path(args[args.index("--fid-weights") + 1]).exists():
             tiny_feature_net(Path(args[args.index("--fid-weights") + 1]))  # the user's Inception file: a small stand-in
         t0 = time.perf_counter()
@@ -142,7 +144,7 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
     # what the commands say they leave behind
     main = sorted(workdir.glob("runs/checkerboard-*"))
     assert len(main) == 1 and (main[0] / "samples.png").exists(), sorted(workdir.rglob("*"))
-    for f in ("quality.png", "x.png", "threes.png", "digits.npy"):
+    for f in ("quality.png", "x.png", "threes.png", "digits.npy", "sevens.png"):
         assert (workdir / f).exists(), f
     assert np.load(workdir / "digits.npy").shape == (1000, 1, 8, 8)
 

@@ -115,20 +115,22 @@ class DiffusersTeacher:
         label = label.to(self.device, torch.long)
         return label + (label >= self.null_class).long() if self.null_class is not None else label
 
+    def eps(self, x: torch.Tensor, t, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """The UNet's noise prediction at diffusers time ``t`` for classes ``label`` (None: the
+        null class, or no class), with classifier-free guidance ``guidance``."""
+        cond = self._class_index(label, len(x))
+        if label is None or guidance == 1.0:
+            return self.unet(x, t, class_labels=cond).sample
+        null = self._class_index(None, len(x))  # both halves in one call
+        eps_c, eps_u = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
-        n = len(z0)
-        cond = self._class_index(label, n)
-        null = self._class_index(None, n) if label is not None and guidance != 1.0 else None
         self.scheduler.set_timesteps(self.steps)
         x = z0.to(self.device) * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
-            if null is None:
-                eps = self.unet(x, t, class_labels=cond).sample
-            else:  # classifier-free guidance on the predicted noise, both halves in one call
-                eps_c, eps_u = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample
+            x = self.scheduler.step(self.eps(x, t, label, guidance), t, x, eta=0.0).prev_sample
         return x.to(z0.device)
 
 
