@@ -68,7 +68,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
     """Write ``n`` teacher pairs as shards into ``pairs_dir`` (resumable); returns the folder.
 
     ``shards`` restricts the work to those shard indices (one process's share). ``guidance``
-    (a class-conditional teacher) gives each pair a class (:func:`shard_labels`, saved as the
+    (a class-conditional teacher) gives each pair a class (:func:`shard_draws`, saved as the
     shard's ``label``) and maps its noise to that class with that guidance weight.
     """
     if n < 1:
@@ -93,13 +93,9 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         if f.exists():
             continue  # written atomically, so an existing shard is complete
         m = min(shard_size, n - k * shard_size)
-        if guidance is None:
-            z0 = shard_noise(k, m, teacher.shape, seed)
-            save_weights(f, {"z0": z0, "z1": teacher(z0).float().cpu()}, {"index": k, "seed": seed})
-        else:
-            z0, label = shard_draws(k, m, teacher.shape, seed, classes)
-            z1 = teacher(z0, label, guidance).float().cpu()
-            save_weights(f, {"z0": z0, "z1": z1, "label": label}, {"index": k, "seed": seed})
+        z0, label = shard_draws(k, m, teacher.shape, seed, classes if guidance is not None else 0)
+        z1 = (teacher(z0) if label is None else teacher(z0, label, guidance)).float().cpu()
+        save_weights(f, {"z0": z0, "z1": z1, **({} if label is None else {"label": label})}, {"index": k, "seed": seed})
     return pairs_dir
 
 
