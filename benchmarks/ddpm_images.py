@@ -198,7 +198,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--unet", default="tiny", help="the students' UNet preset (tiny: the same size as the DDPM here)")
     ap.add_argument("--time-dist", default="uniform", help="reflow's times: uniform or u-shaped (RF++)")
-    ap.add_argument("--loss", default="mse", help="mse or pseudo-huber (RF++)")
+    ap.add_argument("--loss", default="mse", help="mse, pseudo-huber or lpips-huber (RF++; needs --perceptual)")
+    ap.add_argument("--perceptual", help="--loss lpips-huber: your TorchScript perceptual distance (LPIPS exported)")
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="the DDPM row's ancestral steps (0: leave the row out)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="a class-conditional teacher: pairs with digits, guided with this weight")
@@ -218,6 +219,7 @@ def main():
     null = args.null_class if cond else None
     opts = StudentOptions(pairs=args.pairs, teacher_nfe=args.pair_steps, steps=args.reflow_steps, lr=args.lr,
                           batch_size=args.batch_size, unet=args.unet, time_dist=args.time_dist, loss=args.loss,
+                          perceptual=args.perceptual,
                           guidance=args.guidance, teacher_null_class=null)
     teacher = DiffusersTeacher(args.teacher, steps=args.pair_steps, null_class=null)
     rf2 = args.out / "rf2"
@@ -227,7 +229,8 @@ def main():
     dist = args.out / "distilled"
     if not (dist / "ema.safetensors").exists():
         dopts = StudentOptions(pairs=args.pairs, teacher_nfe=args.distill_nfe, steps=args.distill_steps, lr=args.lr,
-                               batch_size=args.batch_size, loss=args.loss, guidance=1.0 if cond else None)
+                               batch_size=args.batch_size, loss=args.loss, perceptual=args.perceptual,
+                               guidance=1.0 if cond else None)
         flow_teacher = FlowTeacher(rf2, solver="midpoint", nfe=args.distill_nfe)
         _, stages["distillation (pairs + training)"] = timed(rf.student, flow_teacher, dist, "distill", dopts)
 

@@ -112,6 +112,21 @@ def tiny_feature_net(path: Path) -> None:
     torch.jit.save(torch.jit.trace(net.eval(), torch.zeros(1, 3, 299, 299)), str(path))
 
 
+def tiny_distance(path: Path) -> None:
+    """A small random TorchScript distance d(a, b) -> (B,) of grey images, as the LPIPS file's stand-in."""
+    import torch
+
+    class Distance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, a, b):
+            return (self.conv(a) - self.conv(b)).pow(2).mean(dim=(1, 2, 3))
+
+    torch.jit.save(torch.jit.script(Distance()), str(path))
+
+
 def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
     cmds = flowmatch_commands()
     assert len(cmds) >= 10, cmds
@@ -133,6 +148,8 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
             if a.startswith("diffusers:") and not Path(a.split(":", 1)[1]).exists():
                 null = int(args[args.index("--teacher-null-class") + 1]) if "--teacher-null-class" in args else None
                 tiny_ddpm(Path(a.split(":", 1)[1]), None if null is None else null + 1)
+        if "--perceptual" in args and not Path(args[args.index("--perceptual") + 1]).exists():
+            tiny_distance(Path(args[args.index("--perceptual") + 1]))  # the user's LPIPS export: a small stand-in
         if "--fid-weights" in args and not Path(args[args.index("--fid-weights") + 1]).exists():
             tiny_feature_net(Path(args[args.index("--fid-weights") + 1]))  # the user's Inception file: a small stand-in
         t0 = time.perf_counter()

@@ -64,8 +64,9 @@ class TrainConfig:
     time_std: float = setting(1.0, "logit-normal scale")
     time_uniform: float = setting(0.0, "logit-normal: share of times drawn from U[0, 1] instead")
     time_steps: int = setting(1, "time_dist grid: t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)", cli=False)
-    loss: str = setting("mse", "mse or pseudo-huber (meant for fixed pairs: reflow, distillation)", cli=False)
-    huber_c: float | None = setting(None, "pseudo-Huber's c (None: 0.00054 sqrt(D))", cli=False)
+    loss: str = setting("mse", "mse, pseudo-huber or lpips-huber (meant for fixed pairs: reflow, distillation)", cli=False)
+    huber_c: float | None = setting(None, "pseudo-Huber's c (None: 0.00054 sqrt(D); lpips-huber: 0.00054 D)", cli=False)
+    perceptual: str | None = setting(None, "lpips-huber: the user's TorchScript perceptual distance d(a, b)", cli=False)
     # the network
     model: str = setting("auto", "network: auto (mlp for vectors, unet for images), mlp, unet")
     unet: str = setting("auto", "UNet preset for images: auto or small (per image size), tiny, cifar (~36 M parameters)")
@@ -134,6 +135,11 @@ class TrainConfig:
                                   ("sigma_min", (0.0,))):
                 if getattr(self, name) not in allowed:
                     raise bad(name, f"{' or '.join(map(str, allowed))} with --objective {self.objective}", getattr(self, name))
+        if self.loss == "lpips-huber" and (self.perceptual is None or self.path != "linear"):
+            what = "a TorchScript file (--perceptual)" if self.perceptual is None else "the linear path"
+            raise bad("loss", f"lpips-huber only with {what}", self.loss)
+        if self.perceptual is not None and self.loss != "lpips-huber":
+            raise bad("perceptual", "no file unless the loss is lpips-huber", self.perceptual)
         return self
 
     def amp(self, device) -> str:
@@ -326,7 +332,11 @@ class StudentOptions:
     batch_size: int = setting(512)
     seed: int = setting(0)
     shard_size: int = setting(4096, "pairs per shard (each shard has its own seed)")
-    loss: str = setting("mse", "mse or pseudo-huber (RF++; picks a side where mse averages two cells)")
+    loss: str = setting("mse", "mse, pseudo-huber (RF++; picks a side where mse averages two cells) or lpips-huber "
+                               "(RF++'s t-weighted pseudo-Huber plus --perceptual on the data the prediction implies)")
+    perceptual: str | None = setting(None, "--loss lpips-huber: a TorchScript file (torch.jit.save) of a perceptual "
+                                            "distance d(a, b) -> one value per image pair, e.g. LPIPS exported where its "
+                                            "weights are (none ship here)")
     time_dist: str = setting("uniform", "reflow: the student's times, uniform or u-shaped (RF++: more weight near t = 0 and 1)")
     unet: str | None = setting(None, "the student's UNet preset for a diffusers teacher (auto, tiny, small, cifar); "
                                      "a flowmatch teacher's student keeps the teacher's network")
@@ -350,6 +360,11 @@ class StudentOptions:
             raise UserError(f"--teacher-nfe: expected a positive integer, got {self.teacher_nfe}")
         if self.time_dist not in ("uniform", "u-shaped"):
             raise UserError(f"--time-dist: expected uniform or u-shaped, got {self.time_dist!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if (self.loss == "lpips-huber") != (self.perceptual is not None):
+            raise UserError("--loss lpips-huber needs --perceptual FILE" if self.perceptual is None else
+                            f"--perceptual: used only with --loss lpips-huber, got --loss {self.loss}")
         if self.guidance is not None and not math.isfinite(self.guidance):
             raise UserError(f"--guidance: expected a finite weight, got {self.guidance!r}")
         if self.teacher_null_class is not None and self.teacher_null_class < 0:
@@ -372,7 +387,7 @@ class Parts:
 
 
 SCHEDULES = ("constant", "cosine", "linear")
-LOSSES = ("mse", "pseudo-huber")
+LOSSES = ("mse", "pseudo-huber", "lpips-huber")
 
 
 def _positive(v) -> bool:
@@ -415,7 +430,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
-          "huber_c": None}
+          "huber_c": None, "perceptual": None}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

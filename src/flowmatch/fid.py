@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_sentence
 
 SIZE = 299
 #: the preprocessing; part of the cache key, so a change here recomputes the reference features
@@ -70,11 +70,6 @@ def _sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def _reason(e: Exception) -> str:
-    """The first sentence of an exception's message (torch's run on for several lines)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split(". ")[0][:200]
 
 
 def check_available() -> None:
@@ -103,7 +98,7 @@ class FeatureNet:
                 self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
         except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file
             raise UserError(f"{OPTION}: {self.path}: expected a TorchScript file (torch.jit.save), "
-                            f"could not load it: {_reason(e)}") from None
+                            f"could not load it: {first_sentence(e)}") from None
         names = [a.name for a in self.net.forward.schema.arguments]
         self.kwargs = {"return_features": True} if "return_features" in names else {}
         self.num_features = self._run(torch.zeros(2, 3, SIZE, SIZE, device=self.device)).shape[1]
@@ -115,7 +110,7 @@ class FeatureNet:
                 out = self.net(x, **self.kwargs)
         except Exception as e:  # noqa: BLE001 - the user's network failed on the documented input
             raise UserError(f"{OPTION}: {self.path}: the network failed on images (B, 3, {SIZE}, {SIZE}) in [0, 255]: "
-                            f"{_reason(e)}") from None
+                            f"{first_sentence(e)}") from None
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         if not (isinstance(out, torch.Tensor) and out.dim() == 2 and len(out) == len(x) and out.shape[1] > 0
                 and out.is_floating_point()):

@@ -21,7 +21,8 @@ from .models.cond import null_condition
 from .paths import AffinePath
 
 
-def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None) -> torch.Tensor:
+def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None,
+             perceptual=None) -> torch.Tensor:
     """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries).
 
     ``loss="pseudo-huber"``: ``E [sqrt(||v - u||^2 + c^2) - c]`` per sample (Song & Dhariwal
@@ -29,13 +30,25 @@ def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", 
     (geometric) median, not the mean: meant for fixed pairs (distillation), where the target is
     a function of the noise and a network too smooth to follow it should pick a side rather
     than land between two cells.
+
+    ``loss="lpips-huber"`` (RF++'s LPIPS-Huber, as its reference code writes it, in this package's
+    time): ``E [t * H(v, u) / D + d(x_t + (1 - t) v, x1)]``, the pseudo-Huber ``H`` with ``c =
+    0.00054 D`` (unless given) weighted by ``t`` (zero at the noise), plus the ``perceptual``
+    distance ``d`` (:class:`~flowmatch.perceptual.Perceptual`) between the data the prediction
+    implies on the straight path and the data.
     """
     ps = path.sample(x0, x1, t)
     pred = model(ps.x_t, t, label) if label is not None else model(ps.x_t, t)
     if loss == "mse":
         return torch.nn.functional.mse_loss(pred.float(), ps.u_t.float())
     d2 = (pred.float() - ps.u_t.float()).flatten(1).pow(2).sum(1)
-    c = huber_c if huber_c is not None else 0.00054 * d2.new_tensor(x0[0].numel()).sqrt()
+    dim = x0[0].numel()
+    if loss == "lpips-huber":
+        c = huber_c if huber_c is not None else 0.00054 * dim
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        implied = ps.x_t.float() + (1 - t.float()).reshape(shape) * pred.float()
+        return (t.float() * ((d2 + c**2).sqrt() - c) / dim + perceptual(implied, x1.float())).mean()
+    c = huber_c if huber_c is not None else 0.00054 * d2.new_tensor(dim).sqrt()
     return ((d2 + c**2).sqrt() - c).mean()
 
 
@@ -58,9 +71,9 @@ class CFM:
     name = "cfm"
 
     def __init__(self, path: AffinePath, time_sampler, coupling, label_dropout: float = 0.0, loss: str = "mse",
-                 huber_c: float | None = None):
+                 huber_c: float | None = None, perceptual=None):
         self.path, self.time_sampler, self.coupling = path, time_sampler, coupling
-        self.label_dropout, self.loss_name, self.huber_c = label_dropout, loss, huber_c
+        self.label_dropout, self.loss_name, self.huber_c, self.perceptual = label_dropout, loss, huber_c, perceptual
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
         x1 = batch.x1
@@ -73,7 +86,7 @@ class CFM:
         return Drawn(x0, x1, t, label)
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
-        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c)
+        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c, self.perceptual)
 
 
 class MeanFlow(CFM):
@@ -215,4 +228,9 @@ def make_objective(cfg, parts) -> CFM:
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
-    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c)
+    perceptual = None
+    if cfg.loss == "lpips-huber":
+        from .perceptual import Perceptual
+
+        perceptual = Perceptual(cfg.perceptual)
+    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c, perceptual)

@@ -126,6 +126,11 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
     cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
     cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = opts.steps, opts.lr, opts.batch_size, opts.seed
     cfg.loss, cfg.plots = opts.loss, opts.plots
+    if opts.perceptual is not None:
+        from .perceptual import Perceptual
+
+        Perceptual(opts.perceptual, teacher.shape)  # a file that cannot compare these images fails here
+        cfg.perceptual = str(Path(opts.perceptual).resolve())
     cfg.warmup_steps = min(cfg.warmup_steps, opts.steps // 10)
     if kind == "distill":
         if opts.time_dist != "uniform":
