@@ -37,20 +37,6 @@ def lpips_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ddpm(tmp_path_factory):
-    """A tiny, untrained 8x8 diffusers DDPM, saved the usual way."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    d = tmp_path_factory.mktemp("ddpm") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(d)
-    return d
-
-
 def test_lpips_huber_is_rfpp_loss_in_its_own_time(lpips_file):
     """RF++'s code runs time the other way (s = 1 - t: data at 0, noise at 1): z_s = (1 - s) x1 +
     s x0, target x0 - x1, the network's prediction p, the implied data z_s - s p, and the loss
@@ -82,9 +68,9 @@ def test_lpips_huber_is_rfpp_loss_in_its_own_time(lpips_file):
     assert net.weight.grad.abs().sum() > 0
 
 
-def test_distill_with_lpips_huber_trains_and_records_the_file(cli, ddpm, lpips_file, tmp_path):
+def test_distill_with_lpips_huber_trains_and_records_the_file(cli, ddpm_dir, lpips_file, tmp_path):
     out = tmp_path / "student"
-    rc, _, err = cli("distill", "--teacher", f"diffusers:{ddpm}", "--unet", "tiny", "--pairs", "32", "--teacher-nfe", "2",
+    rc, _, err = cli("distill", "--teacher", f"diffusers:{ddpm_dir}", "--unet", "tiny", "--pairs", "32", "--teacher-nfe", "2",
                      "--steps", "3", "--batch-size", "16", "--loss", "lpips-huber", "--perceptual", lpips_file,
                      "--out", out, "--no-progress", "--no-plots")
     assert rc == 0, err
@@ -94,24 +80,24 @@ def test_distill_with_lpips_huber_trains_and_records_the_file(cli, ddpm, lpips_f
     assert losses and all(v == v and v >= 0 for v in losses)  # finite, and a distance is never negative
 
 
-def _refused(cli, tmp_path, ddpm, *options):
+def _refused(cli, tmp_path, ddpm_dir, *options):
     out = tmp_path / "refused"
-    rc, _, err = cli("distill", "--teacher", f"diffusers:{ddpm}", "--pairs", "32", "--teacher-nfe", "2", "--steps", "2",
+    rc, _, err = cli("distill", "--teacher", f"diffusers:{ddpm_dir}", "--pairs", "32", "--teacher-nfe", "2", "--steps", "2",
                      "--out", out, "--no-progress", "--no-plots", *options)
     assert not out.exists()  # nothing written
     return one_line_error(rc, err)
 
 
-def test_what_cannot_serve_is_refused_before_anything_is_written(cli, ddpm, lpips_file, tmp_path):
-    assert "--perceptual" in _refused(cli, tmp_path, ddpm, "--loss", "lpips-huber")
-    assert "--loss lpips-huber" in _refused(cli, tmp_path, ddpm, "--perceptual", lpips_file)
-    assert "no such file" in _refused(cli, tmp_path, ddpm, "--loss", "lpips-huber", "--perceptual", tmp_path / "nope.pt")
+def test_what_cannot_serve_is_refused_before_anything_is_written(cli, ddpm_dir, lpips_file, tmp_path):
+    assert "--perceptual" in _refused(cli, tmp_path, ddpm_dir, "--loss", "lpips-huber")
+    assert "--loss lpips-huber" in _refused(cli, tmp_path, ddpm_dir, "--perceptual", lpips_file)
+    assert "no such file" in _refused(cli, tmp_path, ddpm_dir, "--loss", "lpips-huber", "--perceptual", tmp_path / "nope.pt")
     notes = tmp_path / "notes.pt"
     notes.write_text("not a network")
-    assert "TorchScript" in _refused(cli, tmp_path, ddpm, "--loss", "lpips-huber", "--perceptual", notes)
+    assert "TorchScript" in _refused(cli, tmp_path, ddpm_dir, "--loss", "lpips-huber", "--perceptual", notes)
     rgb = tmp_path / "rgb.pt"  # a module for colour images, on grey ones
     torch.jit.save(torch.jit.script(FeatureDistance(channels=3)), str(rgb))
-    assert "failed on images of shape (1, 8, 8)" in _refused(cli, tmp_path, ddpm, "--loss", "lpips-huber", "--perceptual", rgb)
+    assert "failed on images of shape (1, 8, 8)" in _refused(cli, tmp_path, ddpm_dir, "--loss", "lpips-huber", "--perceptual", rgb)
 
 
 def test_a_module_must_return_one_distance_per_pair(tmp_path):

@@ -16,20 +16,6 @@ from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
 from conftest import one_line_error
 
 
-@pytest.fixture(scope="module")
-def ddpm_dir(tmp_path_factory):
-    """A tiny, untrained diffusers DDPM pipeline saved the usual way."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    d = tmp_path_factory.mktemp("ddpm") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(d)
-    return d
-
-
 def _shards(d):
     return {p.name: load_file(p) for p in sorted(d.glob("shard-*.safetensors"))}
 
