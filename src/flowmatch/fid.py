@@ -71,7 +71,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-
 def check_available() -> None:
     """torchmetrics (the ``fid`` extra) is there, or a clear error."""
     try:

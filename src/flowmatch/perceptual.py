@@ -26,7 +26,6 @@ from .errors import UserError, first_sentence
 OPTION = "--perceptual"
 
 
-
 class Perceptual:
     """The TorchScript distance in ``path``; :meth:`__call__` gives one distance per image pair.
     ``shape`` (one image): checked on two blank pairs at once, so that a file that is not
