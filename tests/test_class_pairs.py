@@ -36,7 +36,8 @@ def cond_ddpm(tmp_path_factory):
 
 
 def _ddim(d, x, steps, labels, null=None, w=1.0):
-    """DDIM (eta 0, trailing) written out from the scheduler's alphas, with guidance on the noise."""
+    """DDIM (eta 0, trailing) written out from the scheduler's alphas, with guidance on the noise;
+    each step goes on with the noise of the clipped clean-image estimate."""
     from diffusers import DDIMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(d / "unet").eval()
@@ -52,6 +53,7 @@ def _ddim(d, x, steps, labels, null=None, w=1.0):
                 eps_u = unet(x, t, class_labels=null).sample
                 eps = eps_u + w * (eps - eps_u)
             x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # the DDPM config clips x0
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise that clipped x0 implies
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x
 

@@ -41,22 +41,29 @@ def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
     from diffusers import DDIMScheduler, UNet2DModel
 
     teacher = make_teacher(f"diffusers:{ddpm_dir}", nfe=5, device="cpu")
+    assert teacher.describe()["clipped_eps"] is True
+    raw = DiffusersTeacher(ddpm_dir, steps=5, device="cpu", clipped_eps=False)
     unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
     sched = DDIMScheduler.from_pretrained(ddpm_dir / "scheduler", timestep_spacing="trailing")
     sched.set_timesteps(5)
     assert sched.timesteps.tolist() == [99, 79, 59, 39, 19]  # trailing: the first step starts from pure noise
     ac = sched.alphas_cumprod
-    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    out = teacher(x)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ts = sched.timesteps.tolist()
-    with torch.no_grad():
-        for i, t in enumerate(ts):
-            prev = ts[i + 1] if i + 1 < len(ts) else -1
-            a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else sched.final_alpha_cumprod)
-            eps = unet(x, t).sample
-            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # the DDPM config clips x0
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # eta = 0: no fresh noise
-    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-4)
+    for clipped, got in ((True, teacher(z)), (False, raw(z))):
+        x = z
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                prev = ts[i + 1] if i + 1 < len(ts) else -1
+                a_t, a_prev = ac[t], (ac[prev] if prev >= 0 else sched.final_alpha_cumprod)
+                eps = unet(x, t).sample
+                x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # the DDPM config clips x0
+                if clipped:  # go on with the noise the clipped x0 implies
+                    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # eta = 0: no fresh noise
+        torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
+    # this random UNet's clean-image estimates leave [-1, 1], so the two samplers differ
+    assert (teacher(z) - raw(z)).abs().max() > 1e-2
 
 
 def test_one_ddim_step_is_the_clipped_data_prediction_from_pure_noise(ddpm_dir):

@@ -10,7 +10,8 @@ without it a class-conditional teacher samples its null class.
 - :class:`FlowTeacher`: a flowmatch run integrated from t = 0 to 1 (default: dopri5).
 - :class:`DiffusersTeacher`: a saved diffusers pipeline directory (``UNet2DModel`` with a
   DDPM or DDIM scheduler), sampled with DDIM at eta = 0 — deterministic, so ``z0`` (the
-  initial ``x_T``) fixes ``z1``. Diffusers runs time from ``T`` (noise) down to 0 (data);
+  initial ``x_T``) fixes ``z1``. Each step heads on with the noise implied by the clipped
+  clean-image estimate (``use_clipped_model_output``). Diffusers runs time from ``T`` (noise) down to 0 (data);
   that direction is converted here, at the border: to flowmatch ``z0`` is noise at t = 0.
 """
 
@@ -59,9 +60,18 @@ class DiffusersTeacher:
     A class-conditional UNet (``num_class_embeds``) needs ``null_class``, the index it was trained
     to read as "no class" (label dropout), for unconditional pairs and for guidance; its other
     indices are the classes, numbered ``0 .. num_classes - 1`` in order. Guidance is
-    classifier-free, on the predicted noise."""
+    classifier-free, on the predicted noise.
 
-    def __init__(self, directory, steps: int = 50, device=None, null_class: int | None = None):
+    ``clipped_eps`` (default True): where the scheduler clips its clean-image estimate to
+    [-1, 1] (``clip_sample``, the DDPM default), step on with the noise recomputed from the
+    clipped estimate (diffusers' ``use_clipped_model_output=True``). Diffusers' own DDIM
+    pipeline steps with the raw prediction (``clipped_eps=False``); over many steps the clipped
+    estimate and the raw noise pull apart, and a class-conditional MNIST DDPM's 100-step
+    samples fall from 100% to 28% read as their digit (README, ``benchmarks/ddim_clipping.py``).
+    Without ``clip_sample`` the two are the same."""
+
+    def __init__(self, directory, steps: int = 50, device=None, null_class: int | None = None,
+                 clipped_eps: bool = True):
         try:
             from diffusers import DDIMScheduler, UNet2DModel
         except ImportError:
@@ -83,7 +93,7 @@ class DiffusersTeacher:
             self.scheduler = DDIMScheduler.from_pretrained(str(sched_dir), timestep_spacing="trailing")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise UserError(f"--teacher: could not load the diffusers pipeline in {d} ({str(e).splitlines()[0][:100]})") from None
-        self.directory, self.steps = d, int(steps)
+        self.directory, self.steps, self.clipped_eps = d, int(steps), bool(clipped_eps)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.unet.to(self.device).eval().requires_grad_(False)
         size = self.unet.config.sample_size
@@ -100,7 +110,7 @@ class DiffusersTeacher:
 
     def describe(self) -> dict:
         return {"kind": "diffusers", "dir": str(self.directory.resolve()), "sampler": "ddim", "eta": 0.0,
-                "steps": self.steps, "spacing": "trailing", "k": 0,
+                "steps": self.steps, "spacing": "trailing", "clipped_eps": self.clipped_eps, "k": 0,
                 **({"null_class": self.null_class} if self.embeds else {})}
 
     def _class_index(self, label: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -130,7 +140,8 @@ class DiffusersTeacher:
         self.scheduler.set_timesteps(self.steps)
         x = z0.to(self.device) * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
-            x = self.scheduler.step(self.eps(x, t, label, guidance), t, x, eta=0.0).prev_sample
+            eps = self.eps(x, t, label, guidance)
+            x = self.scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=self.clipped_eps).prev_sample
         return x.to(z0.device)
 
 
