@@ -103,17 +103,12 @@ def straight_path_states(teacher: DiffusersTeacher, z0: torch.Tensor, label=None
     ``(1 - t) eps + t x1``: divide by ``sqrt(ab) + sqrt(1 - ab)``, at ``t = sqrt(ab) / (sqrt(ab) +
     sqrt(1 - ab))`` (both paths carry the same marginals up to that scale). Returns (times, states
     in the pipeline's [-1, 1] space)."""
-    sched = teacher.scheduler
-    sched.set_timesteps(teacher.steps)
-    ab = sched.alphas_cumprod
-    x, times, states = z0.clone(), [], []
-    for t in sched.timesteps:
-        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+    ab = teacher.scheduler.alphas_cumprod
+    times, states = [], []
+    for t, x in teacher.walk(z0, label, guidance):
+        a, s = (ab[t].sqrt(), (1 - ab[t]).sqrt()) if t is not None else (1.0, 0.0)  # None: the sample
         times.append(float(a / (a + s)))
-        states.append(x / (a + s))
-        x = sched.step(teacher.eps(x, t, label, guidance), t, x, eta=0.0).prev_sample
-    times.append(1.0)
-    states.append(x)
+        states.append(x.cpu() / (a + s))
     return torch.tensor(times), torch.stack(states)
 
 

@@ -64,6 +64,10 @@ def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):
         torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
     # this random UNet's clean-image estimates leave [-1, 1], so the two samplers differ
     assert (teacher(z) - raw(z)).abs().max() > 1e-2
+    # walk() yields the same loop's states: the noise first, each step's time, the sample last
+    walked = list(teacher.walk(z))
+    assert [t for t, _ in walked] == [*ts, None]
+    assert torch.equal(walked[0][1], z) and torch.equal(walked[-1][1], teacher(z))
 
 
 def test_one_ddim_step_is_the_clipped_data_prediction_from_pure_noise(ddpm_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -136,12 +137,19 @@ class DiffusersTeacher:
         return eps_u + guidance * (eps_c - eps_u)
 
     @torch.inference_mode()
-    def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+    def walk(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0):
+        """DDIM's states from ``z0`` (on the teacher's device): yields ``(t, x_t)`` before each
+        step at diffusers time ``t``, then ``(None, sample)``."""
         self.scheduler.set_timesteps(self.steps)
         x = z0.to(self.device) * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:  # diffusers time runs from T (noise) down to 0 (data)
+            yield int(t), x
             eps = self.eps(x, t, label, guidance)
             x = self.scheduler.step(eps, t, x, eta=0.0, use_clipped_model_output=self.clipped_eps).prev_sample
+        yield None, x
+
+    def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+        _, x = deque(self.walk(z0, label, guidance), maxlen=1)[0]  # the last state only
         return x.to(z0.device)
 
 
