@@ -243,13 +243,13 @@ def main():
     for k in (100, 10, 4, 1):
         x, s = timed(ddim, args.teacher, z0, k, classes=classes)
         rows[f"DDIM {k}"] = x
-        table.append({"sampler": f"DDIM (eta 0), {k} steps", "nfe": k, "s": s, **scores(x, label)})
+        table.append({"sampler": f"DDIM (eta 0), {k} step{'s' * (k > 1)}", "nfe": k, "s": s, **scores(x, label)})
 
     run = load_run(rf2)
     for k in (1, 2, 4):
         x, s = timed(student_flow, run, z0, k, label)
         rows[f"2-RF {k}"] = x
-        table.append({"sampler": f"2-rectified flow, {k} Euler step(s)", "nfe": k, "s": s, **scores(x, label)})
+        table.append({"sampler": f"2-rectified flow, {k} Euler step{'s' * (k > 1)}", "nfe": k, "s": s, **scores(x, label)})
 
     drun = load_run(dist)
     x, s = timed(student_flow, drun, z0, 1, label)

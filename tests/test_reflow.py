@@ -34,6 +34,13 @@ def test_diffusers_teacher_is_deterministic_and_pairs_repeat(ddpm_dir, tmp_path)
     for k in one:
         assert torch.equal(one[k]["z0"], two[k]["z0"]) and torch.equal(one[k]["z1"], two[k]["z1"])
     assert one["shard-00002.safetensors"]["z0"].shape == (2, 1, 8, 8)
+    # the teacher takes a shard in pieces of its batch_size: the same pairs as the whole shard at once
+    teacher.batch_size = 3
+    three = _shards(generate_pairs(teacher, 10, tmp_path / "p3", shard_size=4, seed=3, progress=False))
+    for k in one:
+        assert torch.equal(one[k]["z0"], three[k]["z0"])
+        torch.testing.assert_close(three[k]["z1"], teacher(three[k]["z0"]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(three[k]["z1"], one[k]["z1"], atol=1e-5, rtol=1e-5)
 
 
 def test_ddim_eta0_matches_a_hand_written_deterministic_loop(ddpm_dir):

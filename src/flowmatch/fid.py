@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError, first_sentence
+from .files import load_script
 
 SIZE = 299
 #: the preprocessing; part of the cache key, so a change here recomputes the reference features
@@ -87,17 +87,9 @@ class FeatureNet:
     def __init__(self, path, device="cpu", batch_size: int = 50):
         check_available()
         self.path, self.device, self.batch_size = Path(path), torch.device(device), batch_size
-        if not self.path.is_file():
-            raise UserError(f"{OPTION}: {self.path}: no such file; expected a TorchScript feature network "
-                            "(torch.jit.save), e.g. inception-2015-12-05.pt")
-        try:
-            self.sha256 = _sha256(self.path)
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the file users have
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
-        except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file
-            raise UserError(f"{OPTION}: {self.path}: expected a TorchScript file (torch.jit.save), "
-                            f"could not load it: {first_sentence(e)}") from None
+        self.net = load_script(self.path, OPTION, "a TorchScript feature network (torch.jit.save), e.g. "
+                               "inception-2015-12-05.pt", map_location=self.device)
+        self.sha256 = _sha256(self.path)
         names = [a.name for a in self.net.forward.schema.arguments]
         self.kwargs = {"return_features": True} if "return_features" in names else {}
         self.num_features = self._run(torch.zeros(2, 3, SIZE, SIZE, device=self.device)).shape[1]

@@ -9,13 +9,14 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import UserError, first_sentence
 
 
 @contextlib.contextmanager
@@ -59,6 +60,22 @@ def load_weights(path, device="cpu") -> dict:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
+
+
+def load_script(path, option: str, expected: str, map_location="cpu") -> torch.jit.ScriptModule:
+    """A TorchScript module the user names with ``option`` (``torch.jit.load``: TorchScript code
+    and tensors, no Python pickle), in eval mode. ``expected`` says what the file should hold,
+    for the missing-file error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{option}: {path}: no such file; expected {expected}")
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is how such networks travel
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=map_location).eval()
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file
+        raise UserError(f"{option}: {path}: expected a TorchScript file (torch.jit.save), could not load it: "
+                        f"{first_sentence(e)}") from None
 
 
 def save_state(path, state: dict) -> None:

@@ -16,12 +16,12 @@ The module's weights are frozen; gradients flow through it to the student's pred
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import UserError, first_sentence
+from .files import load_script
 
 OPTION = "--perceptual"
 
@@ -33,16 +33,7 @@ class Perceptual:
 
     def __init__(self, path, shape: tuple | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"{OPTION}: {self.path}: no such file; expected a TorchScript perceptual distance "
-                            "d(a, b) (torch.jit.save)")
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is how such a network travels
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file
-            raise UserError(f"{OPTION}: {self.path}: expected a TorchScript file (torch.jit.save), could not "
-                            f"load it: {first_sentence(e)}") from None
+        self.net = load_script(self.path, OPTION, "a TorchScript perceptual distance d(a, b) (torch.jit.save)")
         for p in self.net.parameters():
             p.requires_grad_(False)
         if shape is not None:

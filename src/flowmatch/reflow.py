@@ -88,14 +88,21 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         pairs_dir.mkdir(parents=True, exist_ok=True)
         write_json(meta_file, meta)
     todo = range(meta["num_shards"]) if shards is None else shards
-    for k in tqdm(todo, disable=not progress, desc="pairs", unit="shard"):
-        f = pairs_dir / f"shard-{k:05d}.safetensors"
-        if f.exists():
-            continue  # written atomically, so an existing shard is complete
-        m = min(shard_size, n - k * shard_size)
-        z0, label = shard_draws(k, m, teacher.shape, seed, classes if guidance is not None else 0)
-        z1 = (teacher(z0) if label is None else teacher(z0, label, guidance)).float().cpu()
-        save_weights(f, {"z0": z0, "z1": z1, **({} if label is None else {"label": label})}, {"index": k, "seed": seed})
+    todo = [k for k in todo if not (pairs_dir / f"shard-{k:05d}.safetensors").exists()]  # written atomically: complete
+    sizes = {k: min(shard_size, n - k * shard_size) for k in todo}
+    # a teacher that maps each sample alone (DDIM) takes a shard in pieces: the same pairs, a moving bar
+    piece = getattr(teacher, "batch_size", None) or shard_size
+    with tqdm(total=sum(sizes.values()), disable=not progress, desc="pairs", unit="pair") as bar:
+        for k in todo:
+            z0, label = shard_draws(k, sizes[k], teacher.shape, seed, classes if guidance is not None else 0)
+            z1 = []
+            for i in range(0, sizes[k], piece):
+                z, y = z0[i:i + piece], None if label is None else label[i:i + piece]
+                z1.append((teacher(z) if y is None else teacher(z, y, guidance)).float().cpu())
+                bar.update(len(z))
+            save_weights(pairs_dir / f"shard-{k:05d}.safetensors",
+                         {"z0": z0, "z1": torch.cat(z1), **({} if label is None else {"label": label})},
+                         {"index": k, "seed": seed})
     return pairs_dir
 
 

@@ -71,6 +71,8 @@ class DiffusersTeacher:
     samples fall from 100% to 28% read as their digit (README, ``benchmarks/ddim_clipping.py``).
     Without ``clip_sample`` the two are the same."""
 
+    batch_size = 256  # DDIM maps each sample alone, so pairs are made this many at a time
+
     def __init__(self, directory, steps: int = 50, device=None, null_class: int | None = None,
                  clipped_eps: bool = True):
         try:
