@@ -88,7 +88,8 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         pairs_dir.mkdir(parents=True, exist_ok=True)
         write_json(meta_file, meta)
     todo = range(meta["num_shards"]) if shards is None else shards
-    todo = [k for k in todo if not (pairs_dir / f"shard-{k:05d}.safetensors").exists()]  # written atomically: complete
+    shard_file = {k: pairs_dir / f"shard-{k:05d}.safetensors" for k in todo}
+    todo = [k for k in todo if not shard_file[k].exists()]  # written atomically, so an existing shard is complete
     sizes = {k: min(shard_size, n - k * shard_size) for k in todo}
     # a teacher that maps each sample alone (DDIM) takes a shard in pieces: the same pairs, a moving bar
     piece = getattr(teacher, "batch_size", None) or shard_size
@@ -100,7 +101,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
                 z, y = z0[i:i + piece], None if label is None else label[i:i + piece]
                 z1.append((teacher(z) if y is None else teacher(z, y, guidance)).float().cpu())
                 bar.update(len(z))
-            save_weights(pairs_dir / f"shard-{k:05d}.safetensors",
+            save_weights(shard_file[k],
                          {"z0": z0, "z1": torch.cat(z1), **({} if label is None else {"label": label})},
                          {"index": k, "seed": seed})
     return pairs_dir
