@@ -123,3 +123,18 @@ def test_digit_frechet_distance_sees_blurred_digits():
     floor = frechet_distance(f_real.numpy(), f_test.numpy())
     assert frechet_distance(f_blur.numpy(), f_test.numpy()) > 5 * floor
     assert prdc(f_test, f_blur)["recall"] < prdc(f_test, f_real)["recall"] - 0.1
+
+
+def test_evaluate_without_straightness_measures_the_same(tiny_run):
+    """``straight=False`` leaves out the straightness (and its table line), nothing else."""
+    from flowmatch.metrics import evaluate, format_table, straightness
+    from flowmatch.noise import batch_noise
+    from flowmatch.runs import load_run
+
+    run = load_run(tiny_run)
+    full = evaluate(run, (2,), n=300, seed=3, adaptive=None)
+    part = evaluate(run, (2,), n=300, seed=3, adaptive=None, straight=False)
+    assert "straightness" not in part and "straightness" not in format_table(part)
+    assert part == {k: v for k, v in full.items() if k != "straightness"}
+    # the teacher's straightness as the reflow quality test computes it beside evaluate
+    assert straightness(run.velocity, batch_noise(3, 0, 300, run.shape, run.device), nfe=100) == full["straightness"]
