@@ -52,6 +52,8 @@ class Peer:
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     sample: Callable[[torch.Tensor, int], torch.Tensor]
     notes: list[str] = field(default_factory=list)
+    #: the instantaneous velocity in this package's time (noise at 0), for dopri5's NFE; None: model(x, t)
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def euler(model: nn.Module, x0: torch.Tensor, nfe: int) -> torch.Tensor:
@@ -174,6 +176,55 @@ def rectified_flow_peer(model: nn.Module) -> Peer:
     return Peer(lambda x0, x1, t: rf(x1, noise=x0, times=t), sample, notes)
 
 
+def meanflow_network() -> nn.Module:
+    """The network of flowmatch's MeanFlow row (``TrainConfig(objective="meanflow")``'s MLP, with
+    the interval input), built the same way for the peer's MeanFlow."""
+    from flowmatch.config import TrainConfig
+
+    return TrainConfig(objective="meanflow").build_model((2,))
+
+
+def rectified_flow_meanflow_peer(model: nn.Module) -> Peer:
+    notes = []
+    if _torchvision_placeholder():
+        notes.append("torchvision absent: inert placeholder modules stand in for it (used only by image helpers)")
+    try:
+        from rectified_flow_pytorch import MeanFlow
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"rectified_flow_pytorch does not import: {type(e).__name__}: {e}") from None
+
+    class Interval(nn.Module):  # MeanFlow calls model(z, t, t - r); the MLP takes the interval as h
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, t, delta):
+            return self.net(x, t, h=delta)
+
+    mf = MeanFlow(Interval(), data_shape=(2,))  # the library's defaults: adaptive weight p 0.5, logit-normal(-0.4, 1), ...
+    notes += ["path/loss: MeanFlow(model, data_shape=(2,)) with its defaults (adaptive loss weight p = 0.5, "
+              "logit-normal(-0.4, 1) times, half the batches plain flow matching), MeanFlow(x1, noise=x0); "
+              "its own time convention (data at 0, noise at 1) and its own time draws (torch's global RNG, "
+              "Python's random for the batch's objective, both seeded 0)",
+              "network: flowmatch's MeanFlow MLP (TrainConfig(objective='meanflow').build_model), the interval "
+              "t - r passed as h",
+              "sampler: MeanFlow.sample(noise=x0) at one step (noise - u(noise, 1, 1)); MeanFlow.slow_sample"
+              "(steps=K, noise=x0) beyond, which steps with the instantaneous velocity (interval 0)"]
+
+    def sample(x0, nfe):
+        if nfe == 1:
+            return mf.sample(noise=x0, batch_size=len(x0))
+        return mf.slow_sample(steps=nfe, noise=x0)
+
+    def velocity(x, t):  # its network in this package's time: noise at 0, d/dt = -d/dtau
+        return -model(x, 1 - t, h=torch.zeros_like(t))
+
+    return Peer(lambda x0, x1, t: mf(x1, noise=x0), sample, notes, velocity)
+
+
+NETWORKS = {"rectified-flow-meanflow": meanflow_network}  # rows whose network is not the notebook's MLP(2)
+
+
 def notebook_peer(model: nn.Module) -> Peer:
     def loss(x0, x1, t):
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
@@ -188,6 +239,7 @@ PEERS = {
     "torchcfm-ot": lambda model: torchcfm_peer(model, ot=True),
     "flow_matching": flow_matching_peer,
     "rectified-flow": rectified_flow_peer,
+    "rectified-flow-meanflow": rectified_flow_meanflow_peer,
     "notebook": notebook_peer,
 }
 

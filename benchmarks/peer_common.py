@@ -18,9 +18,23 @@ ROWS = {  # --libs name -> the row's label
     "torchcfm-ot": "torchcfm-ot",
     "flow_matching": "flow_matching (Meta)",
     "rectified-flow": "rectified-flow-pytorch",
+    "flowmatch-meanflow": "flowmatch (MeanFlow)",
+    "flowmatch-shortcut": "flowmatch (shortcut)",
+    "rectified-flow-meanflow": "rectified-flow-pytorch (MeanFlow)",
     "notebook": "notebook (plain torch)",
 }
 DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
+# one-step generators trained from scratch: judged during training at one step, and compared with
+# each other (and the distilled pipeline) in their own verdicts
+FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-flow-meanflow")
+# rows that train with TrainConfig's defaults (of their objective) rather than the peers' plain loop
+FM_DEFAULT_ROWS = {"flowmatch-defaults": {}, "flowmatch-meanflow": {"objective": "meanflow"},
+                   "flowmatch-shortcut": {"objective": "shortcut"}}
+
+
+def eval_nfe(lib: str) -> int:
+    """The NFE of the W2 evaluations during training (the time to the target)."""
+    return 1 if lib in FROM_SCRATCH_ONE_STEP else 100
 # TrainConfig changes of the speed rows: the notebook's network as the peers train it (raw
 # coordinates in, velocity out), so that their steps/s compare; flowmatch-defaults has the rest.
 _PEERS_NET = {"fourier": 0, "prediction": "velocity"}

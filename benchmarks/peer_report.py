@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peer_common import NFES, ROWS, SPEED_ROWS
+from peer_common import FROM_SCRATCH_ONE_STEP, NFES, ROWS, SPEED_ROWS
 
 
 def speed_table(speed: dict, rounds: int, steps: int) -> str:
@@ -55,7 +55,7 @@ def sharp_table(rows: list[dict]) -> str:
 def ratio_tables(rows: list[dict]) -> str:
     """flowmatch / peer for every pair of rows: steps/s (> 1: flowmatch trains faster; the speed
     rows only, which do the peers' work) and time to the target (< 1: flowmatch gets there sooner)."""
-    done = {r["lib"]: r for r in rows if "skipped" not in r}
+    done = {r["lib"]: r for r in rows if "skipped" not in r and r["lib"] not in FROM_SCRATCH_ONE_STEP}
     fms = [lib for lib in done if lib.startswith("flowmatch")]
     peers = [lib for lib in done if not lib.startswith("flowmatch")]
     if not fms or not peers:
@@ -75,8 +75,9 @@ def ratio_tables(rows: list[dict]) -> str:
 
 
 def verdicts(rows: list[dict], spec: dict) -> str:
-    """The issue's three comparisons, each with the numbers it rests on."""
-    done = {r["lib"]: r for r in rows if "skipped" not in r}
+    """The flow-matching comparisons, each with the numbers it rests on (the one-step generators
+    trained from scratch have their own, in :func:`one_step_table`)."""
+    done = {r["lib"]: r for r in rows if "skipped" not in r and r["lib"] not in FROM_SCRATCH_ONE_STEP}
     peers = [r for lib, r in done.items() if not lib.startswith("flowmatch")]
     fms = [r for lib, r in done.items() if lib.startswith("flowmatch")]
     if not peers or not fms:
@@ -113,6 +114,34 @@ def verdicts(rows: list[dict], spec: dict) -> str:
         out.append(f"off the cells at NFE {k}: best flowmatch {100 * fm_off[0]:.2f}% ({fm_off[1]}) vs the peers' best "
                    f"{100 * peer_off[0]:.2f}% ({peer_off[1]})" + (" - flowmatch sharper" if fm_off[0] < peer_off[0] else ""))
     return "\n".join(out)
+
+
+def one_step_table(rows: list[dict]) -> str:
+    """The one-step generators side by side: trained from scratch (MeanFlow, shortcut; flowmatch's
+    and the peer's) and the distilled pipeline, at NFE 1, 2 and 4, with the verdict at equal steps."""
+    done = {r["lib"]: r for r in rows if "skipped" not in r and (r["lib"] in FROM_SCRATCH_ONE_STEP or r.get("one_step"))}
+    if not done:
+        return ""
+    ks = (1, 2, 4)
+    head = "".join(f"{'NFE ' + str(k):>26}" for k in ks)
+    lines = ["one-step generators: % off the cells / W2/floor / precision / recall (4000 samples, own sampler)",
+             f"{'library':<36}{'steps':>7}{'train s':>9}{head}"]
+    for r in done.values():
+        train_s = r.get("pipeline_s", r["train_s"])
+        cells = "".join(f"{100 * r['nfe'][str(k)]['off']:7.2f}% {r['nfe'][str(k)]['ratio']:5.2f} "
+                        f"{r['nfe'][str(k)]['precision']:5.3f} {r['nfe'][str(k)]['recall']:5.3f}" for k in ks)
+        lines.append(f"{r['row']:<36}{r['steps']:7d}{train_s:9.0f}{cells}"
+                     + ("  (whole pipeline's time)" if "pipeline_s" in r else ""))
+    ours = [r for lib, r in done.items() if lib.startswith("flowmatch") and lib in FROM_SCRATCH_ONE_STEP]
+    peer = done.get("rectified-flow-meanflow")
+    if ours and peer:
+        best = min(ours, key=lambda r: r["nfe"]["1"]["off"])
+        a, b = best["nfe"]["1"], peer["nfe"]["1"]
+        sharper = a["off"] < b["off"] and a["ratio"] <= b["ratio"]
+        lines.append(f"one step, equal steps ({best['steps']} and {peer['steps']}): {best['row']} {100 * a['off']:.2f}% off, "
+                     f"W2/floor {a['ratio']:.2f} vs {peer['row']} {100 * b['off']:.2f}% off, W2/floor {b['ratio']:.2f}"
+                     + (" - flowmatch better by both" if sharper else ""))
+    return "\n".join(lines)
 
 
 def sampling_table(jobs: list[dict]) -> str:
@@ -152,11 +181,12 @@ def plot(rows: list[dict], spec: dict, folder: Path) -> list[Path]:
             ax.scatter([r["pipeline_s"]], [r["nfe"]["1"]["ratio"]], marker="*", s=120, zorder=3, label=r["row"] + " (1 step)")
             continue
         style = dict(lw=2.2) if r["lib"].startswith("flowmatch") else dict(ls="--", lw=1.4)
-        ax.plot([p["train_s"] for p in r["curve"]], [p["ratio"] for p in r["curve"]], marker=".", label=r["row"], **style)
+        label = r["row"] + (" (1 step)" if r.get("eval_nfe") == 1 else "")
+        ax.plot([p["train_s"] for p in r["curve"]], [p["ratio"] for p in r["curve"]], marker=".", label=label, **style)
     ax.axhline(1, color="k", lw=0.8)
     ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
     ax.set(yscale="log", xlabel="training wall-clock (s, evaluations excluded)",
-           ylabel=f"W2 / floor ({spec['eval_n']} samples, 100 Euler steps)", title="quality against training time")
+           ylabel=f"W2 / floor ({spec['eval_n']} samples, 100 Euler steps; one-step rows: 1)", title="quality against training time")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(folder / "peers-time.png")

@@ -66,6 +66,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -80,9 +81,22 @@ from flowmatch.data import ToyDataset
 from flowmatch.models import MLP
 from flowmatch.solvers import integrate
 
-from peer_adapters import PEERS, PeerUnavailable, counting_calls, list_peers, noise
-from peer_common import DEFAULT_LIBS, FM_SETTINGS, N_FINAL, NFES, ROWS, SEED, SPEED_ROWS, Quality, w2_floor
-from peer_report import plot, ratio_tables, sampling_table, sharp_table, speed_table, table, verdicts
+from peer_adapters import NETWORKS, PEERS, PeerUnavailable, counting_calls, list_peers, noise
+from peer_common import (
+    DEFAULT_LIBS,
+    FM_DEFAULT_ROWS,
+    FM_SETTINGS,
+    FROM_SCRATCH_ONE_STEP,
+    N_FINAL,
+    NFES,
+    ROWS,
+    SEED,
+    SPEED_ROWS,
+    Quality,
+    eval_nfe,
+    w2_floor,
+)
+from peer_report import one_step_table, plot, ratio_tables, sampling_table, sharp_table, speed_table, table, verdicts
 
 # ---------------------------------------------------------------- the shared harness (one worker process per row)
 
@@ -123,8 +137,9 @@ def reached(curve: list[dict], target: float) -> dict | None:
 def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     points = ToyDataset("checkerboard", n_points=1000, seed=SEED).points
     torch.manual_seed(SEED)
-    model = MLP(2)
+    model = NETWORKS.get(lib, lambda: MLP(2))()
     np.random.seed(SEED)  # torchcfm's OT sampler draws pairs with numpy's global RNG
+    random.seed(SEED)  # rectified-flow-pytorch's MeanFlow picks each batch's objective with Python's random
     peer = PEERS[lib](model)
     for n in peer.notes:
         log.note(n)
@@ -150,17 +165,17 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         train_s += time.perf_counter() - t0
         if not spec.get("speed_only") and (step % every == 0 or step == steps):
             with torch.inference_mode():
-                x = peer.sample(x0_eval, 100)
+                x = peer.sample(x0_eval, eval_nfe(lib))
             curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x.float())})
-            log.say(progress_line(curve[-1], steps))
+            log.say(progress_line(curve[-1], steps, eval_nfe(lib)))
     if spec.get("speed_only"):
         return {"steps": steps, "train_s": train_s}
-    final = final_measures(peer.sample, lambda x, t: model(x, t), model, quality, spec["tol"])
+    final = final_measures(peer.sample, peer.velocity or (lambda x, t: model(x, t)), model, quality, spec["tol"])
     return {"steps": steps, "batch": batch, "lr": spec["lr"], "train_s": train_s, "curve": curve, **final}
 
 
-def progress_line(point: dict, steps: int) -> str:
-    return (f"step {point['step']}/{steps}: W2/floor {point['ratio']:.3f} at 100 Euler steps "
+def progress_line(point: dict, steps: int, nfe: int = 100) -> str:
+    return (f"step {point['step']}/{steps}: W2/floor {point['ratio']:.3f} at {nfe} Euler step{'s' * (nfe > 1)} "
             f"(training {point['train_s']:.1f} s)")
 
 
@@ -181,13 +196,16 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     from flowmatch.config import TrainConfig
 
     steps = spec["steps"]
-    if lib == "flowmatch-defaults":
-        cfg = TrainConfig(n_points=1000, plots=False)
-        if cfg.steps > steps:
+    if lib in FM_DEFAULT_ROWS:
+        cfg = TrainConfig(n_points=1000, plots=False, **FM_DEFAULT_ROWS[lib])
+        if lib in FROM_SCRATCH_ONE_STEP:  # at the peer's steps, for a comparison at equal steps
+            cfg.steps = steps
+        elif cfg.steps > steps:
             log.note(f"TrainConfig's {cfg.steps} steps capped to --steps {steps}")
             cfg.steps = steps
-        log.note(f"TrainConfig defaults: steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, warm-up {cfg.warmup_steps}, "
-                 f"{cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}, {cfg.precision}")
+        log.note(f"TrainConfig defaults ({cfg.objective}): steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+                 f"warm-up {cfg.warmup_steps}, {cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}, "
+                 f"{cfg.precision}")
     else:
         cfg = TrainConfig(n_points=1000, steps=steps, batch_size=spec["batch"], lr=spec["lr"], warmup_steps=0, schedule="constant",
                           grad_clip=None, plots=False, **FM_SETTINGS[lib])
@@ -201,12 +219,20 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     curve = []
     run_dir = Path(spec["work"]) / lib
 
+    nfe = eval_nfe(lib)
+
     def evaluate_now(step, ema):
+        field = lambda x, t: ema(x, t)  # noqa: E731
+        if lib in FROM_SCRATCH_ONE_STEP:  # one step of the average velocity, as Run.sample takes it
+            from flowmatch.runs import _average_velocity
+            from flowmatch.solvers import fixed_grid
+
+            field = _average_velocity(ema, fixed_grid("euler", nfe, dtype=torch.float64))
         with torch.inference_mode():
-            x = integrate(lambda x, t: ema(x, t), x0_eval, "euler", 100).x
+            x = integrate(field, x0_eval, "euler", nfe).x
         train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
         curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x)})
-        log.say(progress_line(curve[-1], cfg.steps))
+        log.say(progress_line(curve[-1], cfg.steps, nfe))
 
     if spec.get("speed_only"):  # one checkpoint, at the end, after the time is logged
         cfg.checkpoint_every = cfg.log_every = cfg.steps
@@ -265,7 +291,7 @@ def worker(lib: str, spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     log = Log(lib)
     quality = Quality({int(n): f for n, f in spec["floors"].items()})
-    result = {"lib": lib, "row": ROWS[lib]}
+    result = {"lib": lib, "row": ROWS[lib], "eval_nfe": eval_nfe(lib)}
     try:
         run = run_distilled if lib == "flowmatch-distilled" else run_flowmatch if lib.startswith("flowmatch") else run_peer
         result.update(run(lib, spec, quality, log))
@@ -293,7 +319,7 @@ def speed_rounds(libs: list[str], spec: dict, rounds: int, steps: int) -> dict:
     """Training steps/s measured side by side: ``rounds`` rounds, each training every row for
     ``steps`` steps in a fresh process with nothing else in the loop (no evaluation, no
     checkpoint), the rows interleaved so that drift in the machine's speed hits all alike."""
-    libs = [lib for lib in libs if lib in SPEED_ROWS or not lib.startswith("flowmatch")]
+    libs = [lib for lib in libs if lib in SPEED_ROWS or not (lib.startswith("flowmatch") or lib in FROM_SCRATCH_ONE_STEP)]
     speed_spec = {**spec, "steps": steps, "eval_every": steps, "speed_only": True}
     out = {lib: [] for lib in libs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,7 +449,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; W2/floor during training on {args.eval_n} samples every {args.eval_every} steps\n")
     print(table(rows, spec))
     speed_text = speed_table(speed, args.speed_rounds, args.speed_steps) if speed else ""
-    for text in (sharp_table(rows), speed_text, ratio_tables(rows), sampling_table(jobs) if jobs else "", verdicts(rows, spec)):
+    texts = (sharp_table(rows), one_step_table(rows), speed_text, ratio_tables(rows), sampling_table(jobs) if jobs else "",
+             verdicts(rows, spec))
+    for text in texts:
         if text:
             print("\n" + text)
     print("\nNotes")
