@@ -186,7 +186,7 @@ def plot(rows: list[dict], spec: dict, folder: Path) -> list[Path]:
     ax.axhline(1, color="k", lw=0.8)
     ax.axhline(spec["target"], color="grey", lw=0.8, ls=":")
     ax.set(yscale="log", xlabel="training wall-clock (s, evaluations excluded)",
-           ylabel=f"W2 / floor ({spec['eval_n']} samples, 100 Euler steps; one-step rows: 1)", title="quality against training time")
+           ylabel=f"W2 / floor ({spec['eval_n']} samples)", title="quality against training time (100 Euler steps; one-step rows: 1)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(folder / "peers-time.png")

@@ -22,6 +22,11 @@ Rows (``--libs``, comma list; default all but ``notebook`` and ``flowmatch-bf16-
     torchcfm-ot          torchcfm ExactOptimalTransportConditionalFlowMatcher(sigma=0)
     flow_matching        Meta's flow_matching AffineProbPath(CondOTScheduler())
     rectified-flow       rectified-flow-pytorch RectifiedFlow wrapping the same network
+    flowmatch-meanflow   flowmatch's loop with TrainConfig(objective="meanflow")'s defaults, at --steps
+    flowmatch-shortcut   the same with objective="shortcut"
+    rectified-flow-meanflow  rectified-flow-pytorch MeanFlow (its defaults) around the network of the
+                         flowmatch-meanflow row; these three are judged at one step during training, and
+                         side by side (with flowmatch-distilled) at NFE 1, 2, 4 in a table of their own
     notebook             the notebook's hand-written loop in plain torch (a control row)
 
 The same in every row: the notebook's 1000 checkerboard points
