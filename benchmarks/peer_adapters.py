@@ -154,14 +154,19 @@ def _torchvision_placeholder() -> bool:
     return True
 
 
-def rectified_flow_peer(model: nn.Module) -> Peer:
-    notes = []
+def _rectified_flow_pytorch(name: str, notes: list[str]):
+    """``rectified_flow_pytorch.<name>``, with torchvision's placeholder when it is absent (noted)."""
     if _torchvision_placeholder():
         notes.append("torchvision absent: inert placeholder modules stand in for it (used only by image helpers)")
     try:
-        from rectified_flow_pytorch import RectifiedFlow
+        return getattr(importlib.import_module("rectified_flow_pytorch"), name)
     except Exception as e:  # noqa: BLE001
         raise PeerUnavailable(f"rectified_flow_pytorch does not import: {type(e).__name__}: {e}") from None
+
+
+def rectified_flow_peer(model: nn.Module) -> Peer:
+    notes = []
+    RectifiedFlow = _rectified_flow_pytorch("RectifiedFlow", notes)  # noqa: N806
     # The wrapper calls model(x, **{time_cond_kwarg: t}) with t of shape (B,): naming the MLP's `t`
     # fits it as is. No data normalisation (its default maps [0, 1] images to [-1, 1]).
     rf = RectifiedFlow(model, time_cond_kwarg="t", data_normalize_fn=None, data_unnormalize_fn=None,
@@ -186,12 +191,7 @@ def meanflow_network() -> nn.Module:
 
 def rectified_flow_meanflow_peer(model: nn.Module) -> Peer:
     notes = []
-    if _torchvision_placeholder():
-        notes.append("torchvision absent: inert placeholder modules stand in for it (used only by image helpers)")
-    try:
-        from rectified_flow_pytorch import MeanFlow
-    except Exception as e:  # noqa: BLE001
-        raise PeerUnavailable(f"rectified_flow_pytorch does not import: {type(e).__name__}: {e}") from None
+    MeanFlow = _rectified_flow_pytorch("MeanFlow", notes)  # noqa: N806
 
     class Interval(nn.Module):  # MeanFlow calls model(z, t, t - r); the MLP takes the interval as h
         def __init__(self):
