@@ -226,15 +226,11 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
 
     nfe = eval_nfe(lib)
 
-    def evaluate_now(step, ema):
-        field = lambda x, t: ema(x, t)  # noqa: E731
-        if lib in FROM_SCRATCH_ONE_STEP:  # one step of the average velocity, as Run.sample takes it
-            from flowmatch.runs import _average_velocity
-            from flowmatch.solvers import fixed_grid
+    data = ToyDataset("checkerboard", n_points=1000, seed=SEED)
 
-            field = _average_velocity(ema, fixed_grid("euler", nfe, dtype=torch.float64))
-        with torch.inference_mode():
-            x = integrate(field, x0_eval, "euler", nfe).x
+    def evaluate_now(step, ema):
+        with torch.inference_mode():  # nfe Euler steps (one-step objectives: of the average velocity), as training's own pictures
+            x = training._ema_samples(ema, cfg, data, x0_eval, nfe)
         train_s = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["time"]
         curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x)})
         log.say(progress_line(curve[-1], cfg.steps, nfe))
