@@ -8,6 +8,8 @@ measured from the same noise.
     python benchmarks/ddpm_images.py --ddpm-steps 0            # leave out the costliest row (1000 steps per image)
     python benchmarks/ddpm_images.py --teacher runs/ddpm-mnist-cond --out runs/ddpm-story-cond --guidance 2
                                                            # class-conditional (ddpm_teacher.py --classes)
+    python benchmarks/ddpm_images.py --teacher runs/ddpm-mnist-cond --out runs/other --guidance 2 \
+        --rf2 runs/my-2rf --distilled runs/my-1step --students-only      # other students, the same noise
 
 ``--guidance W``: the teacher is class-conditional (null class ``--null-class``, 10); the pairs give
 each noise a digit (each equally often) and map it with guidance W; the students learn the digits and
@@ -199,6 +201,13 @@ def main():
     ap.add_argument("--guidance", type=float, default=None,
                     help="a class-conditional teacher: pairs with digits, guided with this weight")
     ap.add_argument("--null-class", type=int, default=10, help="--guidance: the teacher's null class index")
+    ap.add_argument("--rf2", type=Path, default=None,
+                    help="the 2-RF student's run (default OUT/rf2; trained there when it has no weights)")
+    ap.add_argument("--distilled", type=Path, default=None,
+                    help="the distilled student's run (default OUT/distilled; trained there when it has no weights)")
+    ap.add_argument("--students-only", action="store_true",
+                    help="score only the students' rows, from the same noise (no DDIM or DDPM rows; "
+                         "the straightness still walks DDIM's 10 steps on 100 noises)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stages, rows, table = {}, {}, []
@@ -217,11 +226,11 @@ def main():
                           perceptual=args.perceptual,
                           guidance=args.guidance, teacher_null_class=null)
     teacher = DiffusersTeacher(args.teacher, steps=args.pair_steps, null_class=null)
-    rf2 = args.out / "rf2"
+    rf2 = args.rf2 or args.out / "rf2"
     if not (rf2 / "ema.safetensors").exists():
         _, stages["pairs (DDIM)"] = timed(rf.pairs_job, teacher, rf2 / "pairs", opts.validate())
         _, stages["reflow training"] = timed(rf.student, teacher, rf2, "reflow", opts, resume=True)
-    dist = args.out / "distilled"
+    dist = args.distilled or args.out / "distilled"
     if not (dist / "ema.safetensors").exists():
         dopts = StudentOptions(pairs=args.pairs, teacher_nfe=args.distill_nfe, steps=args.distill_steps, lr=args.lr,
                                batch_size=args.batch_size, loss=args.loss, perceptual=args.perceptual,
@@ -240,7 +249,7 @@ def main():
     z0 = batch_noise(12345, 0, args.n, SHAPE)  # the same noise for every row
     label = torch.arange(args.n) % 10 if cond else None  # and the same digits
     classes = {"label": label, "guidance": args.guidance, "null_class": null} if cond else None
-    for k in (100, 10, 4, 1):
+    for k in () if args.students_only else (100, 10, 4, 1):
         x, s = timed(ddim, args.teacher, z0, k, classes=classes)
         rows[f"DDIM {k}"] = x
         table.append({"sampler": f"DDIM (eta 0), {k} step{'s' * (k > 1)}", "nfe": k, "s": s, **scores(x, label)})
@@ -273,7 +282,7 @@ def main():
     save_paths({"DDIM": (times, states), "2-RF": (student_times, student_states)}, args.out / "paths.png")
     save_grid(rows, args.out / "grid.png")
     dump()
-    if args.ddpm_steps:  # the pipeline's own sampler: the costliest row, last (shown first)
+    if args.ddpm_steps and not args.students_only:  # the pipeline's own sampler: the costliest row, last (shown first)
         x, s = timed(ddpm_ancestral, args.teacher, z0, args.ddpm_steps, classes=classes)
         rows = {f"DDPM {args.ddpm_steps}": x, **rows}
         table.insert(0, {"sampler": f"DDPM, {args.ddpm_steps} ancestral steps", "nfe": args.ddpm_steps, "s": s,
@@ -283,6 +292,7 @@ def main():
     print(f"teacher: {args.teacher} ({info.get('parameters', '?')} parameters, {info.get('steps', '?')} steps); "
           f"students: --unet {args.unet}, {args.pairs} pairs, reflow {args.reflow_steps} steps "
           f"(--time-dist {args.time_dist}, --loss {args.loss}), distillation {args.distill_steps} steps; n = {args.n}")
+    print(f"students' runs: {rf2} (2-RF), {dist} (distilled)")
     if cond:
         print(f"class-conditional: pairs guided with weight {args.guidance:g} (null class {null}); students unguided")
     acc = " label accuracy |" if cond else ""

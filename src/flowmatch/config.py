@@ -59,7 +59,7 @@ class TrainConfig:
     ot_method: str = setting("exact", "--coupling ot: exact (ot.emd) or sinkhorn (entropic)")
     ot_reg: float = setting(0.05, "--ot-method sinkhorn: regularisation, relative to the batch's mean cost")
     ot_by_class: bool = setting(False, "--coupling ot on labelled data: pair within each class")
-    time_dist: str = setting("uniform", "uniform or logit-normal")
+    time_dist: str = setting("uniform", "uniform, logit-normal or u-shaped (RF++: most weight near t = 0 and 1)")
     time_mean: float = setting(0.0, "logit-normal location")
     time_std: float = setting(1.0, "logit-normal scale")
     time_uniform: float = setting(0.0, "logit-normal: share of times drawn from U[0, 1] instead")
