@@ -39,9 +39,11 @@ def describe(run) -> str:
     cfg = run.cfg
     if cfg.lineage.get("kind") in ("distill", "reflow"):
         return f"{cfg.lineage['kind']} ({cfg.lineage.get('pairs')} pairs)"
-    extra = {"meanflow": f", share {cfg.meanflow_share:g}, power {cfg.meanflow_power:g}",
+    tangent = ", model tangent" if cfg.meanflow_tangent == "model" else ""
+    extra = {"meanflow": f", share {cfg.meanflow_share:g}, power {cfg.meanflow_power:g}{tangent}",
              "shortcut": f", share {cfg.shortcut_share:g}, finest 1/{cfg.shortcut_steps}"}.get(cfg.objective, "")
-    times = "" if cfg.time_dist == "uniform" else f", times logit-normal({cfg.time_mean:g}, {cfg.time_std:g})"
+    times = {"uniform": "", "logit-normal": f", times logit-normal({cfg.time_mean:g}, {cfg.time_std:g})"}.get(
+        cfg.time_dist, f", times {cfg.time_dist}")
     return f"{cfg.objective} ({cfg.model_spec()['prediction']} prediction{extra}{times})"
 
 

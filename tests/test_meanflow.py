@@ -37,6 +37,34 @@ def test_meanflow_target_averages_to_the_exact_average_velocity():
         assert ((target.mean(0) - want[0]).abs() < 5 * se + 1e-9).all(), (t, t_end, target.mean(0), want)
 
 
+def test_the_model_tangent_keeps_the_mean_and_changes_the_spread_as_the_flow_does():
+    """tangent="model" (improved MeanFlow): the JVP along the network's own velocity. At the exact
+    field the targets still average to u(z, t, t_end); given z_t only x1 - x0 varies, so the
+    conditional tangent's target is (I + h du/dz)(x1 - x0) + const and the model tangent's is (x1 -
+    x0) + const. For Gaussian data I + h du/dz = sigma(t_end) / sigma(t): the variances' ratio is
+    known (here the flow contracts, so the paper's conditional tangent varies less)."""
+    g = torch.Generator().manual_seed(1)
+    cond, model = MeanFlow(UniformTime(), coupling=None), MeanFlow(UniformTime(), coupling=None, tangent="model")
+    for t, t_end in ((0.0, 1.0), (0.2, 0.7), (0.4, 0.4)):
+        z = torch.tensor([[-0.3, 1.1]], dtype=torch.float64)
+        n = 100_000
+        tt = torch.full((n,), t, dtype=torch.float64)
+        var = sigma(tt[:1]) ** 2
+        mean1 = MU + t * S**2 / var * (z - t * MU)
+        sd1 = (S**2 - t**2 * S**4 / var).clamp_min(0).sqrt()
+        x1 = mean1 + sd1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+        d = Drawn((z - t * x1) / (1 - t), x1, tt, None, torch.full((n,), t_end, dtype=torch.float64))
+        want = exact_u(z, tt[:1], tt[:1] * 0 + (t_end - t))[0]
+        targets = {}
+        for name, obj in (("conditional", cond), ("model", model)):
+            _, targets[name] = obj.target(exact_model, d)
+            se = targets[name].std(0) / n**0.5
+            assert ((targets[name].mean(0) - want).abs() < 5 * se + 1e-9).all(), (name, t, t_end)
+        ratio = targets["conditional"].var(0) / targets["model"].var(0)
+        expected = float(sigma(torch.tensor(t_end)) / sigma(torch.tensor(t))) ** 2
+        torch.testing.assert_close(ratio, torch.full_like(ratio, expected), rtol=0.02, atol=0)
+
+
 def test_trained_meanflow_approaches_the_exact_one_step_map(tmp_path):
     """A small MLP trained with the MeanFlow objective: its average velocity over [0, 1]
     approaches the exact MU + (S - 1) z, and one step from noise gives the data's mean and std.

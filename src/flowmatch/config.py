@@ -51,6 +51,8 @@ class TrainConfig:
                                     "(step-size conditioned, Frans et al. 2024): the last two generate in one step")
     meanflow_share: float = setting(0.25, "meanflow: share of training pairs with t_end > t (the rest: plain flow matching)")
     meanflow_power: float = setting(1.0, "meanflow: adaptive loss weight 1/(err + 1e-3)^p, the paper's p = 1 (0: plain MSE)")
+    meanflow_tangent: str = setting("conditional", "meanflow: the JVP's direction in z, conditional (x1 - x0, the paper's) "
+                                                   "or model (the network's own velocity u(z, t, 0), improved MeanFlow)")
     shortcut_share: float = setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: flow matching)")
     shortcut_steps: int = setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N are trained")
     path: str = setting("linear", "probability path: linear, vp, cosine")
@@ -422,7 +424,8 @@ RANGES = {
     "huber_c": (_positive, "a positive value"),
 }
 #: the settings that name one of a few choices
-CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"), "prediction": ("auto", "velocity", "data"),
+CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"),
+           "meanflow_tangent": ("conditional", "model"), "prediction": ("auto", "velocity", "data"),
            "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("auto", "fp32", "bf16", "fp16")}
 #: --log-with: accelerate's tracker name -> the package it needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -430,7 +433,7 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
-          "huber_c": None, "perceptual": None}
+          "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional"}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
