@@ -241,8 +241,8 @@ def main():
     straight = {}
 
     def dump():  # every number so far (a long run can be read, or stopped, part way)
-        (args.out / "story.json").write_text(json.dumps({"settings": vars(args) | {"teacher": str(args.teacher),
-                                                                                  "out": str(args.out)},
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        (args.out / "story.json").write_text(json.dumps({"settings": settings,
                                                          "teacher": info, "rows": table, "stages": stages,
                                                          "straightness": straight}, indent=1))
 
