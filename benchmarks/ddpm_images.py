@@ -290,9 +290,11 @@ def main():
         save_grid(rows, args.out / "grid.png")
 
     print(f"teacher: {args.teacher} ({info.get('parameters', '?')} parameters, {info.get('steps', '?')} steps); "
-          f"students: --unet {args.unet}, {args.pairs} pairs, reflow {args.reflow_steps} steps "
-          f"(--time-dist {args.time_dist}, --loss {args.loss}), distillation {args.distill_steps} steps; n = {args.n}")
-    print(f"students' runs: {rf2} (2-RF), {dist} (distilled)")
+          f"n = {args.n}")
+    for name, r in (("2-RF", run), ("distilled", drun)):  # as the runs were trained (they may predate this call)
+        c = r.cfg
+        print(f"{name}: {c.steps} steps, batch {c.batch_size}, lr {c.lr:g}, times {c.time_dist}, loss {c.loss}"
+              f" ({rf2 if r is run else dist})")
     if cond:
         print(f"class-conditional: pairs guided with weight {args.guidance:g} (null class {null}); students unguided")
     acc = " label accuracy |" if cond else ""
