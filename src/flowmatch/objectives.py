@@ -105,9 +105,10 @@ class MeanFlow(CFM):
 
     ``tangent="model"`` (improved MeanFlow, Geng et al. 2025b) takes the JVP along the network's
     own instantaneous velocity ``u(z_t, t, 0)`` (no gradient) instead of ``x1 - x0``: the target
-    keeps its conditional ``v`` (unbiased), but its derivative term no longer carries the noise of
-    one draw of ``x1 - x0``, so the target varies less; at the exact field the two agree in
-    expectation."""
+    keeps its conditional ``v`` (unbiased), and its derivative term follows the field instead of
+    one draw of ``x1 - x0``. At the exact field both targets have the same mean; given ``z_t``
+    their spreads differ by the factor ``I + h du/dz``, so the model tangent varies less where the
+    flow spreads out and more where it contracts (``tests/test_meanflow.py``)."""
 
     name = "meanflow"
 
@@ -137,7 +138,7 @@ class MeanFlow(CFM):
             return bare(z, t, d.label, h=t_end - t)
 
         direction = v
-        if self.tangent == "model":  # the network's marginal velocity: the derivative's noise averaged out
+        if self.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
             with torch.no_grad():
                 direction = bare(z, d.t, d.label, h=torch.zeros_like(d.t)).to(v.dtype)
         tangents = (direction, torch.ones_like(d.t), torch.zeros_like(d.t))
