@@ -14,22 +14,25 @@ from conftest import TINY
 from problems import MU, Gaussian, S, exact_model, exact_u, sigma
 
 
+def posterior_draws(z, t: float, t_end: float, n: int, g) -> Drawn:
+    """n draws given z_t = z for the Gaussian data: x1 from its posterior, x0 = (z - t x1) / (1 - t)."""
+    tt = torch.full((n,), t, dtype=torch.float64)
+    var = sigma(tt[:1]) ** 2
+    mean1 = MU + t * S**2 / var * (z - t * MU)
+    sd1 = (S**2 - t**2 * S**4 / var).clamp_min(0).sqrt()
+    x1 = mean1 + sd1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return Drawn((z - t * x1) / (1 - t), x1, tt, None, torch.full((n,), t_end, dtype=torch.float64))
+
+
 def test_meanflow_target_averages_to_the_exact_average_velocity():
     """E[target | z_t = z] = u(z, t, t_end): the MeanFlow identity u = v + (t_end - t) du/dt in
     this package's time, with the conditional velocity x1 - x0 in place of the marginal one."""
     g = torch.Generator().manual_seed(0)
     obj = MeanFlow(UniformTime(), coupling=None)
     for t, t_end in ((0.0, 1.0), (0.2, 0.7), (0.5, 0.55), (0.3, 0.3)):
-        z = torch.tensor([[0.7, -0.4]], dtype=torch.float64)
-        n = 400_000
-        tt = torch.full((n,), t, dtype=torch.float64)
-        # posterior of x1 given z_t = z (x0 = (z - t x1) / (1 - t))
-        var = sigma(tt[:1]) ** 2
-        mean1 = MU + t * S**2 / var * (z - t * MU)
-        sd1 = (S**2 - t**2 * S**4 / var).clamp_min(0).sqrt()
-        x1 = mean1 + sd1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
-        x0 = (z - t * x1) / (1 - t)
-        d = Drawn(x0, x1, tt, None, torch.full((n,), t_end, dtype=torch.float64))
+        z, n = torch.tensor([[0.7, -0.4]], dtype=torch.float64), 400_000
+        d = posterior_draws(z, t, t_end, n, g)
+        tt = d.t
         pred, target = obj.target(exact_model, d)
         want = exact_u(z, tt[:1], tt[:1] * 0 + (t_end - t))
         torch.testing.assert_close(pred, want.expand_as(pred), rtol=1e-9, atol=1e-9)  # the model's input is z
@@ -46,15 +49,9 @@ def test_the_model_tangent_keeps_the_mean_and_changes_the_spread_as_the_flow_doe
     g = torch.Generator().manual_seed(1)
     cond, model = MeanFlow(UniformTime(), coupling=None), MeanFlow(UniformTime(), coupling=None, tangent="model")
     for t, t_end in ((0.0, 1.0), (0.2, 0.7), (0.4, 0.4)):
-        z = torch.tensor([[-0.3, 1.1]], dtype=torch.float64)
-        n = 100_000
-        tt = torch.full((n,), t, dtype=torch.float64)
-        var = sigma(tt[:1]) ** 2
-        mean1 = MU + t * S**2 / var * (z - t * MU)
-        sd1 = (S**2 - t**2 * S**4 / var).clamp_min(0).sqrt()
-        x1 = mean1 + sd1 * torch.randn(n, 2, generator=g, dtype=torch.float64)
-        d = Drawn((z - t * x1) / (1 - t), x1, tt, None, torch.full((n,), t_end, dtype=torch.float64))
-        want = exact_u(z, tt[:1], tt[:1] * 0 + (t_end - t))[0]
+        z, n = torch.tensor([[-0.3, 1.1]], dtype=torch.float64), 100_000
+        d = posterior_draws(z, t, t_end, n, g)
+        want = exact_u(z, d.t[:1], d.t[:1] * 0 + (t_end - t))[0]
         targets = {}
         for name, obj in (("conditional", cond), ("model", model)):
             _, targets[name] = obj.target(exact_model, d)
