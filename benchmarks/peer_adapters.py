@@ -222,7 +222,8 @@ def rectified_flow_meanflow_peer(model: nn.Module) -> Peer:
     return Peer(lambda x0, x1, t: mf(x1, noise=x0), sample, notes, velocity)
 
 
-NETWORKS = {"rectified-flow-meanflow": meanflow_network}  # rows whose network is not the notebook's MLP(2)
+# rows whose network is not the notebook's MLP(2)
+NETWORKS = {"rectified-flow-meanflow": meanflow_network, "rectified-flow-meanflow-recipe": meanflow_network}
 
 
 def notebook_peer(model: nn.Module) -> Peer:
@@ -240,6 +241,7 @@ PEERS = {
     "flow_matching": flow_matching_peer,
     "rectified-flow": rectified_flow_peer,
     "rectified-flow-meanflow": rectified_flow_meanflow_peer,
+    "rectified-flow-meanflow-recipe": rectified_flow_meanflow_peer,
     "notebook": notebook_peer,
 }
 

@@ -21,12 +21,17 @@ ROWS = {  # --libs name -> the row's label
     "flowmatch-meanflow": "flowmatch (MeanFlow)",
     "flowmatch-shortcut": "flowmatch (shortcut)",
     "rectified-flow-meanflow": "rectified-flow-pytorch (MeanFlow)",
+    "rectified-flow-meanflow-recipe": "rectified-flow-pytorch (MeanFlow, flowmatch's recipe)",
     "notebook": "notebook (plain torch)",
 }
-DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile")]
+DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile", "rectified-flow-meanflow-recipe")]
 # one-step generators trained from scratch: judged during training at one step, and compared with
 # each other (and the distilled pipeline) in their own verdicts
-FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-flow-meanflow")
+FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-flow-meanflow",
+                         "rectified-flow-meanflow-recipe")
+# peer rows trained by flowmatch's own recipe for their objective (TrainConfig's batch, learning-rate
+# schedule, clipping and EMA) instead of the plain loop: row -> the peer row it otherwise equals
+RECIPE_ROWS = {"rectified-flow-meanflow-recipe": "rectified-flow-meanflow"}
 # rows that train with TrainConfig's defaults (of their objective) rather than the peers' plain loop
 FM_DEFAULT_ROWS = {"flowmatch-defaults": {}, "flowmatch-meanflow": {"objective": "meanflow"},
                    "flowmatch-shortcut": {"objective": "shortcut"}}

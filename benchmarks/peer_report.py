@@ -133,8 +133,9 @@ def one_step_table(rows: list[dict]) -> str:
         lines.append(f"{r['row']:<36}{r['steps']:7d}{train_s:9.0f}{cells}"
                      + ("  (whole pipeline's time)" if "pipeline_s" in r else ""))
     ours = [r for lib, r in done.items() if lib.startswith("flowmatch") and lib in FROM_SCRATCH_ONE_STEP]
-    peer = done.get("rectified-flow-meanflow")
-    if ours and peer:
+    for peer in (done[lib] for lib in ("rectified-flow-meanflow", "rectified-flow-meanflow-recipe") if lib in done):
+        if not ours:
+            break
         best = min(ours, key=lambda r: r["nfe"]["1"]["off"])
         a, b = best["nfe"]["1"], peer["nfe"]["1"]
         sharper = a["off"] < b["off"] and a["ratio"] <= b["ratio"]

@@ -9,7 +9,8 @@ and quality against sampling steps.
                                                                     # smoke test (about 9 minutes: the exact W2s)
     python benchmarks/peers.py --list                               # which peers import here
 
-Rows (``--libs``, comma list; default all but ``notebook`` and ``flowmatch-bf16-compile``):
+Rows (``--libs``, comma list; default all but ``notebook``, ``flowmatch-bf16-compile`` and
+``rectified-flow-meanflow-recipe``):
 
     flowmatch            flowmatch's own loop (train), AdamW lr 1e-4, batch 256, constant lr, no clipping
     flowmatch-bf16       the same with --precision bf16 (autocast; AMX on recent Intel CPUs)
@@ -27,6 +28,9 @@ Rows (``--libs``, comma list; default all but ``notebook`` and ``flowmatch-bf16-
     rectified-flow-meanflow  rectified-flow-pytorch MeanFlow (its defaults) around the network of the
                          flowmatch-meanflow row; these three are judged at one step during training, and
                          side by side (with flowmatch-distilled) at NFE 1, 2, 4 in a table of their own
+    rectified-flow-meanflow-recipe  the same MeanFlow trained by flowmatch's recipe for the objective
+                         (TrainConfig(objective="meanflow")'s batch 512, fused AdamW, warm-up and cosine
+                         schedule, clipping, EMA sampled), so the objectives compare apart from the loop
     notebook             the notebook's hand-written loop in plain torch (a control row)
 
 The same in every row: the notebook's 1000 checkerboard points
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import random
@@ -94,6 +99,7 @@ from peer_common import (
     FROM_SCRATCH_ONE_STEP,
     N_FINAL,
     NFES,
+    RECIPE_ROWS,
     ROWS,
     SEED,
     SPEED_ROWS,
@@ -148,12 +154,27 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     peer = PEERS[lib](model)
     for n in peer.notes:
         log.note(n)
-    fused = spec["peer_adamw"] == "fused"
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0, fused=fused or None)
-    log.note(f"optimizer: torch.optim.AdamW(lr={spec['lr']:g}, weight_decay=0{', fused=True' if fused else ''}); "
-             "no EMA: samples with the trained weights")
+    steps, batch, lr, every = spec["steps"], spec["batch"], spec["lr"], spec["eval_every"]
+    recipe = None
+    if lib in RECIPE_ROWS:  # flowmatch's recipe for the objective around the peer's own loss and sampler
+        from flowmatch.config import TrainConfig, lr_at
+
+        recipe = TrainConfig(objective="meanflow", steps=steps)
+        batch, lr = recipe.batch_size, recipe.lr
+        ema = copy.deepcopy(model).requires_grad_(False)
+        sampler = PEERS[lib](ema)  # the peer's sampler around the EMA weights
+        log.note(f"flowmatch's recipe (TrainConfig(objective='meanflow')): batch {batch}, fused AdamW, peak lr {lr:g}, "
+                 f"warm-up {recipe.warmup_steps}, {recipe.schedule} schedule to 0 at step {steps}, grad clip "
+                 f"{recipe.grad_clip}, EMA {recipe.ema_decay} (sampled), as flowmatch's Trainer steps them")
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay, fused=True)
+    else:
+        fused = spec["peer_adamw"] == "fused"
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=fused or None)
+        ema, sampler = model, peer
+        log.note(f"optimizer: torch.optim.AdamW(lr={lr:g}, weight_decay=0{', fused=True' if fused else ''}); "
+                 "no EMA: samples with the trained weights")
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     gen = torch.Generator().manual_seed(SEED)
-    steps, batch, every = spec["steps"], spec["batch"], spec["eval_every"]
     x0_eval = noise(spec["eval_n"])
     curve, train_s = [], 0.0
     for step in range(1, steps + 1):
@@ -163,20 +184,28 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         x1 = points[idx]
         x0 = torch.randn(batch, 2, generator=gen)
         t = torch.rand(batch, generator=gen)
+        if recipe is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(recipe, step - 1)
         loss = peer.loss(x0, x1, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe is not None and recipe.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         opt.step()
+        if recipe is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - min(recipe.ema_decay, step / (9 + step)))
         train_s += time.perf_counter() - t0
         if not spec.get("speed_only") and (step % every == 0 or step == steps):
             with torch.inference_mode():
-                x = peer.sample(x0_eval, eval_nfe(lib))
+                x = sampler.sample(x0_eval, eval_nfe(lib))
             curve.append({"step": step, "train_s": train_s, "rss_mb": rss_mb(), **quality(x.float())})
             log.say(progress_line(curve[-1], steps, eval_nfe(lib)))
     if spec.get("speed_only"):
         return {"steps": steps, "train_s": train_s}
-    final = final_measures(peer.sample, peer.velocity or (lambda x, t: model(x, t)), model, quality, spec["tol"])
-    return {"steps": steps, "batch": batch, "lr": spec["lr"], "train_s": train_s, "curve": curve, **final}
+    final = final_measures(sampler.sample, sampler.velocity or (lambda x, t: ema(x, t)), ema, quality, spec["tol"])
+    return {"steps": steps, "batch": batch, "lr": lr, "train_s": train_s, "curve": curve, **final}
 
 
 def progress_line(point: dict, steps: int, nfe: int = 100) -> str:
