@@ -30,8 +30,8 @@ DEFAULT_LIBS = [k for k in ROWS if k not in ("notebook", "flowmatch-bf16-compile
 FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-flow-meanflow",
                          "rectified-flow-meanflow-recipe")
 # peer rows trained by flowmatch's own recipe for their objective (TrainConfig's batch, learning-rate
-# schedule, clipping and EMA) instead of the plain loop: row -> the peer row it otherwise equals
-RECIPE_ROWS = {"rectified-flow-meanflow-recipe": "rectified-flow-meanflow"}
+# schedule, clipping and EMA) instead of the plain loop: row -> the TrainConfig of that objective
+RECIPE_ROWS = {"rectified-flow-meanflow-recipe": {"objective": "meanflow"}}
 # rows that train with TrainConfig's defaults (of their objective) rather than the peers' plain loop
 FM_DEFAULT_ROWS = {"flowmatch-defaults": {}, "flowmatch-meanflow": {"objective": "meanflow"},
                    "flowmatch-shortcut": {"objective": "shortcut"}}

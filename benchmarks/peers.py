@@ -159,11 +159,11 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     if lib in RECIPE_ROWS:  # flowmatch's recipe for the objective around the peer's own loss and sampler
         from flowmatch.config import TrainConfig, lr_at
 
-        recipe = TrainConfig(objective="meanflow", steps=steps)
+        recipe = TrainConfig(**RECIPE_ROWS[lib], steps=steps)
         batch, lr = recipe.batch_size, recipe.lr
         ema = copy.deepcopy(model).requires_grad_(False)
         sampler = PEERS[lib](ema)  # the peer's sampler around the EMA weights
-        log.note(f"flowmatch's recipe (TrainConfig(objective='meanflow')): batch {batch}, fused AdamW, peak lr {lr:g}, "
+        log.note(f"flowmatch's recipe (TrainConfig(objective={recipe.objective!r})): batch {batch}, fused AdamW, peak lr {lr:g}, "
                  f"warm-up {recipe.warmup_steps}, {recipe.schedule} schedule to 0 at step {steps}, grad clip "
                  f"{recipe.grad_clip}, EMA {recipe.ema_decay} (sampled), as flowmatch's Trainer steps them")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay, fused=True)
