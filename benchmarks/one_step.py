@@ -40,6 +40,7 @@ def describe(run) -> str:
     if cfg.lineage.get("kind") in ("distill", "reflow"):
         return f"{cfg.lineage['kind']} ({cfg.lineage.get('pairs')} pairs)"
     tangent = ", model tangent" if cfg.meanflow_tangent == "model" else ""
+    tangent += f", flow-matching times {cfg.meanflow_fm_time}"
     extra = {"meanflow": f", share {cfg.meanflow_share:g}, power {cfg.meanflow_power:g}{tangent}",
              "shortcut": f", share {cfg.shortcut_share:g}, finest 1/{cfg.shortcut_steps}"}.get(cfg.objective, "")
     times = {"uniform": "", "logit-normal": f", times logit-normal({cfg.time_mean:g}, {cfg.time_std:g})"}.get(

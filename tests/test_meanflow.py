@@ -67,7 +67,7 @@ def test_trained_meanflow_approaches_the_exact_one_step_map(tmp_path):
     approaches the exact MU + (S - 1) z, and one step from noise gives the data's mean and std.
     Plain MSE (power 0): at this budget the paper's adaptive weight (power 1) converged slower
     (one-step std 0.33 against 0.42 for MSE after 1500 steps; MSE reaches 0.47 at 3000)."""
-    cfg = TrainConfig(objective="meanflow", meanflow_share=0.5, meanflow_power=0.0, steps=3000, batch_size=256, lr=3e-3, warmup_steps=50,
+    cfg = TrainConfig(objective="meanflow", meanflow_share=0.5, meanflow_power=0.0, time_dist="uniform", steps=3000, batch_size=256, lr=3e-3, warmup_steps=50,
                       width=64, depth=3, fourier=0, ema_decay=0.99, plots=False)
     run = train(cfg, out=tmp_path / "mf", progress=False, parts=cfg.build({"name": "gaussian-test"}, dataset=Gaussian()))
     from flowmatch.models import make_model
@@ -161,3 +161,44 @@ def test_data_prediction_takes_the_interval():
         torch.testing.assert_close(net(z, t, h=h), (d - z) / (1 - t)[:, None])
         torch.testing.assert_close(z[:1] + net(z[:1], t[:1], h=h[:1]), d[:1])  # one step from noise: D itself
         assert (net(z, t, h=h) - net(z, t)).abs().max() > 1e-4
+
+
+def test_flow_matching_pairs_take_one_draw_or_the_earlier_of_two():
+    """The pairs with t_end = t: fm_time="single" draws their t from the time sampler, as CFM does
+    (uniform: mean 1/2, CDF t); "paired" (the paper's code) takes the earlier of the two sorted
+    draws (uniform: the minimum of two, mean 1/3, CDF 1 - (1 - t)^2). The interval pairs are the
+    same sorted draws either way."""
+    from flowmatch.couplings import IndependentCoupling
+    from flowmatch.data import Batch
+
+    n = 200_000
+    batch = Batch(torch.zeros(n, 2))
+    for fm_time, cdf in (("single", lambda t: t), ("paired", lambda t: 1 - (1 - t) ** 2)):
+        obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time=fm_time)
+        d = obj.draw(batch, torch.Generator().manual_seed(0))
+        fm, iv = d.t_end == d.t, d.t_end > d.t
+        assert abs(fm.float().mean() - 0.5) < 0.01
+        for q in (0.1, 0.3, 0.5, 0.8):
+            assert abs((d.t[fm] < q).float().mean() - cdf(q)) < 0.01, (fm_time, q)
+            assert abs((d.t[iv] < q).float().mean() - (1 - (1 - q) ** 2)) < 0.01  # the earlier of two
+            assert abs((d.t_end[iv] < q).float().mean() - q**2) < 0.01  # the later of two
+
+
+def test_meanflow_time_defaults_follow_the_objective_and_old_runs_keep_theirs(cli, tmp_path):
+    """Left unset, the time distribution is logit-normal(0.4, 1) for MeanFlow and uniform for the
+    others; a setting given wins. A config.json written before meanflow_fm_time existed rebuilds
+    the paired flow-matching times it was trained with."""
+    mf, cfm = TrainConfig(objective="meanflow"), TrainConfig()
+    assert (mf.time_dist, mf.time_mean, mf.meanflow_fm_time) == ("logit-normal", 0.4, "single")
+    assert (cfm.time_dist, cfm.time_mean) == ("uniform", 0.0)
+    assert TrainConfig(objective="meanflow", time_dist="uniform", time_mean=0.0).time_dist == "uniform"
+    assert TrainConfig.from_dict(mf.to_dict()) == mf
+    old = {k: v for k, v in mf.to_dict().items() if k != "meanflow_fm_time"}
+    assert TrainConfig.from_dict(old).meanflow_fm_time == "paired"
+    rc, out, err = cli("train", "--objective", "meanflow", "--print-config", *TINY)
+    assert rc == 0, err
+    assert 'time_dist = "logit-normal"' in out and "time_mean = 0.4" in out, out
+    rc, out, err = cli("train", "--objective", "meanflow", "--time-dist", "uniform", "--print-config", *TINY)
+    assert rc == 0 and 'time_dist = "uniform"' in out, err
+    rc, _, err = cli("train", "--objective", "meanflow", "--meanflow-fm-time", "both", "--out", tmp_path / "bad", *TINY)
+    assert rc == 2 and "--meanflow-fm-time" in err and not (tmp_path / "bad").exists(), err

@@ -138,7 +138,9 @@ TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (defaul
              "print_config": (bool, typer.Option(False, "--print-config", help="print the effective settings as TOML "
                                                                                "(a --config file) and exit"))}
 TRAIN_BY_DATA = {"steps": f"[default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]",
-                 "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]"}
+                 "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]",
+                 "time_dist": "[default: uniform; --objective meanflow: logit-normal]",
+                 "time_mean": "[default: 0; --objective meanflow: 0.4]"}
 
 
 @command()

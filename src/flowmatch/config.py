@@ -49,10 +49,13 @@ class TrainConfig:
     # the flow
     objective: str = setting("cfm", "cfm (flow matching), meanflow (average velocity, Geng et al. 2025) or shortcut "
                                     "(step-size conditioned, Frans et al. 2024): the last two generate in one step")
-    meanflow_share: float = setting(0.25, "meanflow: share of training pairs with t_end > t (the rest: plain flow matching)")
-    meanflow_power: float = setting(1.0, "meanflow: adaptive loss weight 1/(err + 1e-3)^p, the paper's p = 1 (0: plain MSE)")
+    # MeanFlow's defaults (with logit-normal(0.4, 1) times, below): benchmarks/one_step.py, README
+    meanflow_share: float = setting(0.5, "meanflow: share of training pairs with t_end > t (the rest: plain flow matching)")
+    meanflow_power: float = setting(0.5, "meanflow: adaptive loss weight 1/(err + 1e-3)^p (the paper's p = 1; 0: plain MSE)")
     meanflow_tangent: str = setting("conditional", "meanflow: the JVP's direction in z, conditional (x1 - x0, the paper's) "
                                                    "or model (the network's own velocity u(z, t, 0), improved MeanFlow)")
+    meanflow_fm_time: str = setting("single", "meanflow: the time of the flow-matching pairs (t_end = t), paired (the earlier "
+                                              "of the two draws, the paper's code) or single (one draw of the time sampler)")
     shortcut_share: float = setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: flow matching)")
     shortcut_steps: int = setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N are trained")
     path: str = setting("linear", "probability path: linear, vp, cosine")
@@ -61,8 +64,9 @@ class TrainConfig:
     ot_method: str = setting("exact", "--coupling ot: exact (ot.emd) or sinkhorn (entropic)")
     ot_reg: float = setting(0.05, "--ot-method sinkhorn: regularisation, relative to the batch's mean cost")
     ot_by_class: bool = setting(False, "--coupling ot on labelled data: pair within each class")
-    time_dist: str = setting("uniform", "uniform, logit-normal or u-shaped (RF++: most weight near t = 0 and 1)")
-    time_mean: float = setting(0.0, "logit-normal location")
+    # None: by the objective (__post_init__)
+    time_dist: str | None = setting(None, "uniform, logit-normal or u-shaped (RF++: most weight near t = 0 and 1)")
+    time_mean: float | None = setting(None, "logit-normal location (> 0: towards the data)")
     time_std: float = setting(1.0, "logit-normal scale")
     time_uniform: float = setting(0.0, "logit-normal: share of times drawn from U[0, 1] instead")
     time_steps: int = setting(1, "time_dist grid: t drawn from {0, 1/k, ..., (k-1)/k} (k-step distillation)", cli=False)
@@ -100,6 +104,15 @@ class TrainConfig:
     processes: int = setting(1, "local training processes (gloo on the CPU, NCCL on GPUs), via torchrun")
     plots: bool = setting(True, "write pictures at the end")
     lineage: dict = setting(None, cli=False, factory=dict)
+
+    def __post_init__(self):
+        # the time distribution's defaults depend on the objective: MeanFlow's one step came out
+        # sharper with logit-normal(0.4, 1) times (README, "One step from scratch")
+        meanflow = self.objective == "meanflow"
+        if self.time_dist is None:
+            self.time_dist = "logit-normal" if meanflow else "uniform"
+        if self.time_mean is None:
+            self.time_mean = 0.4 if meanflow else 0.0
 
     def validate(self, where: str | None = None) -> TrainConfig:
         """Check ranges; raise :class:`UserError` naming the option (or, with ``where``, the
@@ -425,7 +438,8 @@ RANGES = {
 }
 #: the settings that name one of a few choices
 CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", "shortcut"),
-           "meanflow_tangent": ("conditional", "model"), "prediction": ("auto", "velocity", "data"),
+           "meanflow_tangent": ("conditional", "model"),
+           "meanflow_fm_time": ("paired", "single"), "prediction": ("auto", "velocity", "data"),
            "loss": LOSSES, "schedule": SCHEDULES, "unet": ("auto", "tiny", "small", "cifar"), "precision": ("auto", "fp32", "bf16", "fp16")}
 #: --log-with: accelerate's tracker name -> the package it needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -433,7 +447,8 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 ONE_STEP = ("meanflow", "shortcut")
 # Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
-          "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional"}
+          "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional",
+          "meanflow_fm_time": "paired"}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

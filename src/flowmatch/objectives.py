@@ -98,10 +98,12 @@ class MeanFlow(CFM):
         u = v + (t_end - t) d/dt u(z_t, t, t_end),   d/dt = v . grad_z + d/dt (t_end fixed),
 
     a Jacobian-vector product along ``(v, 1, 0)`` (``torch.func.jvp``), under stop-gradient,
-    with ``v = x1 - x0`` the straight path's conditional velocity. Times: two draws of the time
-    sampler, sorted; a share ``1 - share`` of them gets ``t_end = t`` (plain flow matching).
-    The loss is adaptively weighted, ``w = 1 / (||u - target||^2 + c)^p`` (stop-gradient),
-    ``c = 1e-3``, ``p = 1`` as in the paper.
+    with ``v = x1 - x0`` the straight path's conditional velocity. Times: a share ``share`` of the
+    pairs takes two draws of the time sampler, sorted, as ``[t, t_end]``; the rest are plain flow
+    matching (``t_end = t``) at one draw (``fm_time="single"``, as CFM draws its times) or at the
+    earlier of the two draws (``"paired"``, the paper's code: more weight near the noise). The
+    loss is adaptively weighted, ``w = 1 / (||u - target||^2 + c)^p`` (stop-gradient), ``c =
+    1e-3``, ``p = 1`` in the paper (TrainConfig's default: 0.5).
 
     ``tangent="model"`` (improved MeanFlow, Geng et al. 2025b) takes the JVP along the network's
     own instantaneous velocity ``u(z_t, t, 0)`` (no gradient) instead of ``x1 - x0``: the target
@@ -113,17 +115,19 @@ class MeanFlow(CFM):
     name = "meanflow"
 
     def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
-                 power: float = 1.0, tangent: str = "conditional"):
+                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired"):
         from .paths import LinearPath
 
         super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
-        self.share, self.c, self.power, self.tangent = share, c, power, tangent
+        self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
         d = super().draw(batch, gen)
         t2 = self.time_sampler.sample(len(d.t), gen, device=d.t.device)
         t, t_end = torch.minimum(d.t, t2), torch.maximum(d.t, t2)
         keep = torch.rand(len(t), generator=gen, device=t.device) < self.share
+        if self.fm_time == "single":  # the flow-matching pairs at one draw of the sampler, as CFM draws them
+            t = torch.where(keep, t, d.t)
         return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t))
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +241,7 @@ def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
     if cfg.objective == "meanflow":
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power,
-                        tangent=cfg.meanflow_tangent)
+                        tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None
