@@ -157,7 +157,7 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
     steps, batch, lr, every = spec["steps"], spec["batch"], spec["lr"], spec["eval_every"]
     recipe = None
     if lib in RECIPE_ROWS:  # flowmatch's recipe for the objective around the peer's own loss and sampler
-        from flowmatch.config import TrainConfig, lr_at
+        from flowmatch.config import TrainConfig, ema_decay_at, lr_at
 
         recipe = TrainConfig(**RECIPE_ROWS[lib], steps=steps)
         batch, lr = recipe.batch_size, recipe.lr
@@ -195,7 +195,7 @@ def run_peer(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         opt.step()
         if recipe is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - min(recipe.ema_decay, step / (9 + step)))
+                torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(recipe, step - 1))
         train_s += time.perf_counter() - t0
         if not spec.get("speed_only") and (step % every == 0 or step == steps):
             with torch.inference_mode():

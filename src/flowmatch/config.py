@@ -466,6 +466,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA decay after optimizer step ``step`` (0-based): ``ema_decay``, warmed up as ``(1 + step)
+    / (10 + step)`` so the first steps' weights do not linger in the average."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
 def _type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import Parts, TrainConfig, lr_at
+from .config import Parts, TrainConfig, ema_decay_at, lr_at
 from .errors import UserError
 from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
 from .runs import (
@@ -284,7 +284,7 @@ class Trainer:
         loss = step_loss / cfg.grad_accum  # the step's mean loss
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step + 1, self.bad_step)
         self.running += loss
-        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        decay = ema_decay_at(cfg, self.step)
         with torch.no_grad():  # one foreach call over all parameters
             torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         self.step += 1
