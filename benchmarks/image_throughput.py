@@ -168,10 +168,7 @@ class FlowmatchStep:
             to_channels_last(model)
         accelerator = Accelerator(cpu=device.type == "cpu")
         tr = self.trainer = Trainer(cfg, parts, accelerator, Path(out), progress=False)
-        # what Trainer.run sets up before its loop (one process: no DDP wrapper)
-        tr.raw = tr.model
-        tr.forward = torch.compile(tr.model) if cfg.compile else tr.model
-        tr.params, tr.ema_params = list(tr.raw.parameters()), list(tr.ema.parameters())
+        tr.prepare()  # what Trainer.run sets up before its loop
 
     def step(self) -> None:
         self.trainer.optimisation_step()

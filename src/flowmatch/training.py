@@ -217,17 +217,22 @@ class Trainer:
         if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
 
-    def run(self) -> None:
-        cfg = self.cfg
+    def prepare(self) -> None:
+        """What the loop needs before its first :meth:`optimisation_step` (``run`` calls it;
+        benchmarks that time single steps call it too)."""
         if self.accelerator.num_processes > 1:  # DDP; one process trains the bare module (no wrapper overhead)
             self.model, self.opt = self.accelerator.prepare(self.model, self.opt)
         self.raw = self.accelerator.unwrap_model(self.model)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model  # the loss only
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model  # the loss only
         self.params, self.ema_params = list(self.raw.parameters()), list(self.ema.parameters())
+        self.next_batch = self.batch_source()
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.prepare()
         self.t_start = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and self.progress), desc="train",
                    dynamic_ncols=True)
-        self.next_batch = self.batch_source()
         try:
             while self.step < cfg.steps:
                 loss, lr = self.optimisation_step()
