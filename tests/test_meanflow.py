@@ -203,3 +203,54 @@ def test_meanflow_time_defaults_follow_the_objective_and_old_runs_keep_theirs(cl
     assert rc == 0 and 'time_dist = "uniform"' in out, err
     rc, _, err = cli("train", "--objective", "meanflow", "--meanflow-fm-time", "both", "--out", tmp_path / "bad", *TINY)
     assert rc == 2 and "--meanflow-fm-time" in err and not (tmp_path / "bad").exists(), err
+
+
+def _reference_meanflow_loss(net, obj: MeanFlow, d: Drawn) -> torch.Tensor:
+    """The MeanFlow loss written out with one JVP over every row (the flow-matching rows too)."""
+    z = (1 - d.t[:, None]) * d.x0 + d.t[:, None] * d.x1
+    v = d.x1 - d.x0
+    pred, du_dt = torch.func.jvp(lambda z, t, e: net(z, t, d.label, h=e - t), (z, d.t, d.t_end),
+                                 (v, torch.ones_like(d.t), torch.zeros_like(d.t)))
+    target = (v + (d.t_end - d.t)[:, None] * du_dt).detach()
+    err = (pred - target).pow(2).sum(1)
+    return (err / (err.detach() + obj.c) ** obj.power).mean()
+
+
+def test_the_jvp_on_the_interval_rows_only_gives_the_loss_and_gradient_of_one_over_all_rows():
+    """The flow-matching rows (t_end = t) skip the JVP (its term is multiplied by zero): loss and
+    gradients equal the loss written with one JVP over the whole batch, on a mixed batch (with
+    labels), on a batch of intervals alone and on one of flow-matching rows alone, and through a
+    wrapper (DDP's and torch.compile's path: the JVP on the bare module without a graph)."""
+    from flowmatch.models import make_model
+
+    torch.manual_seed(0)
+    net = make_model({"name": "mlp", "width": 32, "depth": 2, "interval": True}, (2,), num_classes=3)
+    obj = MeanFlow(UniformTime(), coupling=None, power=0.5)
+    all_rows = MeanFlow(UniformTime(), coupling=None, power=0.5, jvp_rows="all")  # the JVP on every row: the benchmark's base
+
+    class Wrapper(torch.nn.Module):  # stands for torch.compile's wrapper: _bare() unwraps _orig_mod
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+        def forward(self, *a, **kw):
+            return self._orig_mod(*a, **kw)
+
+    g = torch.Generator().manual_seed(3)
+    n = 64
+    t = torch.rand(n, generator=g)
+    mixed = torch.where(torch.rand(n, generator=g) < 0.5, t, t + (1 - t) * torch.rand(n, generator=g))
+    for t_end in (mixed, t + (1 - t) * 0.5, t.clone()):
+        d = Drawn(torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g), t, torch.randint(0, 3, (n,), generator=g),
+                  t_end)
+        net.zero_grad()
+        want = _reference_meanflow_loss(net, obj, d)
+        want.backward()
+        want_grads = [p.grad.clone() for p in net.parameters()]
+        for model, o in ((net, obj), (Wrapper(net), obj), (net, all_rows)):
+            net.zero_grad()
+            got = o.loss(model, d)
+            got.backward()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+            for a, b in zip((p.grad for p in net.parameters()), want_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

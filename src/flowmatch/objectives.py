@@ -115,11 +115,12 @@ class MeanFlow(CFM):
     name = "meanflow"
 
     def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
-                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired"):
+                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval"):
         from .paths import LinearPath
 
         super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
         self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
+        self.jvp_rows = jvp_rows  # "interval" (the JVP where t_end > t) or "all" (every row: the same loss, slower)
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
         d = super().draw(batch, gen)
@@ -131,33 +132,54 @@ class MeanFlow(CFM):
         return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t))
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's average velocity on the draws, and its MeanFlow target (no gradient)."""
+        """The network's average velocity on the draws, and its MeanFlow target (no gradient).
+
+        The JVP is taken on the interval rows only: on the flow-matching rows (``t_end = t``) its
+        term is multiplied by ``t_end - t = 0``, so their target is ``v`` and they need one plain
+        forward pass (at the default share of 0.5, half the JVP's cost; the loss is the same)."""
         shape = (-1,) + (1,) * (d.x0.dim() - 1)
         ps = self.path.sample(d.x0, d.x1, d.t)  # the straight path: z_t and v = x1 - x0
         z, v = ps.x_t, ps.u_t
+        h = d.t_end - d.t
+        rows = (h > 0).nonzero().flatten()  # the interval rows: only they need the derivative
+        if len(rows) == len(h) or self.jvp_rows == "all":
+            rows = None  # all of them: no gather
+        sub = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
 
         bare = _bare(model)
+        zi, ti, ei, li = sub(z), sub(d.t), sub(d.t_end), sub(d.label)
 
         def u(z, t, t_end):
-            return bare(z, t, d.label, h=t_end - t)
+            return bare(z, t, li, h=t_end - t)
 
-        direction = v
+        if len(ti) == 0:  # no interval rows: flow matching alone
+            return model(z, d.t, d.label, h=h), v.detach()
+        du_dt = torch.zeros_like(v)
+        direction = sub(v)
         if self.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
             with torch.no_grad():
-                direction = bare(z, d.t, d.label, h=torch.zeros_like(d.t)).to(v.dtype)
-        tangents = (direction, torch.ones_like(d.t), torch.zeros_like(d.t))
-        if bare is model:  # one pass: the JVP's primal output is the prediction, with its graph
+                direction = bare(zi, ti, li, h=torch.zeros_like(ti)).to(v.dtype)
+        tangents = (direction, torch.ones_like(ti), torch.zeros_like(ti))
+        if bare is model and rows is None:  # one pass: the JVP's primal output is the prediction, with its graph
             with _math_attention():
-                pred, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
+                pred, du_dt = torch.func.jvp(u, (zi, ti, ei), tangents)
+        elif bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
+            with _math_attention():
+                pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
+            du_dt = du_dt.index_copy(0, rows, jv.detach().to(du_dt.dtype))
+            rest = (h <= 0).nonzero().flatten()
+            pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
+            pred = torch.cat([pred_i, pred_f])[torch.cat([rows, rest]).argsort()]  # back in the batch's order
         else:
             # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
             # forward mutates its buckets): the JVP on the bare module, without a graph (the
             # target is stop-gradient), and the prediction through the wrapper, so that DDP
             # all-reduces its gradients.
             with torch.no_grad(), _math_attention():
-                _, du_dt = torch.func.jvp(u, (z, d.t, d.t_end), tangents)
-            pred = model(z, d.t, d.label, h=d.t_end - d.t)
-        return pred, (v + (d.t_end - d.t).view(shape) * du_dt).detach()
+                _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
+            du_dt = jv if rows is None else du_dt.index_copy(0, rows, jv.to(du_dt.dtype))
+            pred = model(z, d.t, d.label, h=h)
+        return pred, (v + h.view(shape) * du_dt.to(v.dtype)).detach()
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
         pred, target = self.target(model, d)

@@ -1,0 +1,75 @@
+"""A MeanFlow training step against a flow-matching one, on the default checkerboard setup (the
+MLP of ``flowmatch train``, batch 512): what the Jacobian-vector product costs, and what taking it
+on the interval rows only saves (the flow-matching rows, ``t_end = t``, multiply it by zero).
+
+    python benchmarks/meanflow_step.py                  # 7 rounds of 20 steps per row, interleaved
+    python benchmarks/meanflow_step.py --rounds 11 --steps 30 --share 0.5
+
+Rows: ``--objective cfm``; ``--objective meanflow`` with the JVP on every row (``MeanFlow(...,
+jvp_rows="all")``, how the step was written before); ``--objective meanflow`` as it trains (the
+JVP on the interval rows). Each row is flowmatch's own ``Trainer.optimisation_step`` (draws, loss,
+backward, clipping, AdamW, EMA); the table gives the median ms per step and the ratio to the
+flow-matching step. Run it alone: timings on 2 shared cores drift by a quarter between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_step(objective: str, jvp_rows: str, share: float | None, out: Path, seed: int = 0):
+    from accelerate import Accelerator
+
+    from flowmatch.config import TrainConfig
+    from flowmatch.training import Trainer
+
+    extra = {"meanflow_share": share} if objective == "meanflow" and share is not None else {}
+    cfg = TrainConfig(objective=objective, steps=10**9, checkpoint_every=10**9, log_every=10**9, plots=False, seed=seed,
+                      **extra)
+    tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
+    tr.prepare()  # what Trainer.run sets up before its loop
+    if objective == "meanflow":
+        tr.objective.jvp_rows = jvp_rows
+    return tr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    ap.add_argument("--share", type=float, default=None, help="MeanFlow's share of interval rows (default: its default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = {"flow matching (cfm)": ("cfm", "all"), "MeanFlow, JVP on every row": ("meanflow", "all"),
+            "MeanFlow, JVP on the interval rows": ("meanflow", "interval")}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {name: make_step(obj, jr, args.share, Path(tmp) / str(i)) for i, (name, (obj, jr)) in enumerate(rows.items())}
+        for tr in steps.values():  # warm-up
+            for _ in range(3):
+                tr.optimisation_step()
+        for _ in range(args.rounds):  # interleaved, so that drift hits every row alike
+            for name, tr in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    tr.optimisation_step()
+                times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    share = steps["MeanFlow, JVP on the interval rows"].objective.share
+    print(f"median of {args.rounds} rounds of {args.steps} steps; batch {steps['flow matching (cfm)'].cfg.batch_size}, "
+          f"MeanFlow share of interval rows {share:g}, {torch.get_num_threads()} torch threads")
+    base = statistics.median(times["flow matching (cfm)"])
+    print("| step | ms | x flow matching |\n|---|---:|---:|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
