@@ -112,6 +112,8 @@ def test_class_conditional_folder_run(cli, folder, tmp_path):
     assert x.shape == (6, 3, 8, 8) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
     rc, _, err = cli("sample", run, "--n", "6", "--nfe", "4", "--out", tmp_path / "grid.png", "--no-progress")
     assert rc == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    rc, out, err = cli("sample", run, "--nfe", "2", "--out", tmp_path / "default.png", "--no-progress")
+    assert rc == 0 and "wrote 64 samples" in out + err, err  # a picture of images: an 8x8 grid, not 4000 images
     assert "0..1" in one_line_error(*cli("sample", run, "--label", "5", "--out", tmp_path / "y.npy")[::2])
     assert not (tmp_path / "y.npy").exists()
 

@@ -301,7 +301,8 @@ def _argv_without_processes(argv: list[str]) -> list[str]:
 def sample(
     run: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
-    n: int = typer.Option(4000, "--n", "--num-samples", help="number of samples"),
+    n: int | None = typer.Option(None, "--n", "--num-samples", help="number of samples [default: 4000; 64 for an "
+                                                                      "image run's FILE.png, an 8x8 grid]"),
     nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
                                               "or k for a distilled k-step run"),
     solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5, or euler-maruyama (stochastic, "
@@ -328,13 +329,15 @@ def sample(
     # under torchrun the launcher has checked --out; the processes write it only at the end
     check_output(out, (".npy", ".png"), overwrite=overwrite or "WORLD_SIZE" in os.environ)
     _check_tol(tol)
-    if n < 1:
+    if n is not None and n < 1:
         raise UserError(f"--n: expected a positive integer, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     r = load_run(run, weights=weights, device=_distributed_device())
+    if n is None:  # a picture of images shows a grid, not thousands of them
+        n = 64 if len(r.shape) == 3 and out.suffix.lower() == ".png" else 4000
     c = None if cond is None else _load_cond(cond)
     r.check_label(label, guidance, c, n)
     from .solvers import check_method
