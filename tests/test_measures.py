@@ -138,3 +138,22 @@ def test_evaluate_without_straightness_measures_the_same(tiny_run):
     assert part == {k: v for k, v in full.items() if k != "straightness"}
     # the teacher's straightness as the reflow quality test computes it beside evaluate
     assert straightness(run.velocity, batch_noise(3, 0, 300, run.shape, run.device), nfe=100) == full["straightness"]
+
+
+def test_the_data_floor_is_solved_once_and_only_for_the_same_draws(monkeypatch):
+    """``data_w2`` remembers w2 between two data draws by their contents: the same draws give the
+    same value without a second OT solve; other draws (or the pair reversed in shape) are solved."""
+    from flowmatch import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "_FLOORS", {})
+    monkeypatch.setattr(metrics, "w2", lambda a, b: calls.append(1) or w2(a, b))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
+    first = metrics.data_w2(a, b)
+    assert first == w2(a, b) and len(calls) == 1
+    assert metrics.data_w2(a.clone(), b.clone()) == first and len(calls) == 1  # the same contents: remembered
+    c = b.clone()
+    c[0, 0] += 1e-6  # one coordinate differs: solved anew
+    assert metrics.data_w2(a, c) != first and len(calls) == 2
+    assert metrics.data_w2(a.reshape(150, 4), b.reshape(150, 4)) != first and len(calls) == 3
