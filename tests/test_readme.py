@@ -24,6 +24,7 @@ TINY = {
     "reflow": ["--pairs", "64", "--steps", "4", "--teacher-nfe", "4", "--batch-size", "32"],
     "distill": ["--pairs", "64", "--steps", "4", "--teacher-nfe", "4", "--batch-size", "32"],
     "sample": ["--nfe", "2"],  # not for a distilled run: it samples at its own NFE
+    "export": ["--nfe", "2"],  # likewise (tracing an 8-step guided UNet sampler alone took 48 s)
     "eval": ["--n", "200"],
 }
 QUIET = {"train": ["--no-progress"], "reflow": ["--no-progress", "--no-plots"],
@@ -139,7 +140,7 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
             args += ["--image-size", "8"]
         if sub == "train" and "--data" in args and not args[args.index("--data") + 1].endswith((".csv", ".npz")):
             args += ["--no-plots"]  # image runs: their pictures are tested in test_images.py (minutes of sampling here)
-        if sub == "sample" and "distilled" in cmd[2]:
+        if sub in ("sample", "export") and "distilled" in cmd[2]:
             args.remove("--nfe"), args.remove("2")
         if sub == "eval":  # image runs are measured at one NFE; 2-D runs at several, with an adaptive row
             image = "digits" in cmd[2] or "mnist" in cmd[2]
