@@ -154,7 +154,6 @@ class MeanFlow(CFM):
 
         if len(ti) == 0:  # no interval rows: flow matching alone
             return model(z, d.t, d.label, h=h), v.detach()
-        du_dt = torch.zeros_like(v)
         direction = sub(v)
         if self.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
             with torch.no_grad():
@@ -163,22 +162,23 @@ class MeanFlow(CFM):
         if bare is model and rows is None:  # one pass: the JVP's primal output is the prediction, with its graph
             with _math_attention():
                 pred, du_dt = torch.func.jvp(u, (zi, ti, ei), tangents)
-        elif bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
-            with _math_attention():
-                pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
-            du_dt = du_dt.index_copy(0, rows, jv.detach().to(du_dt.dtype))
-            rest = (h <= 0).nonzero().flatten()
-            pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
-            pred = torch.cat([pred_i, pred_f])[torch.cat([rows, rest]).argsort()]  # back in the batch's order
         else:
-            # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
-            # forward mutates its buckets): the JVP on the bare module, without a graph (the
-            # target is stop-gradient), and the prediction through the wrapper, so that DDP
-            # all-reduces its gradients.
-            with torch.no_grad(), _math_attention():
-                _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
-            du_dt = jv if rows is None else du_dt.index_copy(0, rows, jv.to(du_dt.dtype))
-            pred = model(z, d.t, d.label, h=h)
+            if bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
+                with _math_attention():
+                    pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
+                rest = (h <= 0).nonzero().flatten()
+                pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
+                pred = torch.cat([pred_i, pred_f])[torch.cat([rows, rest]).argsort()]  # back in the batch's order
+            else:
+                # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
+                # forward mutates its buckets): the JVP on the bare module, without a graph (the
+                # target is stop-gradient), and the prediction through the wrapper, so that DDP
+                # all-reduces its gradients.
+                with torch.no_grad(), _math_attention():
+                    _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
+                pred = model(z, d.t, d.label, h=h)
+            jv = jv.detach().to(v.dtype)
+            du_dt = jv if rows is None else torch.zeros_like(v).index_copy(0, rows, jv)  # 0 on the flow-matching rows
         return pred, (v + h.view(shape) * du_dt.to(v.dtype)).detach()
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
