@@ -118,6 +118,24 @@ def test_class_conditional_folder_run(cli, folder, tmp_path):
     assert not (tmp_path / "y.npy").exists()
 
 
+def test_image_pictures_are_drawn_at_the_runs_own_steps(cli, folder, tmp_path, monkeypatch):
+    """A one-step image run (MeanFlow) draws its sample grids at its one step, a flow at 100."""
+    from flowmatch.plots import plot_image_run
+    from flowmatch.runs import Run, load_run
+
+    for objective, nfe in (("meanflow", 1), ("cfm", 100)):
+        run = tmp_path / objective
+        rc, _, err = cli("train", "--data", folder, "--image-size", "8", "--objective", objective, "--out", run,
+                         "--no-plots", "--steps", "2", "--batch-size", "4", "--no-progress")
+        assert rc == 0, err
+        asked = []
+        monkeypatch.setattr(Run, "sample", lambda self, n, nfe, asked=asked, real=Run.sample, **kw:
+                            asked.append(nfe) or real(self, n, nfe=2, **kw))
+        plot_image_run(load_run(run), run)
+        monkeypatch.undo()
+        assert asked == [nfe] * 3, (objective, asked)  # the grid and one row per class (two classes)
+
+
 def test_label_on_an_unconditional_run(cli, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((6, 1, 8, 8)))
     run = tmp_path / "run"

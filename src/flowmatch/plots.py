@@ -236,13 +236,15 @@ def image_flow(run, path, n: int = 8, steps: int = 8, nfe: int = 64, seed: int =
 
 
 def plot_image_run(run, run_dir: Path, seed: int = 0, metrics: list[dict] | None = None) -> list[Path]:
-    written = [image_grid(run.sample(64, nfe=100, seed=seed).clamp(0, 1), run_dir / "samples.png",
-                          title="samples (100 Euler steps)")]
+    k = run.default_nfe  # a one-step generator's pictures at its one step, as the 2-D plots
+    steps = f"{k} Euler step{'s' if k > 1 else ''}"
+    written = [image_grid(run.sample(64, nfe=k, seed=seed).clamp(0, 1), run_dir / "samples.png",
+                          title=f"samples ({steps})")]
     if run.num_classes:
         per = 10
-        rows = [run.sample(per, nfe=100, seed=seed + 1 + c, label=c, guidance=2.0) for c in range(run.num_classes)]
+        rows = [run.sample(per, nfe=k, seed=seed + 1 + c, label=c, guidance=2.0) for c in range(run.num_classes)]
         written.append(image_grid(torch.cat(rows).clamp(0, 1), run_dir / "samples_by_class.png", nrow=per,
-                                  title="one row per class (guidance 2)"))
+                                  title=f"one row per class (guidance 2, {steps})"))
     written.append(image_flow(run, run_dir / "trajectories.png"))
     if metrics:
         written.append(loss_curve(metrics, run_dir / "loss.png"))
