@@ -6,12 +6,14 @@ Fréchet distance over its floor (classifier features and PCA) of 1000 unconditi
     python benchmarks/digits.py --out runs/digits --reuse  # evaluate an existing run
     python benchmarks/digits.py --out runs/digits-sc --objective shortcut   # one-step generators:
                                                            # measured at their one step (--nfe)
+    python benchmarks/digits.py --out runs/digits-sc1000 --objective shortcut --train "--time-scale 1000"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -28,11 +30,12 @@ def main():
     ap.add_argument("--objective", default="cfm", help="train --objective (cfm, meanflow, shortcut)")
     ap.add_argument("--steps", type=int, default=None, help="train --steps (default: the command line's)")
     ap.add_argument("--nfe", type=int, default=None, help="Euler steps to evaluate (default: the run's own, 100 or 1)")
+    ap.add_argument("--train", default="", help="more train options, as one string (e.g. '--time-scale 1000')")
     args = ap.parse_args()
     wall = float("nan")
     if not (args.reuse and (args.out / "ema.safetensors").exists()):
         t0 = time.perf_counter()
-        extra = ["--steps", str(args.steps)] if args.steps else []
+        extra = (["--steps", str(args.steps)] if args.steps else []) + shlex.split(args.train)
         if cli(["train", "--data", "digits", "--objective", args.objective, "--out", str(args.out), "--no-progress", *extra]) != 0:
             raise SystemExit("training failed")
         wall = time.perf_counter() - t0

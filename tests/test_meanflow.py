@@ -132,6 +132,32 @@ def test_the_unet_takes_the_interval_beside_time_and_label():
     assert pred.requires_grad and not target.requires_grad and torch.isfinite(target).all()
 
 
+def test_the_unet_sees_time_at_the_runs_scale():
+    """The UNet's sines see time_scale * t, for t and the interval alike: 1000 (diffusers') for
+    flow matching, 10 for one-step objectives (at 1000 MeanFlow's d/dt u swamped its target on
+    digits), the setting when given; the same weights at scales 10 and 1000 agree at t * 100."""
+    import copy
+
+    from flowmatch.models import make_model
+
+    scale = {}
+    for objective, given in (("cfm", None), ("meanflow", None), ("shortcut", None), ("meanflow", 50.0), ("cfm", 3.0)):
+        cfg = TrainConfig(objective=objective, time_scale=given).validate()
+        scale[objective, given] = cfg.build_model((1, 8, 8), 10).time_scale
+        mlp = given if given is not None else 10.0 if objective != "cfm" else 10000.0  # the MLP's, as before
+        assert cfg.model_spec((2,))["time_scale"] == mlp
+    assert scale == {("cfm", None): 1000.0, ("meanflow", None): 10.0, ("shortcut", None): 10.0,
+                     ("meanflow", 50.0): 50.0, ("cfm", 3.0): 3.0}
+    torch.manual_seed(0)
+    net = make_model({"name": "unet", "interval": True, "time_scale": 10.0}, (1, 8, 8), num_classes=10).eval()
+    wide = copy.deepcopy(net)
+    wide.time_scale = 1000.0
+    x, t, h, lab = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.5, 0.2, 0.05]), torch.tensor([1, 2, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, lab, h=h), wide(x, t / 100, lab, h=h / 100))
+        assert (net(x, t, lab, h=h) - wide(x, t, lab, h=h)).abs().max() > 1e-3
+
+
 def test_meanflow_on_digits_from_the_command_line(cli, tmp_path):
     """Images train a class-conditional interval UNet; a guided one-step sample is written."""
     run = tmp_path / "mf"
@@ -145,6 +171,13 @@ def test_meanflow_on_digits_from_the_command_line(cli, tmp_path):
 
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (4, 1, 8, 8) and np.isfinite(x).all()
+    from flowmatch.runs import load_run
+
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["train"]["time_scale"] == 10.0 and load_run(run).model.time_scale == 10.0  # recorded as built
+    doc["train"]["time_scale"] = None  # a one-step image run written before the scale was recorded: t * 1000
+    (run / "config.json").write_text(json.dumps(doc))
+    assert load_run(run).model.time_scale == 1000.0
 
 
 def test_data_prediction_takes_the_interval():

@@ -82,8 +82,8 @@ class TrainConfig:
     # x, and predicts the data x1 (auto: "data" for vectors, "velocity" for images).
     fourier: int = setting(64, "MLP: random Fourier features of x (0: raw coordinates)")
     fourier_scale: float = setting(1.0, "MLP: std of the Fourier frequencies (cycles per unit)")
-    time_scale: float | None = setting(None, "MLP: the time embedding's sines see time_scale * t "
-                                             "[default: 10000, the notebook's; meanflow, shortcut: 10, smooth in the interval]")
+    time_scale: float | None = setting(None, "the time embedding's sines see time_scale * t [default: MLP 10000, the "
+                                             "notebook's; UNet 1000, diffusers'; meanflow, shortcut: 10, smooth in time]")
     prediction: str = setting("auto", "velocity, data (the network predicts x1) or auto (data for vectors)")
     init_from: str | None = setting(None, "safetensors weights to start from (reflow: the teacher's)", cli=False)
     label_dropout: float = setting(0.2, "labels or condition vectors: probability of dropping one for the null (classifier-free guidance)")
@@ -245,8 +245,12 @@ class TrainConfig:
             image = shape is not None and len(shape) == 3
             prediction = "velocity" if image or self.objective in ONE_STEP else "data"
         # MeanFlow's interval is embedded like t; at t * 10000 its average velocity came out rough
-        # (one-step error 62% of the exact map's size on Gaussian data, 10% at t * 10)
-        time_scale = self.time_scale if self.time_scale is not None else (10.0 if self.objective in ONE_STEP else 10000.0)
+        # (one-step error 62% of the exact map's size on Gaussian data, 10% at t * 10), and the
+        # UNet's t * 1000 made MeanFlow's d/dt u 25x the velocity on digits, its loss grow and its
+        # one step fail (benchmarks/digits.py): one-step objectives see t * 10 in either network
+        unet = self.model == "unet" or (self.model == "auto" and shape is not None and len(shape) == 3)
+        time_scale = self.time_scale if self.time_scale is not None else (
+            10.0 if self.objective in ONE_STEP else 1000.0 if unet else 10000.0)
         spec = {"name": self.model, "unet": self.unet, "width": self.width, "depth": self.depth, "time_scale": time_scale,
                 "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
         return spec | ({"interval": True} if self.objective in ONE_STEP else {})

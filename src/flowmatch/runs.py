@@ -80,6 +80,11 @@ def read_config(run_dir) -> dict:
     if version > FORMAT_VERSION:
         raise UserError(f"{path}: format version {version} is newer than this flowmatch understands ({FORMAT_VERSION}); upgrade flowmatch")
     _check_doc(cfg, str(path))
+    train = cfg["train"]
+    if (train.get("time_scale") is None and train.get("objective") in ("meanflow", "shortcut")
+            and train.get("model") != "mlp" and len(cfg["shape"]) == 3):
+        # written before new runs recorded their time scale, when a UNet always saw t * 1000
+        train["time_scale"] = 1000.0
     return cfg
 
 

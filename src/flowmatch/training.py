@@ -152,7 +152,8 @@ def _config_doc(cfg: TrainConfig, parts: Parts, accelerator) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "flowmatch_version": __version__,
-        "train": cfg.to_dict(),
+        # the time scale the network was built with, as a number: its default has changed
+        "train": cfg.to_dict() | {"time_scale": cfg.model_spec(parts.dataset.shape)["time_scale"]},
         "data": parts.data_spec | parts.dataset.spec,
         "shape": list(parts.dataset.shape),
         "num_classes": parts.dataset.num_classes,

@@ -25,7 +25,7 @@ def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier
     if len(shape) != 3:
         raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
     return UNet(tuple(shape), num_classes=num_classes, interval=interval, cond_dim=cond_dim,
-                **unet_settings(unet, min(shape[1:])))
+                time_scale=1000.0 if time_scale is None else time_scale, **unet_settings(unet, min(shape[1:])))
 
 
 def _auto(shape, num_classes=0, **kw):

@@ -1,7 +1,8 @@
 """A thin adapter over diffusers' ``UNet2DModel`` presenting ``v(x, t[, label])``.
 
 flowmatch time ``t`` in [0, 1] (0 = noise) is passed to the UNet's sinusoidal timestep
-embedding as ``1000 t``; labels go through its class embedding, with one extra *null*
+embedding as ``time_scale * t`` (1000, diffusers' range; one-step objectives: 10, smooth in
+time); labels go through its class embedding, with one extra *null*
 class (index ``num_classes``, also reached by label -1) for classifier-free guidance. An
 *interval* UNet (MeanFlow, shortcut models) also takes the step ``h``, embedded like ``t`` by its
 own MLP and added, with the label's embedding, to the time embedding.
@@ -64,8 +65,9 @@ def unet_settings(preset: str, size: int) -> dict:
 class UNet(nn.Module):
     def __init__(self, shape, num_classes: int = 0, channels: tuple[int, ...] | None = None, layers_per_block: int = 1,
                  attention: bool | tuple[int, ...] = False, interval: bool = False, dropout: float = 0.0,
-                 cond_dim: int = 0):
+                 cond_dim: int = 0, time_scale: float = 1000.0):
         super().__init__()
+        self.time_scale = time_scale
         try:
             from diffusers import UNet2DModel
         except ImportError:
@@ -117,6 +119,6 @@ class UNet(nn.Module):
             labels = torch.where(label < 0, self.num_classes, label)
         if self.interval is not None:
             h = torch.zeros_like(t) if h is None else h
-            cond = self.interval(self.net.time_proj(1000 * h).to(x.dtype))
+            cond = self.interval(self.net.time_proj(self.time_scale * h).to(x.dtype))
             labels = cond if labels is None else cond + (self.label(labels) if self.label is not None else labels)
-        return self.net(x, 1000 * t, class_labels=labels).sample
+        return self.net(x, self.time_scale * t, class_labels=labels).sample
