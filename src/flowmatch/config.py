@@ -202,9 +202,9 @@ class TrainConfig:
         naming the data, before anything is written."""
         import torch
 
-        from .models import make_model
+        from .models import make_model, network
 
-        if len(shape) == 3 and self.model in ("auto", "unet"):
+        if len(shape) == 3 and network(self.model, shape) == "unet":
             from .models.unet import unet_settings
 
             _, h, w = shape
@@ -248,9 +248,10 @@ class TrainConfig:
         # (one-step error 62% of the exact map's size on Gaussian data, 10% at t * 10), and the
         # UNet's t * 1000 made MeanFlow's d/dt u 25x the velocity on digits, its loss grow and its
         # one step fail (benchmarks/digits.py): one-step objectives see t * 10 in either network
-        unet = self.model == "unet" or (self.model == "auto" and shape is not None and len(shape) == 3)
+        from .models import network
+
         time_scale = self.time_scale if self.time_scale is not None else (
-            10.0 if self.objective in ONE_STEP else 1000.0 if unet else 10000.0)
+            10.0 if self.objective in ONE_STEP else 1000.0 if network(self.model, shape) == "unet" else 10000.0)
         spec = {"name": self.model, "unet": self.unet, "width": self.width, "depth": self.depth, "time_scale": time_scale,
                 "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
         return spec | ({"interval": True} if self.objective in ONE_STEP else {})

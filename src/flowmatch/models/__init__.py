@@ -28,8 +28,16 @@ def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier
                 time_scale=1000.0 if time_scale is None else time_scale, **unet_settings(unet, min(shape[1:])))
 
 
+def network(name: str, shape: tuple | None) -> str:
+    """Which network ``--model NAME`` builds for samples of ``shape``: auto takes the UNet for
+    images (C, H, W) and the MLP otherwise."""
+    if name == "auto":
+        return "unet" if shape is not None and len(shape) == 3 else "mlp"
+    return name
+
+
 def _auto(shape, num_classes=0, **kw):
-    return (_unet if len(shape) == 3 else _mlp)(shape, num_classes=num_classes, **kw)
+    return MODELS[network("auto", shape)](shape, num_classes=num_classes, **kw)
 
 
 MODELS = {"mlp": _mlp, "unet": _unet, "auto": _auto}
