@@ -718,7 +718,18 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("flowmatch: interrupted")
         return 130
+    finally:
+        _close_process_group()
     return rc if isinstance(rc, int) else 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun: take the process group down before the interpreter exits. Left to the
+    interpreter's exit, its communication threads are torn down in no set order, and a worker
+    could abort ("terminate called without an active exception") after its work was done."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:
