@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from .config import TrainConfig, read_settings_file, settings_toml
+from .config import LR, LR_BY_UNET, TrainConfig, read_settings_file, settings_toml
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -140,7 +140,8 @@ TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (defaul
 TRAIN_BY_DATA = {"steps": f"[default: {_D.steps}; images {IMAGE_DEFAULTS['steps']}]",
                  "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]",
                  "time_dist": "[default: uniform; --objective meanflow: logit-normal]",
-                 "time_mean": "[default: 0; --objective meanflow: 0.4]"}
+                 "time_mean": "[default: 0; --objective meanflow: 0.4]",
+                 "lr": f"[default: {LR:g}; --unet cifar: {LR_BY_UNET['cifar']:g}]"}
 
 
 @command()
