@@ -7,7 +7,8 @@ count the samples that land off the board's 8 cells (the data: 0%).
 Each argument is NAME:KEY=VALUE,KEY=VALUE (TrainConfig fields; empty for the defaults). A run
 already in OUT/NAME-sSEED is reused. Prints, per variant and seed, the training wall-clock and
 the share of 4000 samples off the support with 100 Euler steps, 8 midpoint evaluations and 16
-Euler steps, then the mean over seeds; ``--json FILE`` keeps every row; ``--plot FILE`` draws the
+Euler steps, then the mean over seeds (``--weights model``: sampled with the raw weights instead of
+the EMA's); ``--json FILE`` keeps every row; ``--plot FILE`` draws the
 first seed's samples (100 Euler steps) of every variant beside its data, a row per data set:
 
     python benchmarks/levers.py --out runs/toys --plot toys.png moons:data=moons \
@@ -41,12 +42,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, over
 
 
-def measure(run_dir: Path, seed: int, n: int = 4000, keep: dict | None = None) -> dict:
+def measure(run_dir: Path, seed: int, n: int = 4000, keep: dict | None = None, weights: str = "ema") -> dict:
     """Share off the support per solver; the data's own share and, where the density is
     positive everywhere, the mean true log-density of samples (100 Euler steps) and of data."""
     import torch
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, weights=weights)
     toy = run.dataset.name
     out = {"data": run.dataset.name}
     for s, k in SOLVERS:
@@ -68,6 +69,8 @@ def main():
     ap.add_argument("--out", default="runs/levers")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--json", help="append every row to this JSON-lines file")
+    ap.add_argument("--weights", default="ema", choices=("ema", "model"),
+                    help="sample with the EMA weights or the raw ones (model); the training run is the same")
     ap.add_argument("--plot", help="a PNG of every variant's samples (first seed, 100 Euler steps) beside its data")
     args = ap.parse_args()
     rows, pictures = [], {}
@@ -81,7 +84,8 @@ def main():
                 train(TrainConfig(**{"plots": False, "seed": seed, **over}), out=run_dir, progress=False)
                 wall = time.perf_counter() - t0
             keep = {} if args.plot and name not in pictures else None
-            row = {"variant": name, "settings": over, "seed": seed, "wall_s": wall, **measure(run_dir, seed, keep=keep)}
+            row = {"variant": name, "settings": over, "seed": seed, "wall_s": wall, "weights": args.weights,
+                   **measure(run_dir, seed, keep=keep, weights=args.weights)}
             if keep is not None:
                 pictures[name] = (row, keep)
             rows.append(row)

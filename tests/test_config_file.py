@@ -133,3 +133,17 @@ def test_the_learning_rate_left_unset_follows_the_unet_preset(cli):
         assert tomllib.loads(out)["lr"] == lr, (args, out)
     rc, out, _ = cli("train", "--help")
     assert "--unet cifar: 0.0002" in " ".join(out.split()), out
+
+
+def test_the_ema_decay_is_warmed_up_as_its_help_says(cli):
+    """min(decay, (1 + step) / (10 + step)): the default 0.999 is reached after 8991 steps, so at
+    the default 4000 steps any decay above 0.9978 is the warm-up's (README, "The EMA is not what blurs")."""
+    from flowmatch.config import ema_decay_at
+
+    cfg = TrainConfig()
+    assert ema_decay_at(cfg, 0) == pytest.approx(0.1)
+    assert next(s for s in range(20000) if ema_decay_at(cfg, s) == cfg.ema_decay) + 1 == 8991
+    assert ema_decay_at(TrainConfig(ema_decay=0.9995), 3999) == ema_decay_at(cfg, 3999) < 0.9978
+    assert ema_decay_at(TrainConfig(ema_decay=0.99), 3999) == 0.99
+    rc, out, _ = cli("train", "--help")
+    assert "0.999 after 8991 steps" in " ".join(out.split()), out

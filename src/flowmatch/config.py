@@ -44,7 +44,8 @@ class TrainConfig:
     warmup_steps: int = setting(200, "linear warm-up steps")
     schedule: str = setting("cosine", "learning-rate schedule after warm-up: constant, cosine, linear")
     grad_clip: float | None = setting(1.0, "clip the gradient norm (0 disables)")
-    ema_decay: float = setting(0.999, "EMA decay of the weights used for sampling")
+    ema_decay: float = setting(0.999, "EMA decay of the weights used for sampling, warmed up as min(decay, (1 + step) / "
+                                      "(10 + step)): 0.999 after 8991 steps")
     seed: int = setting(0)
     # the flow
     objective: str = setting("cfm", "cfm (flow matching), meanflow (average velocity, Geng et al. 2025) or shortcut "
