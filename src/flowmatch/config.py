@@ -455,10 +455,9 @@ CHOICES = {"ot_method": ("exact", "sinkhorn"), "objective": ("cfm", "meanflow", 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: objectives whose network takes the step's interval and generates in one step
 ONE_STEP = ("meanflow", "shortcut")
-# Settings added after runs were first written, with the value that reproduces those runs.
 #: the peak learning rate left unset: LR, or the UNet preset's own
 LR, LR_BY_UNET = 2e-3, {"cifar": 2e-4}
-
+# Settings added after runs were first written, with the value that reproduces those runs.
 LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
           "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional",
           "meanflow_fm_time": "paired"}
