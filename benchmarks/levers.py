@@ -38,7 +38,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, value = item.split("=", 1)
         if key not in hints:
             raise SystemExit(f"{text}: unknown TrainConfig field {key!r}")
-        over[key] = value if hints[key] == "str" else json.loads(value)
+        if hints[key] == "str":
+            over[key] = value
+            continue
+        try:  # numbers, booleans, null; a bare word (logit-normal) for a str | None setting
+            over[key] = json.loads(value)
+        except json.JSONDecodeError:
+            if "str" not in str(hints[key]):
+                raise SystemExit(f"{text}: {key}={value} is not a value of type {hints[key]}") from None
+            over[key] = value
     return name, over
 
 

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from test_streaming import write_cifar10
 
+from flowmatch.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -184,6 +186,24 @@ def test_every_benchmark_script_readme_names_exists_and_parses_its_options():
     for script, p in procs.items():
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "usage" in out.lower(), (script, err[-1000:])
+
+
+def test_every_levers_variant_readme_gives_parses_to_train_settings():
+    # README's lever commands name settings such as time_dist=logit-normal (a str | None field)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from levers import parse_variant
+    finally:
+        sys.path.pop(0)
+    commands = re.findall(r"python benchmarks/levers\.py((?:\\\n|[^`\n])*)", README)
+    variants = [w for c in commands for w in c.replace("\\\n", " ").split() if re.fullmatch(r"[\w.-]+:\S*", w)]
+    assert len(variants) >= 20 and "ln1u2:time_dist=logit-normal,time_mean=1.0,time_uniform=0.2" in variants
+    for text in variants:
+        name, over = parse_variant(text)
+        TrainConfig(**over).validate()  # every value of the right type and range
+    assert parse_variant("x:time_dist=logit-normal,lr=0.003")[1] == {"time_dist": "logit-normal", "lr": 0.003}
+    with pytest.raises(SystemExit, match="steps=abc"):
+        parse_variant("x:steps=abc")
 
 
 @pytest.mark.slow
