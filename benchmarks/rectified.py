@@ -52,7 +52,8 @@ def main():
     print(f"{'run':>10} {'wall s':>7} {'straightness':>12} " + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes))
     for label, res in results.items():
         ratios = " ".join(f"{res['nfe'][str(k)]['ratio']:8.3f}" for k in nfes)
-        print(f"{label:>10} {walls[label]:7.0f} {res['straightness']:12.4f} {ratios}")
+        straight = f"{res['straightness']:12.4f}" if "straightness" in res else f"{'(a map)':>12}"  # distilled: no field
+        print(f"{label:>10} {walls[label]:7.0f} {straight} {ratios}")
     print(f"(W2/floor, Euler; floor {results['1-RF']['floor']:.4f}, mean of {results['1-RF']['repeats']} reference draws)")
     print(f"\n{'run':>10} " + " ".join(f"{'NFE ' + str(k):>8}" for k in nfes))
     for label, res in results.items():

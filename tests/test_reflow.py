@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowmatch.errors import UserError
-from flowmatch.metrics import straightness
+from flowmatch.metrics import format_table, straightness
 from flowmatch.reflow import PairsDataset, generate_pairs
 from flowmatch.runs import load_run
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
@@ -165,6 +165,20 @@ def test_distilled_run_samples_in_one_step(cli, tiny_run, tmp_path):
     rc, _, err = cli("sample", tmp_path / "d", "--nfe", "1", "--n", "64", "--out", tmp_path / "x.npy", "--no-progress")
     assert rc == 0, err
     assert np.load(tmp_path / "x.npy").shape == (64, 2)
+    # eval measures the map at its steps, and neither integrates it to a tolerance nor walks it
+    # along 100 steps for straightness: it is not a velocity field
+    rc, out, err = cli("eval", tmp_path / "d", "--nfe", "1,2", "--n", "200", "--repeats", "1", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert set(res["nfe"]) == {"1", "2"} and res["map_steps"] == 1
+    assert "adaptive" not in res and "straightness" not in res
+    rows = [line.split()[0] for line in format_table(res).splitlines()]
+    assert "dopri5" not in rows and "straightness" not in rows and "distilled 1-step map" in format_table(res)
+    # a velocity-field run keeps both
+    rc, out, err = cli("eval", tiny_run, "--nfe", "1", "--n", "200", "--repeats", "1", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert "map_steps" not in res and res["adaptive"]["nfe"] > 0 and "straightness" in res
 
 
 def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):

@@ -152,6 +152,11 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
     adaptive solver's NFE and measures, and straightness (``straight=False`` leaves it out: 200
     network evaluations on 2000 noises).
 
+    A distilled run (``flowmatch distill``) gets neither the adaptive row nor straightness: its
+    network is a k-step map trained at its own grid's times only, not a velocity field, so
+    integrating it to a tolerance or along 100 steps measures nothing (``result["map_steps"]``
+    says so, and the table prints it). Its NFE sweep stays: it shows what more steps do.
+
     W2 between two ``n``-point clouds is noisy (in 2-D, mostly the counts per region), so
     each number is the mean over ``repeats`` fresh reference draws: the floor averages
     ``repeats`` pairs of independent data draws, and each model W2 compares one ``n``-sample
@@ -174,6 +179,9 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
         return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
 
     result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
+    if run.lineage.get("kind") == "distill":
+        result["map_steps"] = run.default_nfe
+        adaptive, straight = None, False
     sample_kw = {"time_shift": time_shift} | ({"noise": noise} if noise is not None else {})
     if noise is not None:
         result["noise"] = noise
@@ -214,6 +222,9 @@ def format_table(result: dict) -> str:
                      + f"   ({a['nfe']} NFE at tol {a['tol']:g})")
     if "straightness" in result:
         lines.append(f"straightness {result['straightness']:.4f}")
+    if "map_steps" in result:
+        k = result["map_steps"]
+        lines.append(f"a distilled {k}-step map, not a velocity field: meant for NFE {k}; no adaptive solve, no straightness")
     return "\n".join(lines)
 
 
