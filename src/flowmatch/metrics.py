@@ -179,7 +179,7 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
         return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
 
     result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
-    if run.lineage.get("kind") == "distill":
+    if run.distilled:
         result["map_steps"] = run.default_nfe
         adaptive, straight = None, False
     sample_kw = {"time_shift": time_shift} | ({"noise": noise} if noise is not None else {})

@@ -203,12 +203,18 @@ class Run:
         return self.cfg.lineage
 
     @property
+    def distilled(self) -> bool:
+        """A ``flowmatch distill`` student: a k-step map trained at its grid's times only, not a
+        velocity field (nothing to integrate to a tolerance, no straightness)."""
+        return self.lineage.get("kind") == "distill"
+
+    @property
     def default_nfe(self) -> int:
         """How the run is meant to be sampled: a distilled k-step generator at NFE k, a MeanFlow
         or shortcut run in one step, else 100."""
         if self.cfg.objective in ONE_STEP:
             return 1
-        return int(self.lineage.get("steps", 1)) if self.lineage.get("kind") == "distill" else 100
+        return int(self.lineage.get("steps", 1)) if self.distilled else 100
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x, t, label) if label is not None else self.model(x, t)
