@@ -91,6 +91,24 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(cli, tmp_path)
     assert all((after[k] == good[k]).all() for k in good)  # the last good checkpoint is intact
 
 
+@pytest.mark.parametrize("objective", ["cfm", "meanflow", "shortcut"])
+@pytest.mark.parametrize("data", ["checkerboard", "digits"])
+def test_every_objective_trains_under_bf16_autocast_on_either_network(cli, tmp_path, objective, data):
+    """bf16 autocast (--precision bf16; --precision auto on a CUDA device) trains every objective on
+    the MLP and the UNet: the network's bf16 outputs meet fp32 targets (shortcut's two half steps,
+    MeanFlow's Jacobian-vector product, which forward-mode AD cannot take through a convolution
+    under CPU autocast) and the weights stay fp32 and finite."""
+    import torch
+
+    run = tmp_path / "run"
+    net = TINY if data == "checkerboard" else ["--no-progress"]
+    rc, _, err = cli("train", "--data", data, "--objective", objective, "--precision", "bf16", "--steps", "2",
+                     "--batch-size", "8", "--no-plots", "--out", run, *net)
+    assert rc == 0, err
+    weights = load_file(run / "model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
 def test_bf16_and_gradient_accumulation_train(cli, tmp_path, monkeypatch):
     """bf16 runs the network's forward pass under autocast (its output is bfloat16), in two
     micro-batches of 32 per step; it lands near the fp32 run of the same seed, not on it."""
@@ -203,10 +221,12 @@ def test_a_process_takes_its_process_group_down_before_it_exits(tiny_run, tmp_pa
 
 
 def test_compiled_training_matches_eager(cli, tmp_path):
-    """--compile changes how the network runs, not what it computes: the same weights up to rounding."""
+    """--compile changes how the network runs, not what it computes: the same weights up to fp32's
+    rounding (fp32 pinned: --precision auto is bf16 on a CPU with AMX)."""
     import torch
 
-    args = ["train", "--steps", "15", "--batch-size", "64", "--no-plots", "--checkpoint-every", "15", *TINY]
+    args = ["train", "--steps", "15", "--batch-size", "64", "--no-plots", "--checkpoint-every", "15", "--precision", "fp32",
+            *TINY]
     rc, _, err = cli(*args, "--out", tmp_path / "eager")
     assert rc == 0, err
     rc, _, err = cli(*args, "--compile", "--out", tmp_path / "compiled")
@@ -230,7 +250,7 @@ def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
     from flowmatch.training import cfm_loss, train
 
     cfg = TrainConfig(n_points=100, steps=1, batch_size=16, grad_accum=2, lr=1e-2, warmup_steps=0, schedule="constant",
-                      grad_clip=None, width=32, depth=2, plots=False)
+                      grad_clip=None, width=32, depth=2, plots=False, precision="fp32")
     train(copy.deepcopy(cfg), out=tmp_path / "run", progress=False)
     trained = load_file(tmp_path / "run" / "model.safetensors")
 
@@ -288,13 +308,13 @@ def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradi
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "flowmatch", "train", "--objective", objective, "--processes", "2", "--steps", "1",
            "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
-           "--no-plots", "--out", str(run), *TINY]
+           "--no-plots", "--precision", "fp32", "--out", str(run), *TINY]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     trained = load_file(run / "model.safetensors")
 
     cfg = TrainConfig(objective=objective, steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
-                      n_points=100, width=32, depth=2, plots=False)
+                      n_points=100, width=32, depth=2, plots=False, precision="fp32")
     parts = cfg.build()
     model, objective = parts.model, make_objective(cfg, parts)
     grads = []
@@ -321,13 +341,13 @@ def test_ot_coupling_under_two_processes_pairs_the_global_batch(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "flowmatch", "train", "--coupling", "ot", "--processes", "2", "--steps", "1",
            "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
-           "--no-plots", "--out", str(run), *TINY]
+           "--no-plots", "--precision", "fp32", "--out", str(run), *TINY]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     trained = load_file(run / "model.safetensors")
 
     cfg = TrainConfig(coupling="ot", steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
-                      n_points=100, width=32, depth=2, plots=False)
+                      n_points=100, width=32, depth=2, plots=False, precision="fp32")
     parts = cfg.build()
     model, objective = parts.model, make_objective(cfg, parts)
     gens = [torch.Generator().manual_seed(cfg.seed * 1000 + rank) for rank in range(2)]

@@ -12,6 +12,7 @@ An objective has two steps, so that the training loop needs to know nothing of i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -160,11 +161,11 @@ class MeanFlow(CFM):
                 direction = bare(zi, ti, li, h=torch.zeros_like(ti)).to(v.dtype)
         tangents = (direction, torch.ones_like(ti), torch.zeros_like(ti))
         if bare is model and rows is None:  # one pass: the JVP's primal output is the prediction, with its graph
-            with _math_attention():
+            with _jvp_kernels(z.device):
                 pred, du_dt = torch.func.jvp(u, (zi, ti, ei), tangents)
         else:
             if bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
-                with _math_attention():
+                with _jvp_kernels(z.device):
                     pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
                 rest = (h <= 0).nonzero().flatten()
                 pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
@@ -174,7 +175,7 @@ class MeanFlow(CFM):
                 # forward mutates its buckets): the JVP on the bare module, without a graph (the
                 # target is stop-gradient), and the prediction through the wrapper, so that DDP
                 # all-reduces its gradients.
-                with torch.no_grad(), _math_attention():
+                with torch.no_grad(), _jvp_kernels(z.device):
                     _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
                 pred = model(z, d.t, d.label, h=h)
             jv = jv.detach().to(v.dtype)
@@ -232,7 +233,7 @@ class Shortcut(CFM):
             with torch.no_grad():
                 u1 = bare(zb, tb, lb, h=hq)
                 u2 = bare(zb + half.view(view) * u1, tb + half, lb, h=hq)
-            target[boot] = (u1 + u2) / 2
+            target[boot] = ((u1 + u2) / 2).to(target.dtype)  # under autocast the network answers in bf16
         return model(z, d.t, d.label, h=h), target
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
@@ -240,12 +241,18 @@ class Shortcut(CFM):
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def _math_attention():
-    """Attention (the UNet's middle block) by the math kernel: the fused kernels have no
-    forward-mode derivative, which the JVP needs."""
+def _jvp_kernels(device: torch.device) -> contextlib.ExitStack:
+    """What the JVP needs: attention (the UNet's middle block) by the math kernel, since the fused
+    kernels have no forward-mode derivative; and, on the CPU, no bf16 autocast, which casts a
+    convolution's input but not its tangent (the convolution then refuses the mixed pair), so
+    there the JVP runs in fp32."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    if device.type == "cpu":
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+    return stack
 
 
 def _bare(model):
