@@ -1,0 +1,74 @@
+"""A checkerboard training step in fp32 against bf16 autocast, per batch size: what
+``--precision`` buys the 2-D MLP of ``flowmatch train`` on this CPU.
+
+    python benchmarks/precision_step.py                         # batches 512 and 2048, fp32 and bf16
+    python benchmarks/precision_step.py --batches 512,1024,2048 --rounds 9 --objective meanflow
+
+Each row is flowmatch's own ``Trainer.optimisation_step`` (draws, loss, backward, clipping, AdamW,
+EMA) under one setting; rows run interleaved, in blocks of ``--steps`` steps, so that the machine's
+drift hits every row alike. The table gives the median ms per step, samples per second, and the
+ratio to fp32 at the same batch. Run it alone: timings on 2 shared cores drift by a quarter.
+On a CPU without bfloat16 units (no AMX or AVX512-BF16) autocast emulates bf16 and the bf16 rows
+are many times slower; they are still measured, since that is what a user would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_trainer(objective: str, batch: int, precision: str, out: Path, seed: int = 0):
+    from accelerate import Accelerator
+
+    from flowmatch.config import TrainConfig
+    from flowmatch.training import Trainer
+
+    cfg = TrainConfig(objective=objective, batch_size=batch, precision=precision, steps=10**9, checkpoint_every=10**9,
+                      log_every=10**9, plots=False, seed=seed)
+    tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
+    tr.prepare()  # what Trainer.run sets up before its loop
+    return tr
+
+
+def main() -> None:
+    from flowmatch.training import cpu_has_amx
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="512,2048", help="comma-separated batch sizes")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--objective", default="cfm", help="cfm, meanflow or shortcut")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    precisions = args.precisions.split(",")
+    rows = [(b, p) for b in batches for p in precisions]
+    times: dict[tuple, list[float]] = {row: [] for row in rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {row: make_trainer(args.objective, *row, Path(tmp) / f"{row[0]}-{row[1]}") for row in rows}
+        for tr in trainers.values():  # warm-up (oneDNN picks its kernels on the first calls)
+            for _ in range(3):
+                tr.optimisation_step()
+        for _ in range(args.rounds):
+            for row, tr in trainers.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    tr.optimisation_step()
+                times[row].append((time.perf_counter() - t0) / args.steps * 1e3)
+    print(f"objective {args.objective}; median of {args.rounds} rounds of {args.steps} steps; "
+          f"{torch.get_num_threads()} torch threads; AMX: {'yes' if cpu_has_amx() else 'no'}")
+    print("| batch | precision | ms per step | samples/s | x fp32 at this batch |\n|---:|---|---:|---:|---:|")
+    for b, p in rows:
+        ms = statistics.median(times[(b, p)])
+        base = statistics.median(times[(b, precisions[0])])
+        print(f"| {b} | {p} | {ms:.1f} | {b / ms * 1e3:,.0f} | {base / ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
