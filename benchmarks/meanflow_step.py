@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 
 
-def make_step(objective: str, jvp_rows: str, share: float | None, out: Path, seed: int = 0):
+def make_step(out: Path, jvp_rows: str | None = None, seed: int = 0, **settings):
+    """A prepared Trainer of the defaults with ``settings`` (TrainConfig fields), whose
+    ``optimisation_step()`` is one timed training step (``benchmarks/precision_step.py`` too)."""
     from accelerate import Accelerator
 
     from flowmatch.config import TrainConfig
     from flowmatch.training import Trainer
 
-    extra = {"meanflow_share": share} if objective == "meanflow" and share is not None else {}
-    cfg = TrainConfig(objective=objective, steps=10**9, checkpoint_every=10**9, log_every=10**9, plots=False, seed=seed,
-                      **extra)
+    cfg = TrainConfig(steps=10**9, checkpoint_every=10**9, log_every=10**9, plots=False, seed=seed, **settings)
     tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
     tr.prepare()  # what Trainer.run sets up before its loop
-    if objective == "meanflow":
+    if jvp_rows is not None:
         tr.objective.jvp_rows = jvp_rows
     return tr
 
@@ -52,7 +52,10 @@ def main() -> None:
             "MeanFlow, JVP on the interval rows": ("meanflow", "interval")}
     times: dict[str, list[float]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {name: make_step(obj, jr, args.share, Path(tmp) / str(i)) for i, (name, (obj, jr)) in enumerate(rows.items())}
+        share = {} if args.share is None else {"meanflow_share": args.share}
+        steps = {name: make_step(Path(tmp) / str(i), jr if obj == "meanflow" else None, objective=obj,
+                                 **(share if obj == "meanflow" else {}))
+                 for i, (name, (obj, jr)) in enumerate(rows.items())}
         for tr in steps.values():  # warm-up
             for _ in range(3):
                 tr.optimisation_step()

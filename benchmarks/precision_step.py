@@ -21,23 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def make_trainer(objective: str, batch: int, precision: str, out: Path, seed: int = 0):
-    from accelerate import Accelerator
-
-    from flowmatch.config import TrainConfig
-    from flowmatch.training import Trainer
-
-    cfg = TrainConfig(objective=objective, batch_size=batch, precision=precision, steps=10**9, checkpoint_every=10**9,
-                      log_every=10**9, plots=False, seed=seed)
-    tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
-    tr.prepare()  # what Trainer.run sets up before its loop
-    return tr
+from meanflow_step import make_step  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
-    from flowmatch.training import cpu_has_amx
+    from flowmatch.training import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="512,2048", help="comma-separated batch sizes")
@@ -51,7 +39,8 @@ def main() -> None:
     rows = [(b, p) for b in batches for p in precisions]
     times: dict[tuple, list[float]] = {row: [] for row in rows}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {row: make_trainer(args.objective, *row, Path(tmp) / f"{row[0]}-{row[1]}") for row in rows}
+        trainers = {(b, p): make_step(Path(tmp) / f"{b}-{p}", objective=args.objective, batch_size=b, precision=p)
+                    for b, p in rows}
         for tr in trainers.values():  # warm-up (oneDNN picks its kernels on the first calls)
             for _ in range(3):
                 tr.optimisation_step()
@@ -62,7 +51,7 @@ def main() -> None:
                     tr.optimisation_step()
                 times[row].append((time.perf_counter() - t0) / args.steps * 1e3)
     print(f"objective {args.objective}; median of {args.rounds} rounds of {args.steps} steps; "
-          f"{torch.get_num_threads()} torch threads; AMX: {'yes' if cpu_has_amx() else 'no'}")
+          f"{torch.get_num_threads()} torch threads; bf16 units: {'yes' if cpu_has_bf16() else 'no'}")
     print("| batch | precision | ms per step | samples/s | x fp32 at this batch |\n|---:|---|---:|---:|---:|")
     for b, p in rows:
         ms = statistics.median(times[(b, p)])

@@ -163,15 +163,6 @@ def _config_doc(cfg: TrainConfig, parts: Parts, accelerator) -> dict:
     }
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later), where bf16
-    autocast trains the MLP about 2x as fast as fp32 (``benchmarks/precision_step.py``)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def cpu_has_bf16() -> bool:
     """Whether oneDNN runs bfloat16 natively on this CPU (AMX or AVX512-BF16)."""
     try:
