@@ -222,7 +222,7 @@ def test_a_process_takes_its_process_group_down_before_it_exits(tiny_run, tmp_pa
 
 def test_compiled_training_matches_eager(cli, tmp_path):
     """--compile changes how the network runs, not what it computes: the same weights up to fp32's
-    rounding (fp32 pinned: --precision auto is bf16 on a CPU with AMX)."""
+    rounding (fp32 pinned: --precision auto is bf16 on a CUDA device)."""
     import torch
 
     args = ["train", "--steps", "15", "--batch-size", "64", "--no-plots", "--checkpoint-every", "15", "--precision", "fp32",

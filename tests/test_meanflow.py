@@ -287,3 +287,29 @@ def test_the_jvp_on_the_interval_rows_only_gives_the_loss_and_gradient_of_one_ov
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
             for a, b in zip((p.grad for p in net.parameters()), want_grads, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_under_cpu_bf16_autocast_the_mlp_jvp_runs_in_bf16_and_the_unets_in_fp32():
+    """CPU bf16 autocast: the MLP's JVP runs in bf16 (its target moves from the fp32 one by bf16's
+    rounding, not more), while a network with convolutions takes its JVP in fp32 (CPU autocast
+    casts a convolution's input but not its tangent): its target equals the fp32 one to fp32's
+    rounding, and the JVP runs at all. Both at the one-step objectives' time scale (t * 10)."""
+    from flowmatch.models import make_model
+
+    obj = MeanFlow(UniformTime(), coupling=None, jvp_rows="all")
+    for spec, shape, bf16_jvp in (({"name": "mlp", "width": 64, "depth": 3}, (2,), True), ({"name": "unet"}, (1, 8, 8), False)):
+        torch.manual_seed(0)
+        net = make_model(spec | {"interval": True, "time_scale": 10.0}, shape, num_classes=0).eval()
+        n = 16
+        t = torch.rand(n) * 0.8
+        d = Drawn(torch.randn(n, *shape), torch.randn(n, *shape), t, None, t + 0.2)
+        _, want = obj.target(net, d)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred, got = obj.target(net, d)
+        # the one-pass JVP's primal output is the prediction: bf16 where the JVP ran in bf16
+        assert pred.dtype == (torch.bfloat16 if bf16_jvp else torch.float32) and got.dtype == torch.float32
+        rel = ((got - want).norm() / want.norm()).item()
+        if bf16_jvp:  # bf16's 8 significant bits in the derivative term: about 1e-3 of the target
+            assert 1e-5 < rel < 1e-2, rel
+        else:
+            assert rel < 1e-5, rel

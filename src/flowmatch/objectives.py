@@ -161,11 +161,11 @@ class MeanFlow(CFM):
                 direction = bare(zi, ti, li, h=torch.zeros_like(ti)).to(v.dtype)
         tangents = (direction, torch.ones_like(ti), torch.zeros_like(ti))
         if bare is model and rows is None:  # one pass: the JVP's primal output is the prediction, with its graph
-            with _jvp_kernels(z.device):
+            with _jvp_kernels(bare, z.device):
                 pred, du_dt = torch.func.jvp(u, (zi, ti, ei), tangents)
         else:
             if bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
-                with _jvp_kernels(z.device):
+                with _jvp_kernels(bare, z.device):
                     pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
                 rest = (h <= 0).nonzero().flatten()
                 pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
@@ -175,7 +175,7 @@ class MeanFlow(CFM):
                 # forward mutates its buckets): the JVP on the bare module, without a graph (the
                 # target is stop-gradient), and the prediction through the wrapper, so that DDP
                 # all-reduces its gradients.
-                with torch.no_grad(), _jvp_kernels(z.device):
+                with torch.no_grad(), _jvp_kernels(bare, z.device):
                     _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
                 pred = model(z, d.t, d.label, h=h)
             jv = jv.detach().to(v.dtype)
@@ -241,16 +241,18 @@ class Shortcut(CFM):
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def _jvp_kernels(device: torch.device) -> contextlib.ExitStack:
-    """What the JVP needs: attention (the UNet's middle block) by the math kernel, since the fused
-    kernels have no forward-mode derivative; and, on the CPU, no bf16 autocast, which casts a
-    convolution's input but not its tangent (the convolution then refuses the mixed pair), so
-    there the JVP runs in fp32."""
+def _jvp_kernels(model, device: torch.device) -> contextlib.ExitStack:
+    """What the JVP of ``model`` needs: attention (the UNet's middle block) by the math kernel, since
+    the fused kernels have no forward-mode derivative; and, on the CPU, no bf16 autocast unless the
+    network is convolution-free (CPU autocast casts a convolution's input but not its tangent, and
+    the convolution refuses the mixed pair), so the UNet's JVP runs in fp32 there and the MLP's in
+    bf16 (``python benchmarks/precision_step.py --objective meanflow``: 1.4x the step at batch 2048)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    if device.type == "cpu":
+    modules = model.modules() if isinstance(model, torch.nn.Module) else None  # a plain function: no modules to see
+    if device.type == "cpu" and (modules is None or any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules)):
         stack.enter_context(torch.autocast("cpu", enabled=False))
     return stack
 
