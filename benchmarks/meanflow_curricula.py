@@ -27,11 +27,11 @@ objective's schedule before each optimisation step.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
+from levers import parse_variant  # noqa: I001 (benchmarks/ is the script's folder)
 
 from flowmatch import training
 from flowmatch.config import TrainConfig
@@ -79,13 +79,7 @@ def main() -> None:
     ap.add_argument("--alpha", default="0.2,0.7,0.01", help="alpha: start, end (fractions of the steps), lowest alpha")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig setting (JSON value)")
     args = ap.parse_args()
-    over = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:  # numbers, booleans; a bare word (bf16, logit-normal) is a string
-            over[key] = json.loads(value)
-        except json.JSONDecodeError:
-            over[key] = value
+    _, over = parse_variant("curriculum:" + ",".join(args.set))  # levers.py's KEY=VALUE reading, with its type checks
     cfg = TrainConfig(**{"objective": "meanflow", "plots": False, **over})
     if cfg.objective != "meanflow":
         raise SystemExit("--set objective: the curricula are MeanFlow's")
@@ -106,9 +100,8 @@ def main() -> None:
 
     def make_alpha(cfg, parts):
         obj = make(cfg, parts)
-        alpha_obj = AlphaFlow.__new__(AlphaFlow)
-        alpha_obj.__dict__.update(obj.__dict__)
-        return alpha_obj
+        obj.__class__ = AlphaFlow  # the same MeanFlow, its target and loss replaced
+        return obj
 
     training.Trainer.optimisation_step = scheduled_step
     if args.curriculum == "alpha":
