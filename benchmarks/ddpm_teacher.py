@@ -17,7 +17,10 @@ picture is drawn by the same ancestral loop written out.
 The network is small so that a CPU can sample it 1000 times per image: channels (16, 32, 64),
 attention at 7x7 (the recipe's network, (128, 128, 256, 256, 512, 512), is for GPUs). The learning
 rate is the recipe's 1e-4 scaled up for a short run. Leaves ``DIR/samples.png`` (DDPM, 1000 ancestral
-steps) and ``DIR/train.json`` (settings, loss, wall-clock).
+steps) and ``DIR/train.json`` (settings, loss, wall-clock). ``--snapshots 4000,8000`` also saves the
+EMA weights at those steps, each as a pipeline folder ``DIR/snapshots/step-N`` (written beside and
+renamed into place), to follow one teacher through its training (``teacher_samplers.py`` scores
+several): they are not shorter runs, since the cosine schedule spans all ``--steps``.
 """
 
 from __future__ import annotations
@@ -58,8 +61,25 @@ def guided_ancestral(unet, scheduler, labels: torch.Tensor, guidance: float, ste
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def save_pipeline(unet, scheduler, ema, out: Path) -> None:
+    """The EMA weights as a ``DDPMPipeline`` folder, written next to ``out`` and renamed into place."""
+    import copy
+    import shutil
+
+    from diffusers import DDPMPipeline
+
+    net = copy.deepcopy(unet)
+    ema.copy_to(net.parameters())
+    net.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DDPMPipeline(unet=net, scheduler=scheduler).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels, grid: bool = True,
-          classes: bool = False, label_dropout: float = 0.1) -> dict:
+          classes: bool = False, label_dropout: float = 0.1, snapshots: tuple[int, ...] = ()) -> dict:
     from diffusers import DDPMPipeline, DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -97,6 +117,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step + 1 in snapshots and step + 1 < steps:
+            save_pipeline(unet, scheduler, ema, out / "snapshots" / f"step-{step + 1}")
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -122,6 +144,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
                       output_type="np").images  # (64, 28, 28, 1) in [0, 1]
         tiles = (images[..., 0].reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224) * 255).round()
         Image.fromarray(tiles.astype("uint8")).resize((448, 448), Image.NEAREST).save(out / "samples.png")
+    if snapshots:
+        info["snapshots"] = [str(out / "snapshots" / f"step-{v}") for v in snapshots]
     (out / "train.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -137,14 +161,22 @@ def main():
     ap.add_argument("--no-grid", action="store_true", help="skip the 64-sample picture (1000 steps each)")
     ap.add_argument("--classes", action="store_true", help="class-conditional: the digit's label, null class 10")
     ap.add_argument("--label-dropout", type=float, default=0.1, help="--classes: share of labels dropped to the null")
+    ap.add_argument("--snapshots", default="", help="comma list of steps at which the EMA weights are also saved, "
+                    "each as a pipeline in OUT/snapshots/step-N (one run's teacher against its training)")
     args = ap.parse_args()
     if args.steps < 1 or args.batch_size < 1 or not (args.lr > 0 and math.isfinite(args.lr)):
         ap.error("--steps, --batch-size and --lr must be positive")
     if not 0 <= args.label_dropout < 1:
         ap.error("--label-dropout must be in [0, 1)")
+    try:
+        snapshots = tuple(int(v) for v in args.snapshots.split(",") if v.strip())
+    except ValueError:
+        ap.error(f"--snapshots must be a comma list of step numbers, got {args.snapshots!r}")
+    if any(not 0 < v < args.steps for v in snapshots):
+        ap.error(f"--snapshots must lie between 1 and --steps - 1 ({args.steps - 1}), got {args.snapshots!r}")
     info = train(args.out, args.steps, args.batch_size, args.lr, args.seed,
                  tuple(int(c) for c in args.channels.split(",")), grid=not args.no_grid, classes=args.classes,
-                 label_dropout=args.label_dropout)
+                 label_dropout=args.label_dropout, snapshots=snapshots)
     print(json.dumps(info, indent=1))
     extra = f" --teacher-null-class {NULL_CLASS} --guidance W" if args.classes else ""
     print(f"saved a DDPMPipeline in {args.out}: use it with --teacher diffusers:{args.out}{extra}")

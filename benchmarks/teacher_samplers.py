@@ -6,6 +6,11 @@ classifier's and a PCA's features, precision, recall, label accuracy):
 
     python benchmarks/teacher_samplers.py --teacher runs/ddpm-mnist-cond
     python benchmarks/teacher_samplers.py --samplers ddim20,stop20@200 --n 100
+    python benchmarks/teacher_samplers.py --teacher runs/t/snapshots/step-4000 --teacher runs/t \
+        --samplers ddim20,anc50 --grid teachers.png          # one run's teacher against its training
+
+Several ``--teacher`` folders (``ddpm_teacher.py --snapshots`` saves them along one run) give a row
+per teacher and sampler, named by the folder; ``--grid`` draws the first ten images of every row.
 
 Samplers (``--samplers``, a comma list):
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddpm_images import SHAPE, ddim, scores  # noqa: E402
+from ddpm_images import SHAPE, ddim, save_grid, scores  # noqa: E402
 
 from flowmatch.noise import batch_noise  # noqa: E402
 from flowmatch.teachers import DiffusersTeacher  # noqa: E402
@@ -91,25 +97,41 @@ def sample(folder: Path, name: str, z0, label, w: float, null: int) -> torch.Ten
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", type=Path, default=Path("runs/ddpm-mnist-cond"), help="a class-conditional DDPMPipeline folder")
+    ap.add_argument("--teacher", type=Path, action="append",
+                    help="a class-conditional DDPMPipeline folder (repeat for several; default runs/ddpm-mnist-cond)")
     ap.add_argument("--null-class", type=int, default=10)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=500, help="images per sampler (the story's noise: its first n)")
     ap.add_argument("--samplers", default="ddim20,stop20@100,stop20@200,stop20@350,dpm20,anc50")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--grid", type=Path, default=None, help="draw the first ten images of every row here (PNG)")
     args = ap.parse_args()
+    teachers = args.teacher or [Path("runs/ddpm-mnist-cond")]
+    for folder in teachers:
+        if not folder.is_dir():
+            ap.error(f"--teacher: {folder} is not a directory holding a diffusers pipeline")
+    samplers = args.samplers.split(",")
+    bad = [v for v in samplers if not re.fullmatch(r"(ddim|dpm|anc)[1-9]\d*|stop[1-9]\d*@\d+", v)]
+    if bad:
+        ap.error(f"--samplers: unknown sampler {bad[0]!r} (ddimK, stopK@T, dpmK, ancK)")
+    names = [f.name for f in teachers] if len(teachers) > 1 else [""]
     z0 = batch_noise(12345, 0, args.n, SHAPE)  # the story's noise (ddpm_images.py) and its digits
     label = torch.arange(args.n) % 10
-    rows = []
+    rows, images = [], {}
     print("| sampler | Fréchet/floor (classifier) | Fréchet/floor (PCA) | precision | recall | label accuracy | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.samplers.split(","):
-        t0 = time.perf_counter()
-        x = sample(args.teacher, name, z0, label, args.guidance, args.null_class)
-        r = {"sampler": name, "s": time.perf_counter() - t0, **scores(x, label)}
-        rows.append(r)
-        print(f"| {name} | {r['fd_ratio']:.2f} | {r['pca_ratio']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['label_accuracy']:.3f} | {r['s']:.0f} |", flush=True)
+    for folder, tag in zip(teachers, names):
+        for name in samplers:
+            t0 = time.perf_counter()
+            x = sample(folder, name, z0, label, args.guidance, args.null_class)
+            row = f"{tag} {name}".strip()
+            r = {"sampler": row, "teacher": str(folder), "s": time.perf_counter() - t0, **scores(x, label)}
+            rows.append(r)
+            images[row] = x
+            print(f"| {row} | {r['fd_ratio']:.2f} | {r['pca_ratio']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                  f"{r['label_accuracy']:.3f} | {r['s']:.0f} |", flush=True)
+            if args.grid:
+                save_grid(images, args.grid)
     if args.out:
         args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

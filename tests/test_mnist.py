@@ -138,3 +138,52 @@ def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
     res = json.loads(out)
     assert res["data"] == "mnist" and res["n"] == 50 and res["classifier"]["ratio"] > 1
     assert "conditional" in res  # mnist is labelled
+
+
+def _ddpm_teacher_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ddpm_teacher.py"
+    spec = importlib.util.spec_from_file_location("ddpm_teacher", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ddpm_teacher_snapshots_hold_the_ema_weights_of_their_step(tmp_path):
+    """``benchmarks/ddpm_teacher.py --snapshots``: the pipeline saved at step k holds the EMA weights
+    of step k. The EMA's warm-up copies the weights at its first update, and the first step's learning
+    rate is the same for any short run (no warm-up below 10 steps, cosine at 0), so the snapshot at step
+    1 of a 3-step run is a 1-step run's teacher, bit for bit; the one at step 2 is not the final one."""
+    from flowmatch.teachers import DiffusersTeacher
+
+    mod = _ddpm_teacher_module()
+    small = dict(batch_size=4, lr=1e-3, seed=0, channels=(8, 16, 16), grid=False, classes=True)
+    info = mod.train(tmp_path / "three", 3, snapshots=(1, 2), **small)
+    mod.train(tmp_path / "one", 1, **small)
+    assert info["snapshots"] == [str(tmp_path / "three" / "snapshots" / f"step-{k}") for k in (1, 2)]
+    assert not list((tmp_path / "three" / "snapshots").glob("*.tmp"))
+
+    def weights(folder):
+        return DiffusersTeacher(folder, null_class=10).unet.state_dict()
+
+    one, snap1 = weights(tmp_path / "one"), weights(tmp_path / "three" / "snapshots" / "step-1")
+    snap2, final = weights(tmp_path / "three" / "snapshots" / "step-2"), weights(tmp_path / "three")
+    assert one.keys() == snap1.keys() and all(torch.equal(one[k], snap1[k]) for k in one)
+    assert any(not torch.equal(snap2[k], final[k]) for k in final)
+    assert any(not torch.equal(snap1[k], snap2[k]) for k in final)
+
+
+@pytest.mark.parametrize("value", ["3", "0", "x"])
+def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ddpm_teacher.py"
+    out = tmp_path / "teacher"
+    r = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "3", "--snapshots", value],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--snapshots" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
