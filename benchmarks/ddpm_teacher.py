@@ -96,7 +96,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(500, steps // 10), num_training_steps=steps)
     ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     g = torch.Generator().manual_seed(seed)
-    losses, t0 = [], time.perf_counter()
+    losses, saved, t0 = [], [], time.perf_counter()
     bar = tqdm(range(steps), desc="ddpm", mininterval=2)
     for step in bar:
         rows = torch.randint(len(x), (batch_size,), generator=g)
@@ -117,8 +117,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if step + 1 in snapshots and step + 1 < steps:
-            save_pipeline(unet, scheduler, ema, out / "snapshots" / f"step-{step + 1}")
+        if step + 1 in snapshots and step + 1 < steps:  # the last step's weights are the run's own pipeline
+            saved.append(out / "snapshots" / f"step-{step + 1}")
+            save_pipeline(unet, scheduler, ema, saved[-1])
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -144,8 +145,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, channels
                       output_type="np").images  # (64, 28, 28, 1) in [0, 1]
         tiles = (images[..., 0].reshape(8, 8, 28, 28).transpose(0, 2, 1, 3).reshape(224, 224) * 255).round()
         Image.fromarray(tiles.astype("uint8")).resize((448, 448), Image.NEAREST).save(out / "samples.png")
-    if snapshots:
-        info["snapshots"] = [str(out / "snapshots" / f"step-{v}") for v in snapshots]
+    if saved:
+        info["snapshots"] = [str(p) for p in saved]
     (out / "train.json").write_text(json.dumps(info, indent=1))
     return info
 
