@@ -9,6 +9,11 @@ classifier's and a PCA's features, precision, recall, label accuracy):
     python benchmarks/teacher_samplers.py --teacher runs/t/snapshots/step-4000 --teacher runs/t \
         --samplers ddim20,anc50 --grid teachers.png          # one run's teacher against its training
 
+A comma list of ``--guidance`` weights gives a row per weight (the teacher's DDIM falls behind its
+ancestral sampler as guidance grows)::
+
+    python benchmarks/teacher_samplers.py --teacher runs/t/ --guidance 1,1.25,1.5,2,3 --samplers ddim20,anc50
+
 Several ``--teacher`` folders (``ddpm_teacher.py --snapshots`` saves them along one run) give a row
 per teacher and sampler, named by the folder; ``--grid`` draws the first ten images of every row.
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -100,12 +106,19 @@ def main():
     ap.add_argument("--teacher", type=Path, action="append",
                     help="a class-conditional DDPMPipeline folder (repeat for several; default runs/ddpm-mnist-cond)")
     ap.add_argument("--null-class", type=int, default=10)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", default="2",
+                    help="classifier-free guidance weight, or a comma list of weights (a row per weight)")
     ap.add_argument("--n", type=int, default=500, help="images per sampler (the story's noise: its first n)")
     ap.add_argument("--samplers", default="ddim20,stop20@100,stop20@200,stop20@350,dpm20,anc50")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--grid", type=Path, default=None, help="draw the first ten images of every row here (PNG)")
     args = ap.parse_args()
+    try:
+        weights = [float(w) for w in args.guidance.split(",")]
+    except ValueError:
+        weights = [float("nan")]
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        ap.error(f"--guidance: expected a finite weight >= 0 or a comma list of them, got {args.guidance!r}")
     teachers = args.teacher or [Path("runs/ddpm-mnist-cond")]
     for folder in teachers:
         if not folder.is_dir():
@@ -121,17 +134,19 @@ def main():
     print("| sampler | Fréchet/floor (classifier) | Fréchet/floor (PCA) | precision | recall | label accuracy | seconds |")
     print("|---|---|---|---|---|---|---|")
     for folder, tag in zip(teachers, names):
-        for name in samplers:
-            t0 = time.perf_counter()
-            x = sample(folder, name, z0, label, args.guidance, args.null_class)
-            row = f"{tag} {name}".strip()
-            r = {"sampler": row, "teacher": str(folder), "s": time.perf_counter() - t0, **scores(x, label)}
-            rows.append(r)
-            images[row] = x
-            print(f"| {row} | {r['fd_ratio']:.2f} | {r['pca_ratio']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                  f"{r['label_accuracy']:.3f} | {r['s']:.0f} |", flush=True)
-            if args.grid:
-                save_grid(images, args.grid)
+        for w in weights:
+            for name in samplers:
+                t0 = time.perf_counter()
+                x = sample(folder, name, z0, label, w, args.null_class)
+                row = " ".join(filter(None, [tag, f"g={w:g}" if len(weights) > 1 else "", name]))
+                r = {"sampler": row, "teacher": str(folder), "guidance": w, "s": time.perf_counter() - t0,
+                     **scores(x, label)}
+                rows.append(r)
+                images[row] = x
+                print(f"| {row} | {r['fd_ratio']:.2f} | {r['pca_ratio']:.2f} | {r['precision']:.3f} | "
+                      f"{r['recall']:.3f} | {r['label_accuracy']:.3f} | {r['s']:.0f} |", flush=True)
+                if args.grid:
+                    save_grid(images, args.grid)
     if args.out:
         args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

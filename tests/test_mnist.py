@@ -187,3 +187,58 @@ def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--snapshots" in r.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def _teacher_samplers_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_samplers.py"
+    spec = importlib.util.spec_from_file_location("teacher_samplers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, monkeypatch, capsys):
+    """``--guidance 1,2``: every teacher is sampled by every sampler at every weight, in that order,
+    each row named by all three and recording its weight."""
+    import json
+    import sys
+
+    mod = _teacher_samplers_module()
+    calls = []
+
+    def sample(folder, name, z0, label, w, null):
+        calls.append((folder.name, w, name, null))
+        return torch.zeros(len(z0), 1, 28, 28)
+
+    monkeypatch.setattr(mod, "sample", sample)
+    monkeypatch.setattr(mod, "scores", lambda x, label: {"fd_ratio": 1.0, "pca_ratio": 1.0, "precision": 1.0,
+                                                        "recall": 1.0, "label_accuracy": 1.0})
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["teacher_samplers.py", "--teacher", str(a), "--teacher", str(b),
+                                      "--guidance", "1,2.5", "--samplers", "ddim2,anc3", "--n", "4",
+                                      "--null-class", "7", "--out", str(out)])
+    mod.main()
+    expect = [(t, w, s, 7) for t in "ab" for w in (1.0, 2.5) for s in ("ddim2", "anc3")]
+    assert calls == expect
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["guidance"]) for r in rows] == [(f"{t} g={w:g} {s}", w) for t, w, s, _ in expect]
+    assert "| b g=2.5 anc3 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
+def test_teacher_samplers_refuse_bad_guidance_before_sampling(tmp_path, value):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_samplers.py"
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(script), "--teacher", str(tmp_path), "--guidance", value,
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--guidance" in r.stderr.strip().splitlines()[-1]
+    assert not out.exists()
