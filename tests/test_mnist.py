@@ -140,12 +140,13 @@ def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
     assert "conditional" in res  # mnist is labelled
 
 
-def _ddpm_teacher_module():
+def _benchmark_module(name: str):
+    """``benchmarks/NAME.py`` imported as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ddpm_teacher.py"
-    spec = importlib.util.spec_from_file_location("ddpm_teacher", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -158,7 +159,7 @@ def test_ddpm_teacher_snapshots_hold_the_ema_weights_of_their_step(tmp_path):
     1 of a 3-step run is a 1-step run's teacher, bit for bit; the one at step 2 is not the final one."""
     from flowmatch.teachers import DiffusersTeacher
 
-    mod = _ddpm_teacher_module()
+    mod = _benchmark_module("ddpm_teacher")
     small = dict(batch_size=4, lr=1e-3, seed=0, channels=(8, 16, 16), grid=False, classes=True)
     info = mod.train(tmp_path / "three", 3, snapshots=(1, 2), **small)
     mod.train(tmp_path / "one", 1, **small)
@@ -189,24 +190,13 @@ def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value):
     assert not out.exists()
 
 
-def _teacher_samplers_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_samplers.py"
-    spec = importlib.util.spec_from_file_location("teacher_samplers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, monkeypatch, capsys):
     """``--guidance 1,2``: every teacher is sampled by every sampler at every weight, in that order,
     each row named by all three and recording its weight."""
     import json
     import sys
 
-    mod = _teacher_samplers_module()
+    mod = _benchmark_module("teacher_samplers")
     calls = []
 
     def sample(folder, name, z0, label, w, null):
