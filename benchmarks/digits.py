@@ -7,18 +7,25 @@ Fréchet distance over its floor (classifier features and PCA) of 1000 unconditi
     python benchmarks/digits.py --out runs/digits-sc --objective shortcut   # one-step generators:
                                                            # measured at their one step (--nfe)
     python benchmarks/digits.py --out runs/digits-sc1000 --objective shortcut --train "--time-scale 1000"
+    python benchmarks/digits.py --out runs/d14/dist --reuse --cond-guidance 1,2   # also class-conditional
+                                                           # samples (100 per class) at each weight: their
+                                                           # Fréchet distances and the judge's accuracy
+
+A student distilled from labelled pairs (`flowmatch distill --guidance W`) learns a one-step map per
+class; its unconditional samples are the average over classes, so it is measured by `--cond-guidance`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import time
 from pathlib import Path
 
 from flowmatch.cli import run as cli
-from flowmatch.image_metrics import evaluate_digits
+from flowmatch.image_metrics import evaluate_digits, run_data_name
 from flowmatch.runs import load_run
 
 
@@ -31,7 +38,15 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="train --steps (default: the command line's)")
     ap.add_argument("--nfe", type=int, default=None, help="Euler steps to evaluate (default: the run's own, 100 or 1)")
     ap.add_argument("--train", default="", help="more train options, as one string (e.g. '--time-scale 1000')")
+    ap.add_argument("--cond-guidance", default="", help="comma list of guidance weights: score class-conditional "
+                    "samples (100 per class) at each")
     args = ap.parse_args()
+    try:
+        weights = [float(w) for w in args.cond_guidance.split(",")] if args.cond_guidance else []
+    except ValueError:
+        weights = [float("nan")]
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        ap.error(f"--cond-guidance: expected a comma list of finite weights >= 0, got {args.cond_guidance!r}")
     wall = float("nan")
     if not (args.reuse and (args.out / "ema.safetensors").exists()):
         t0 = time.perf_counter()
@@ -52,7 +67,30 @@ def main():
         c = res["conditional"]
         print(f"| accuracy of class-conditional samples (guidance {c['guidance']:g}, {c['per_class']} per class) "
               f"| {c['accuracy']:.3f} | judge on real test digits: {c['judge_accuracy_on_test']:.3f} | |")
+    if weights:
+        if not run.num_classes:
+            ap.error(f"--cond-guidance: {args.out} has no classes to condition on")
+        res["class_conditional"] = [conditional_scores(run, nfe, w) for w in weights]
+        print("| class-conditional samples (100 per class) | classifier FD / floor | PCA FD / floor | label accuracy |\n|---|---|---|---|")
+        for r in res["class_conditional"]:
+            print(f"| guidance {r['guidance']:g} | {r['classifier']['ratio']:.2f} | {r['pca']['ratio']:.2f} | {r['accuracy']:.3f} |")
     (args.out / "digits_eval.json").write_text(json.dumps({"wall_s": wall, **res}, indent=1))
+
+
+def conditional_scores(run, nfe: int, guidance: float, per_class: int = 100, seed: int = 0) -> dict:
+    """Fréchet distances (classifier and PCA features, over their floors) of ``per_class`` samples
+    of each class at ``guidance``, and how often the pixel judge reads them as their class."""
+    import numpy as np
+    import torch
+
+    from flowmatch.image_metrics import image_scores, label_accuracy
+
+    data = run_data_name(run) or "digits"
+    x = torch.cat([run.sample(per_class, nfe=nfe, seed=seed + 100 + c, label=c, guidance=guidance)
+                   for c in range(run.num_classes)])
+    labels = np.repeat(np.arange(run.num_classes), per_class)
+    return {"guidance": guidance, "per_class": per_class, **image_scores(x, data, seed),
+            "accuracy": label_accuracy(x, labels, data)}
 
 
 if __name__ == "__main__":
