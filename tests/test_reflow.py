@@ -13,7 +13,7 @@ from flowmatch.reflow import PairsDataset, generate_pairs
 from flowmatch.runs import load_run
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
 
-from conftest import one_line_error
+from conftest import TINY, one_line_error
 
 
 def _shards(d):
@@ -205,6 +205,26 @@ def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
     line = one_line_error(*cli("reflow", tiny_run, "--out", out, "--pairs", "64", "--teacher-nfe", "2", "--resume",
                           "--no-progress", "--shard-size", "32", "--steps", "2")[::2])
     assert "shard-00001" in line
+
+
+@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
+def test_distilling_a_one_step_run_is_refused_before_anything_is_written(cli, tmp_path, objective):
+    """A one-step run's student would train only at the grid's times with no interval, while it
+    samples by the interval's average velocity: refused in one line naming the run, nothing written.
+    Reflowing it stays open (the objective trains its intervals on the pairs' straight paths)."""
+    run = tmp_path / objective
+    rc, _, err = cli("train", "--objective", objective, "--steps", "2", "--batch-size", "32", "--out", run,
+                     "--no-plots", *TINY)
+    assert rc == 0, err
+    out = tmp_path / "d"
+    line = one_line_error(*cli("distill", run, "--out", out, "--pairs", "16", "--steps", "2", "--teacher-nfe", "2",
+                               "--no-progress")[::2])
+    assert str(run) in line and objective in line and "one step" in line
+    assert not out.exists()
+    rc, _, err = cli("reflow", run, "--out", tmp_path / "r", "--pairs", "16", "--steps", "2", "--teacher-nfe", "2",
+                     "--batch-size", "8", "--no-progress", "--no-plots")
+    assert rc == 0, err
+    assert load_run(tmp_path / "r").cfg.objective == objective
 
 
 def test_teacher_run_must_exist_and_shapes_must_agree(tmp_path, tiny_run):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import StudentOptions, TrainConfig
+from .config import ONE_STEP, StudentOptions, TrainConfig
 from .data.pairs import PairsDataset, check_pairs
 from .errors import UserError
 from .noise import batch_generator, batch_noise
@@ -119,6 +119,11 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
 
     if isinstance(teacher, FlowTeacher):
         base = TrainConfig.from_dict(teacher.run.doc["train"])
+        if kind == "distill" and base.objective in ONE_STEP:
+            # its student would keep the objective and train only at the grid's times with h = 0:
+            # the step it samples by, u(z, 0, 1), would never see the pairs
+            raise UserError(f"{teacher.run.dir}: a {base.objective} run samples in one step already (flowmatch sample "
+                            f"--nfe K for K steps); distil a flow-matching run (--objective cfm), or reflow this one")
         cfg = TrainConfig(**{**base.to_dict(), "lineage": {}})
         cfg.init_from = str((teacher.run.dir / "ema.safetensors").resolve())
         if opts.unet is not None and opts.unet != cfg.unet:
