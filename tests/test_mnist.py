@@ -140,6 +140,18 @@ def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
     assert "conditional" in res  # mnist is labelled
 
 
+def _assert_script_refuses(name: str, args: list, option: str, out) -> None:
+    """``python benchmarks/NAME.py ARGS`` exits 2 with its last line naming ``option``, writing nothing at ``out``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    r = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 2 and option in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not out.exists()
+
+
 def _benchmark_module(name: str):
     """``benchmarks/NAME.py`` imported as a module."""
     import importlib.util
@@ -178,16 +190,8 @@ def test_ddpm_teacher_snapshots_hold_the_ema_weights_of_their_step(tmp_path):
 
 @pytest.mark.parametrize("value", ["3", "0", "x"])
 def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ddpm_teacher.py"
     out = tmp_path / "teacher"
-    r = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "3", "--snapshots", value],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--snapshots" in r.stderr.strip().splitlines()[-1]
-    assert not out.exists()
+    _assert_script_refuses("ddpm_teacher", ["--out", out, "--steps", "3", "--snapshots", value], "--snapshots", out)
 
 
 def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, monkeypatch, capsys):
@@ -222,16 +226,8 @@ def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, 
 
 @pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
 def test_teacher_samplers_refuse_bad_guidance_before_sampling(tmp_path, value):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_samplers.py"
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(script), "--teacher", str(tmp_path), "--guidance", value,
-                        "--out", str(out)], capture_output=True, text=True)
-    assert r.returncode == 2 and "--guidance" in r.stderr.strip().splitlines()[-1]
-    assert not out.exists()
+    _assert_script_refuses("teacher_samplers", ["--teacher", tmp_path, "--guidance", value, "--out", out], "--guidance", out)
 
 
 class _RealDigits:
@@ -277,13 +273,5 @@ def test_digits_benchmark_scores_class_conditional_samples_by_their_class():
 
 @pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
 def test_digits_benchmark_refuses_bad_cond_guidance_before_training(tmp_path, value):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "digits.py"
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "2", "--cond-guidance", value],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--cond-guidance" in r.stderr.strip().splitlines()[-1]
-    assert not out.exists()
+    _assert_script_refuses("digits", ["--out", out, "--steps", "2", "--cond-guidance", value], "--cond-guidance", out)
