@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from flowmatch.cli import run as cli
-from flowmatch.image_metrics import evaluate_digits, run_data_name
+from flowmatch.image_metrics import class_samples, evaluate_digits, image_scores, label_accuracy, run_data_name
 from flowmatch.runs import load_run
 
 
@@ -80,15 +80,8 @@ def main():
 def conditional_scores(run, nfe: int, guidance: float, per_class: int = 100, seed: int = 0) -> dict:
     """Fréchet distances (classifier and PCA features, over their floors) of ``per_class`` samples
     of each class at ``guidance``, and how often the pixel judge reads them as their class."""
-    import numpy as np
-    import torch
-
-    from flowmatch.image_metrics import image_scores, label_accuracy
-
     data = run_data_name(run) or "digits"
-    x = torch.cat([run.sample(per_class, nfe=nfe, seed=seed + 100 + c, label=c, guidance=guidance)
-                   for c in range(run.num_classes)])
-    labels = np.repeat(np.arange(run.num_classes), per_class)
+    x, labels = class_samples(run, per_class, nfe, seed=seed, guidance=guidance)
     return {"guidance": guidance, "per_class": per_class, **image_scores(x, data, seed),
             "accuracy": label_accuracy(x, labels, data)}
 

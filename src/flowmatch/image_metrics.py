@@ -159,6 +159,15 @@ def label_accuracy(x: torch.Tensor, labels, data: str = "digits") -> float:
     return float((pred == np.asarray(labels)).mean())
 
 
+def class_samples(run, per_class: int, nfe: int = 100, solver: str = "euler", seed: int = 0,
+                  guidance: float = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+    """``per_class`` samples of each of a run's classes at ``guidance`` (class ``c`` from seed
+    ``seed + 100 + c``), in class order, and their labels."""
+    xs = [run.sample(per_class, nfe=nfe, solver=solver, seed=seed + 100 + c, label=c, guidance=guidance)
+          for c in range(run.num_classes)]
+    return torch.cat(xs), np.repeat(np.arange(run.num_classes), per_class)
+
+
 def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", seed: int = 0, guidance: float = 2.0,
                     per_class: int = 100, x: torch.Tensor | None = None) -> dict:
     """:func:`image_scores` of ``n`` unconditional samples of a digits or mnist run (``x``: those
@@ -170,9 +179,7 @@ def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", s
     test_x, test_y = _split(data, "test")
     if run.num_classes:
         judge = pixel_judge(data)
-        xs = [run.sample(per_class, nfe=nfe, solver=solver, seed=seed + 100 + c, label=c, guidance=guidance)
-              for c in range(run.num_classes)]
-        acc = label_accuracy(torch.cat(xs), np.repeat(np.arange(run.num_classes), per_class), data)
+        acc = label_accuracy(*class_samples(run, per_class, nfe, solver, seed, guidance), data)
         res["conditional"] = {"guidance": guidance, "per_class": per_class, "accuracy": acc,
                               "judge": "logistic regression on pixels",
                               "judge_accuracy_on_test": float(judge.score(test_x.reshape(len(test_x), -1).numpy(), test_y.numpy()))}
