@@ -29,6 +29,35 @@ def cli(capsys):
     return call
 
 
+def run_script(script, args, capsys) -> tuple[int, str, str]:
+    """``python benchmarks/NAME.py ARGS`` in this process (saves a Python start-up and the imports
+    per call; the tests run dozens): returns (exit status, stdout, stderr) as the shell would see
+    them. ``SystemExit("message")`` is status 1 with the message on stderr, as Python prints it."""
+    import runpy
+    import sys
+    import traceback
+    from pathlib import Path
+
+    script = Path(script)
+    capsys.readouterr()
+    argv, path = sys.argv, list(sys.path)
+    sys.argv, sys.path[:0] = [str(script), *map(str, args)], [str(script.parent)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except Exception:  # noqa: BLE001 - an internal failure, as the interpreter reports it
+        traceback.print_exc()
+        rc = 1
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def one_line_error(rc, err):
     """Bad input: exit status 2 and exactly one line on stderr, no traceback; returns the line."""
     assert rc == 2, err
