@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,33 +30,32 @@ def cli(capsys):
     return call
 
 
-def run_script(script, args, capsys) -> tuple[int, str, str]:
-    """``python benchmarks/NAME.py ARGS`` in this process (saves a Python start-up and the imports
-    per call; the tests run dozens): returns (exit status, stdout, stderr) as the shell would see
-    them. ``SystemExit("message")`` is status 1 with the message on stderr, as Python prints it."""
+@pytest.fixture
+def script(capsys):
+    """Run ``python benchmarks/NAME.py ARGS`` in-process, as :func:`cli` runs the command line (one
+    start-up and one set of imports for all the calls): returns (exit status, stdout, stderr).
+    ``SystemExit("message")`` is status 1 with the message on stderr, as Python reports it."""
     import runpy
     import sys
-    import traceback
-    from pathlib import Path
 
-    script = Path(script)
-    capsys.readouterr()
-    argv, path = sys.argv, list(sys.path)
-    sys.argv, sys.path[:0] = [str(script), *map(str, args)], [str(script.parent)]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-        rc = 0
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except Exception:  # noqa: BLE001 - an internal failure, as the interpreter reports it
-        traceback.print_exc()
-        rc = 1
-    finally:
-        sys.argv, sys.path[:] = argv, path
-    out, err = capsys.readouterr()
-    return rc, out, err
+    def call(path, *args):
+        capsys.readouterr()
+        argv, syspath = sys.argv, list(sys.path)
+        sys.argv, sys.path[:0] = [str(path), *map(str, args)], [str(Path(path).parent)]  # as `python path` sets them
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            rc = 0
+        except SystemExit as e:
+            rc = e.code or 0
+            if not isinstance(rc, int):
+                print(rc, file=sys.stderr)
+                rc = 1
+        finally:
+            sys.argv, sys.path[:] = argv, syspath
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
 
 
 def one_line_error(rc, err):

@@ -140,14 +140,12 @@ def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
     assert "conditional" in res  # mnist is labelled
 
 
-def _assert_script_refuses(name: str, args: list, option: str, out, capsys) -> None:
-    """``python benchmarks/NAME.py ARGS`` exits 2 with its last line naming ``option``, writing nothing at ``out``."""
+def _assert_script_refuses(script, name: str, args: list, option: str, out) -> None:
+    """``python benchmarks/NAME.py ARGS`` (by the ``script`` fixture) exits 2 with its last line
+    naming ``option``, writing nothing at ``out``."""
     from pathlib import Path
 
-    from conftest import run_script
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    rc, _, err = run_script(script, args, capsys)
+    rc, _, err = script(Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py", *args)
     assert rc == 2 and option in err.strip().splitlines()[-1], err
     assert not out.exists()
 
@@ -189,9 +187,9 @@ def test_ddpm_teacher_snapshots_hold_the_ema_weights_of_their_step(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["3", "0", "x"])
-def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value, capsys):
+def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value, script):
     out = tmp_path / "teacher"
-    _assert_script_refuses("ddpm_teacher", ["--out", out, "--steps", "3", "--snapshots", value], "--snapshots", out, capsys)
+    _assert_script_refuses(script, "ddpm_teacher", ["--out", out, "--steps", "3", "--snapshots", value], "--snapshots", out)
 
 
 def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, monkeypatch, capsys):
@@ -225,9 +223,9 @@ def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, 
 
 
 @pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
-def test_teacher_samplers_refuse_bad_guidance_before_sampling(tmp_path, value, capsys):
+def test_teacher_samplers_refuse_bad_guidance_before_sampling(tmp_path, value, script):
     out = tmp_path / "rows.json"
-    _assert_script_refuses("teacher_samplers", ["--teacher", tmp_path, "--guidance", value, "--out", out], "--guidance", out, capsys)
+    _assert_script_refuses(script, "teacher_samplers", ["--teacher", tmp_path, "--guidance", value, "--out", out], "--guidance", out)
 
 
 class _RealDigits:
@@ -272,6 +270,6 @@ def test_digits_benchmark_scores_class_conditional_samples_by_their_class():
 
 
 @pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
-def test_digits_benchmark_refuses_bad_cond_guidance_before_training(tmp_path, value, capsys):
+def test_digits_benchmark_refuses_bad_cond_guidance_before_training(tmp_path, value, script):
     out = tmp_path / "run"
-    _assert_script_refuses("digits", ["--out", out, "--steps", "2", "--cond-guidance", value], "--cond-guidance", out, capsys)
+    _assert_script_refuses(script, "digits", ["--out", out, "--steps", "2", "--cond-guidance", value], "--cond-guidance", out)

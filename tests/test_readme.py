@@ -178,15 +178,13 @@ def test_readme_python_block_runs(workdir):
     assert env["x"].shape == (1000, 2) and env["logp"].shape == (100,) and env["res"].nfe > 0
 
 
-def test_every_benchmark_script_readme_names_exists_and_parses_its_options(capsys):
+def test_every_benchmark_script_readme_names_exists_and_parses_its_options(script):
     """Each script's ``--help``, run in this process (one start-up and one set of imports for all)."""
-    from conftest import run_script
-
     scripts = sorted(set(re.findall(r"python (benchmarks/\w+\.py)", README)))
     assert "benchmarks/levers.py" in scripts and len(scripts) >= 4, scripts
-    for script in scripts:
-        rc, out, err = run_script(ROOT / script, ["--help"], capsys)
-        assert rc == 0 and "usage" in out.lower(), (script, err[-1000:])
+    for name in scripts:
+        rc, out, err = script(ROOT / name, "--help")
+        assert rc == 0 and "usage" in out.lower(), (name, err[-1000:])
 
 
 def test_every_levers_variant_readme_gives_parses_to_train_settings():
