@@ -4,6 +4,7 @@ options for a student of a ready-made DDPM."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from flowmatch.models.unet import UNet, unet_settings
 from flowmatch.timesteps import UShapedTime, make_time_sampler
 
 from conftest import one_line_error
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_mnist_is_shipped_split_stratified_and_scaled():
@@ -143,9 +146,7 @@ def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
 def _assert_script_refuses(script, name: str, args: list, option: str, out) -> None:
     """``python benchmarks/NAME.py ARGS`` (by the ``script`` fixture) exits 2 with its last line
     naming ``option``, writing nothing at ``out``."""
-    from pathlib import Path
-
-    rc, _, err = script(Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py", *args)
+    rc, _, err = script(BENCHMARKS / f"{name}.py", *args)
     assert rc == 2 and option in err.strip().splitlines()[-1], err
     assert not out.exists()
 
@@ -153,10 +154,8 @@ def _assert_script_refuses(script, name: str, args: list, option: str, out) -> N
 def _benchmark_module(name: str):
     """``benchmarks/NAME.py`` imported as a module."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
