@@ -348,3 +348,9 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(cli, tmp_path, monkeypatch):
             rc, _, err = cli("train", "--precision", "bf16", "--steps", "1", "--no-plots", "--out", tmp_path / f"r{has}", *TINY)
         assert rc == 0, err
         assert sum("no bfloat16 units" in str(w.message) for w in seen) == expect
+
+
+def test_film_on_images_is_refused_before_anything_is_written(cli, tmp_path):
+    rc, _, err = cli("train", "--data", "digits", "--film", "--out", tmp_path / "run", *TINY)
+    assert "--film" in one_line_error(rc, err)
+    assert not (tmp_path / "run").exists()

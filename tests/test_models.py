@@ -88,8 +88,67 @@ def test_defaults_predict_data_for_vectors_and_velocity_for_images():
 
 def test_a_run_written_before_the_sharpness_settings_keeps_its_network():
     """config.json of an older run has no fourier/prediction keys: it rebuilds the plain MLP."""
-    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("fourier", "fourier_scale", "time_scale",
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("fourier", "fourier_scale", "film", "time_scale",
                                                                          "prediction", "loss", "huber_c")}
     cfg = TrainConfig.from_dict(old)
     assert (cfg.fourier, cfg.prediction, cfg.loss) == (0, "velocity", "mse")
     assert sum(p.numel() for p in make_model(cfg.model_spec((2,)), (2,)).parameters()) == 1_578_498
+
+
+def _film_params(width: int, depth: int, interval: bool = False) -> int:
+    """FiLM's parameters: the sinusoids' Linear(64 or 128, 64), then Linear(64, 2 W) per block."""
+    return (64 * (2 if interval else 1) * 64 + 64) + depth * (64 * 2 * width + 2 * width)
+
+
+def test_film_starts_as_the_plain_mlp_of_the_same_seed():
+    """FiLM's layers are made last and start at zero: the same seed gives the plain MLP's layers
+    and, at init, its outputs; only the FiLM layers are added."""
+    torch.manual_seed(0)
+    plain = MLP(2, width=32, depth=3, fourier=8)
+    torch.manual_seed(0)
+    film = MLP(2, width=32, depth=3, fourier=8, film=True)
+    assert sum(p.numel() for p in film.parameters()) == sum(p.numel() for p in plain.parameters()) + _film_params(32, 3)
+    x, t = torch.randn(6, 2), torch.rand(6)
+    torch.testing.assert_close(film(x, t), plain(x, t))
+
+
+def test_film_scales_and_shifts_every_block():
+    """ReLU(W h * (1 + g) + b): with g = -1 and b fixed by the FiLM layers' biases, every block
+    forgets its input, and the output is the last block's ReLU(b) through the output layer."""
+    torch.manual_seed(0)
+    net = MLP(2, width=16, depth=2, film=True)
+    shifts = [torch.randn(16) for _ in net.film]
+    with torch.no_grad():
+        for layer, b in zip(net.film, shifts):
+            layer.bias.copy_(torch.cat([-torch.ones(16), b]))
+    x, t = torch.randn(5, 2), torch.rand(5)
+    want = net.out(torch.relu(shifts[-1])).expand(5, 2)
+    torch.testing.assert_close(net(x, t), want)
+
+
+def test_film_sees_the_interval_of_an_average_velocity_network():
+    """MeanFlow's network: FiLM's sinusoids take t and the interval h, so with the additive interval
+    embedding zeroed the output still depends on h, through the blocks' scales alone."""
+    torch.manual_seed(0)
+    net = MLP(2, width=16, depth=2, interval=True, film=True, time_scale=10.0)
+    assert sum(p.numel() for p in net.parameters()) - _film_params(16, 2, interval=True) == sum(
+        p.numel() for p in MLP(2, width=16, depth=2, interval=True, time_scale=10.0).parameters())
+    with torch.no_grad():
+        net.interval.weight.zero_()
+        net.interval.bias.zero_()
+        for layer in net.film:
+            layer.weight.normal_()
+    x, t = torch.randn(5, 2), torch.rand(5) * 0.5
+    assert not torch.allclose(net(x, t, h=torch.full((5,), 0.5)), net(x, t, h=torch.zeros(5)))
+    for layer in net.film:  # without FiLM the zeroed interval embedding leaves h unseen
+        layer.weight.data.zero_()
+    torch.testing.assert_close(net(x, t, h=torch.full((5,), 0.5)), net(x, t, h=torch.zeros(5)))
+
+
+def test_film_rebuilds_from_a_run_config_and_refuses_the_unet():
+    cfg = TrainConfig(film=True, width=16, depth=1)
+    net = make_model(TrainConfig.from_dict(cfg.to_dict()).model_spec((2,)), (2,), path=cfg.build_path())
+    assert net.net.film is not None
+    assert make_model(TrainConfig(width=16, depth=1).model_spec((2,)), (2,), path=cfg.build_path()).net.film is None
+    with pytest.raises(UserError, match="--film"):
+        make_model(TrainConfig(film=True).model_spec((1, 8, 8)), (1, 8, 8))

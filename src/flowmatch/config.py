@@ -83,6 +83,7 @@ class TrainConfig:
     # x, and predicts the data x1 (auto: "data" for vectors, "velocity" for images).
     fourier: int = setting(64, "MLP: random Fourier features of x (0: raw coordinates)")
     fourier_scale: float = setting(1.0, "MLP: std of the Fourier frequencies (cycles per unit)")
+    film: bool = setting(False, "MLP: FiLM time conditioning (every block scaled and shifted by t; about 1.4x the time a step)")
     time_scale: float | None = setting(None, "the time embedding's sines see time_scale * t [default: MLP 10000, the "
                                              "notebook's; UNet 1000, diffusers'; meanflow, shortcut: 10, smooth in time]")
     prediction: str = setting("auto", "velocity, data (the network predicts x1) or auto (data for vectors)")
@@ -259,7 +260,7 @@ class TrainConfig:
             10.0 if self.objective in ONE_STEP else 1000.0 if network(self.model, shape) == "unet" else 10000.0)
         spec = {"name": self.model, "unet": self.unet, "width": self.width, "depth": self.depth, "time_scale": time_scale,
                 "fourier": self.fourier, "fourier_scale": self.fourier_scale, "prediction": prediction}
-        return spec | ({"interval": True} if self.objective in ONE_STEP else {})
+        return spec | ({"interval": True} if self.objective in ONE_STEP else {}) | ({"film": True} if self.film else {})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -458,7 +459,7 @@ ONE_STEP = ("meanflow", "shortcut")
 #: the peak learning rate left unset: LR, or the UNet preset's own
 LR, LR_BY_UNET = 2e-3, {"cifar": 2e-4}
 # Settings added after runs were first written, with the value that reproduces those runs.
-LEGACY = {"fourier": 0, "fourier_scale": 1.0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
+LEGACY = {"fourier": 0, "fourier_scale": 1.0, "film": False, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
           "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional",
           "meanflow_fm_time": "paired"}
 

@@ -11,16 +11,18 @@ from .mlp import MLP
 
 
 def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False,
-         unet=None, cond_dim=0):
+         unet=None, cond_dim=0, film=False):
     # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
     return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes,
-               fourier=fourier, fourier_scale=fourier_scale, interval=interval, cond_dim=cond_dim)
+               fourier=fourier, fourier_scale=fourier_scale, interval=interval, cond_dim=cond_dim, film=film)
 
 
 def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False,
-          unet="auto", cond_dim=0):
+          unet="auto", cond_dim=0, film=False):
     from .unet import UNet, unet_settings
 
+    if film:
+        raise UserError("--film: FiLM time conditioning is the MLP's; the UNet's blocks already take the time")
     # width/depth are the MLP's; the UNet's size is its preset's (--unet), per image size
     if len(shape) != 3:
         raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
