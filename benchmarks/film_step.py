@@ -13,12 +13,10 @@ alone: timings on 2 shared cores drift by a quarter between runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from meanflow_step import make_step  # noqa: I001 (benchmarks/ is the script's folder)
+from meanflow_step import make_step, median_ms  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
@@ -28,23 +26,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
     args = ap.parse_args()
     rows = [(o, film) for o in args.objectives.split(",") for film in (False, True)]
-    times: dict[tuple, list[float]] = {row: [] for row in rows}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {(o, film): make_step(Path(tmp) / f"{o}-{film}", objective=o, film=film) for o, film in rows}
-        for tr in trainers.values():  # warm-up (oneDNN picks its kernels on the first calls)
-            for _ in range(3):
-                tr.optimisation_step()
-        for _ in range(args.rounds):
-            for row, tr in trainers.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    tr.optimisation_step()
-                times[row].append((time.perf_counter() - t0) / args.steps * 1e3)
+        ms = median_ms(trainers, args.rounds, args.steps)
     print(f"median of {args.rounds} rounds of {args.steps} steps, batch 512")
     print("| objective | FiLM | ms per step | x without FiLM |\n|---|---|---:|---:|")
     for o, film in rows:
-        ms = statistics.median(times[(o, film)])
-        print(f"| {o} | {'yes' if film else 'no'} | {ms:.1f} | {ms / statistics.median(times[(o, False)]):.2f}x |")
+        print(f"| {o} | {'yes' if film else 'no'} | {ms[(o, film)]:.1f} | {ms[(o, film)] / ms[(o, False)]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,23 @@ def make_step(out: Path, jvp_rows: str | None = None, seed: int = 0, **settings)
     return tr
 
 
+def median_ms(trainers: dict, rounds: int, steps: int) -> dict:
+    """The median ms per ``optimisation_step`` of each trainer, after 3 warm-up steps each (oneDNN
+    picks its kernels on the first calls); rows run interleaved in blocks of ``steps`` steps, so
+    that the machine's drift hits every row alike."""
+    times = {key: [] for key in trainers}
+    for tr in trainers.values():
+        for _ in range(3):
+            tr.optimisation_step()
+    for _ in range(rounds):
+        for key, tr in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tr.optimisation_step()
+            times[key].append((time.perf_counter() - t0) / steps * 1e3)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -50,28 +67,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = {"flow matching (cfm)": ("cfm", "all"), "MeanFlow, JVP on every row": ("meanflow", "all"),
             "MeanFlow, JVP on the interval rows": ("meanflow", "interval")}
-    times: dict[str, list[float]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
         share = {} if args.share is None else {"meanflow_share": args.share}
         steps = {name: make_step(Path(tmp) / str(i), jr if obj == "meanflow" else None, objective=obj,
                                  **(share if obj == "meanflow" else {}))
                  for i, (name, (obj, jr)) in enumerate(rows.items())}
-        for tr in steps.values():  # warm-up
-            for _ in range(3):
-                tr.optimisation_step()
-        for _ in range(args.rounds):  # interleaved, so that drift hits every row alike
-            for name, tr in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    tr.optimisation_step()
-                times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+        ms = median_ms(steps, args.rounds, args.steps)
     share = steps["MeanFlow, JVP on the interval rows"].objective.share
     print(f"median of {args.rounds} rounds of {args.steps} steps; batch {steps['flow matching (cfm)'].cfg.batch_size}, "
           f"MeanFlow share of interval rows {share:g}, {torch.get_num_threads()} torch threads")
-    base = statistics.median(times["flow matching (cfm)"])
+    base = ms["flow matching (cfm)"]
     print("| step | ms | x flow matching |\n|---|---:|---:|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f} |")
+    for name, m in ms.items():
+        print(f"| {name} | {m:.1f} | {m / base:.2f} |")
 
 
 if __name__ == "__main__":

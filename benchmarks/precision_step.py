@@ -15,13 +15,11 @@ are many times slower; they are still measured, since that is what a user would 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from meanflow_step import make_step  # noqa: I001 (benchmarks/ is the script's folder)
+from meanflow_step import make_step, median_ms  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
@@ -37,26 +35,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     precisions = args.precisions.split(",")
     rows = [(b, p) for b in batches for p in precisions]
-    times: dict[tuple, list[float]] = {row: [] for row in rows}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {(b, p): make_step(Path(tmp) / f"{b}-{p}", objective=args.objective, batch_size=b, precision=p)
                     for b, p in rows}
-        for tr in trainers.values():  # warm-up (oneDNN picks its kernels on the first calls)
-            for _ in range(3):
-                tr.optimisation_step()
-        for _ in range(args.rounds):
-            for row, tr in trainers.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    tr.optimisation_step()
-                times[row].append((time.perf_counter() - t0) / args.steps * 1e3)
+        ms = median_ms(trainers, args.rounds, args.steps)
     print(f"objective {args.objective}; median of {args.rounds} rounds of {args.steps} steps; "
           f"{torch.get_num_threads()} torch threads; bf16 units: {'yes' if cpu_has_bf16() else 'no'}")
     print("| batch | precision | ms per step | samples/s | x fp32 at this batch |\n|---:|---|---:|---:|---:|")
     for b, p in rows:
-        ms = statistics.median(times[(b, p)])
-        base = statistics.median(times[(b, precisions[0])])
-        print(f"| {b} | {p} | {ms:.1f} | {b / ms * 1e3:,.0f} | {base / ms:.2f}x |")
+        base = ms[(b, precisions[0])]
+        print(f"| {b} | {p} | {ms[(b, p)]:.1f} | {b / ms[(b, p)] * 1e3:,.0f} | {base / ms[(b, p)]:.2f}x |")
 
 
 if __name__ == "__main__":
