@@ -287,7 +287,7 @@ def test_sample_options_work_or_are_refused(cli, fuzz_run, scratch, argv, out):
 TRAIN_OPTIONS = {"--lr": "float", "--width": "int", "--depth": "int", "--batch-size": "int", "--steps": "int",
                  "--warmup-steps": "int", "--sigma-min": "float", "--ema-decay": "float", "--grad-clip": "float",
                  "--time-std": "float", "--label-dropout": "float", "--log-every": "int", "--weight-decay": "float",
-                 "--checkpoint-every": "int", "--grad-accum": "int", "--n-points": "int"}
+                 "--checkpoint-every": "int", "--grad-accum": "int", "--n-points": "int", "--stf": "int"}
 
 
 @st.composite

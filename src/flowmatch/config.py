@@ -65,6 +65,8 @@ class TrainConfig:
     ot_method: str = setting("exact", "--coupling ot: exact (ot.emd) or sinkhorn (entropic)")
     ot_reg: float = setting(0.05, "--ot-method sinkhorn: regularisation, relative to the batch's mean cost")
     ot_by_class: bool = setting(False, "--coupling ot on labelled data: pair within each class")
+    stf: int = setting(0, "stable target field (Xu et al. 2023): flow matching's target averaged over the posterior of "
+                          "the batch's data and N more draws given x_t, a lower-variance target (0: the plain one)")
     # None: by the objective (__post_init__)
     time_dist: str | None = setting(None, "uniform, logit-normal or u-shaped (RF++: most weight near t = 0 and 1)")
     time_mean: float | None = setting(None, "logit-normal location (> 0: towards the data)")
@@ -240,8 +242,22 @@ class TrainConfig:
             raise UserError(f"--hflip: flips training images left-right; --data {self.data} is not image data")
         if dataset.cond_dim and self.coupling == "ot" and self.ot_by_class:
             raise UserError(f"--ot-by-class: pairs within each class of labelled data; {self.data} has continuous conditions")
+        if self.stf:
+            self._check_stf(dataset)
         model = self.build_model(dataset.shape, dataset.num_classes, path, dataset.cond_dim)
         return Parts(data_spec, dataset, path, time_sampler, coupling, model)
+
+    def _check_stf(self, dataset) -> None:
+        """--stf needs flow matching's conditional target, noise independent of the data (the
+        posterior weights are Gaussian likelihoods) and a data set that draws extra points."""
+        if self.objective != "cfm":
+            raise UserError(f"--stf: averages flow matching's conditional targets; --objective {self.objective} has its own")
+        if self.coupling != "independent":
+            raise UserError(f"--stf: its posterior weights need noise drawn independently of the data; "
+                            f"--coupling {self.coupling} pairs them")
+        if hasattr(dataset, "loader") or dataset.cond_dim:
+            raise UserError(f"--stf: draws its extra points from 2-D toys and tables (labels or none); --data {self.data} "
+                            f"{'streams image batches' if hasattr(dataset, 'loader') else 'has continuous conditions'}")
 
     def model_spec(self, shape: tuple | None = None) -> dict:
         """The network's spec; ``prediction="auto"`` resolves to "data" for vectors and
@@ -431,6 +447,7 @@ RANGES = {
     "eval_nfe": (_positive, "a positive number of steps"),
     "workers": (lambda v: v >= 0, "a count >= 0"),
     "fourier": (lambda v: v >= 0, "a count >= 0"),
+    "stf": (lambda v: v >= 0, "a count >= 0"),
     "fourier_scale": (_positive, "a positive value"),
     "time_scale": (_positive, "a positive value"),
     "warmup_steps": (lambda v: v >= 0, "a value >= 0"),
@@ -459,7 +476,7 @@ ONE_STEP = ("meanflow", "shortcut")
 #: the peak learning rate left unset: LR, or the UNet preset's own
 LR, LR_BY_UNET = 2e-3, {"cifar": 2e-4}
 # Settings added after runs were first written, with the value that reproduces those runs.
-LEGACY = {"fourier": 0, "fourier_scale": 1.0, "film": False, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
+LEGACY = {"fourier": 0, "fourier_scale": 1.0, "film": False, "stf": 0, "time_scale": 10000.0, "prediction": "velocity", "loss": "mse",
           "huber_c": None, "perceptual": None, "meanflow_tangent": "conditional",
           "meanflow_fm_time": "paired"}
 

@@ -22,9 +22,43 @@ from .models.cond import null_condition
 from .paths import AffinePath
 
 
+def stable_target(path: AffinePath, x0, x1, t, reference, label=None, reference_label=None) -> torch.Tensor:
+    """The stable target field (Xu et al. 2023): the conditional velocity ``u_t`` averaged over
+    the posterior of the data point given ``x_t``, on a reference set of data, the batch's own
+    ``x1`` first and then ``reference``. ``x_t ~ N(alpha x1_j, sigma^2 I)`` given ``x1_j``, so
+    the weights are a softmax of ``-||x_t - alpha x1_j||^2 / (2 sigma^2)``; the target is
+    ``sum_j w_j u_j`` with ``u_j = alpha' x1_j + sigma' (x_t - alpha x1_j) / sigma``. On a finite
+    data set taken whole as the reference it is the marginal field (:func:`~flowmatch.paths.marginal_velocity`);
+    on a sample, a lower-variance estimate of it than ``u_t`` (which is the one-point reference).
+
+    Written as ``alpha' m + sigma' (x0 + alpha (x1 - m) / sigma)`` with ``m = sum_j w_j x1_j``: near
+    the data (``sigma -> 0``) the weight falls on the row's own ``x1``, ``m = x1`` exactly and the
+    target is ``u_t`` with no division of rounding errors by ``sigma``. The logits are one matmul
+    in float64 (their common scale ``alpha / sigma^2`` is large near the data). With labels (the
+    null label of classifier-free guidance aside), a row averages over its own class only.
+    """
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    a, s, da, ds = (v.reshape(shape) for v in path.schedule(t))
+    x_t = a * x1 + s * x0
+    ref = torch.cat([x1, reference]).flatten(1)
+    with torch.no_grad():
+        al, s2, xt = a.flatten(1).double(), s.flatten(1).double().pow(2).clamp_min(1e-200), x_t.flatten(1).double()
+        # -||x_t - a r||^2 / (2 s^2), less the row's own constant -||x_t||^2 / (2 s^2): one matmul
+        lhs = torch.cat([al * xt / s2, -al.pow(2) / (2 * s2)], 1)
+        refd = ref.double()
+        logits = lhs @ torch.cat([refd, refd.pow(2).sum(1, keepdim=True)], 1).T
+        if label is not None:
+            ref_label = torch.cat([label, reference_label])
+            other = (label[:, None] != ref_label[None]) & (label[:, None] >= 0)
+            logits = logits.masked_fill(other, float("-inf"))
+        m = (logits.softmax(1).to(ref.dtype) @ ref).reshape(x1.shape)
+        return da * m + ds * (x0 + a * (x1 - m) / s.clamp_min(torch.finfo(s.dtype).tiny))  # sigma = 0: m = x1
+
+
 def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None,
-             perceptual=None) -> torch.Tensor:
-    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries).
+             perceptual=None, target=None) -> torch.Tensor:
+    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries); ``target``
+    replaces ``u_t`` where given (:func:`stable_target`).
 
     ``loss="pseudo-huber"``: ``E [sqrt(||v - u||^2 + c^2) - c]`` per sample (Song & Dhariwal
     2023; RF++, Lee et al. 2024), with ``c = 0.00054 sqrt(D)`` unless given. Its minimiser is a
@@ -39,10 +73,11 @@ def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", 
     implies on the straight path and the data.
     """
     ps = path.sample(x0, x1, t)
+    u_t = ps.u_t if target is None else target
     pred = model(ps.x_t, t, label) if label is not None else model(ps.x_t, t)
     if loss == "mse":
-        return torch.nn.functional.mse_loss(pred.float(), ps.u_t.float())
-    d2 = (pred.float() - ps.u_t.float()).flatten(1).pow(2).sum(1)
+        return torch.nn.functional.mse_loss(pred.float(), u_t.float())
+    d2 = (pred.float() - u_t.float()).flatten(1).pow(2).sum(1)
     dim = x0[0].numel()
     if loss == "lpips-huber":
         c = huber_c if huber_c is not None else 0.00054 * dim
@@ -63,18 +98,22 @@ class Drawn:
     t: torch.Tensor
     label: torch.Tensor | None
     t_end: torch.Tensor | None = None  # MeanFlow: the end of each pair's interval [t, t_end]
+    reference: Batch | None = None  # CFM with a stable target: extra data draws (and their labels)
 
 
 class CFM:
     """Conditional flow matching: noise ``x0 ~ N(0, I)`` (or a batch's fixed ``x0``: teacher
-    pairs), times from ``time_sampler``, pairs from ``coupling``, the path's velocity as target."""
+    pairs), times from ``time_sampler``, pairs from ``coupling``, the path's velocity as target;
+    with ``stf > 0`` and ``reference`` (a data set's ``sample(n, generator)``), the stable target
+    (:func:`stable_target`) over the batch and ``stf`` more draws of the data."""
 
     name = "cfm"
 
     def __init__(self, path: AffinePath, time_sampler, coupling, label_dropout: float = 0.0, loss: str = "mse",
-                 huber_c: float | None = None, perceptual=None):
+                 huber_c: float | None = None, perceptual=None, stf: int = 0, reference=None):
         self.path, self.time_sampler, self.coupling = path, time_sampler, coupling
         self.label_dropout, self.loss_name, self.huber_c, self.perceptual = label_dropout, loss, huber_c, perceptual
+        self.stf, self.reference = stf, reference
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
         x1 = batch.x1
@@ -84,10 +123,14 @@ class CFM:
         if label is not None and self.label_dropout > 0:
             drop = torch.rand(len(label), generator=gen, device=x1.device) < self.label_dropout
             label = torch.where(drop.reshape(-1, *[1] * (label.dim() - 1)), null_condition(label), label)
-        return Drawn(x0, x1, t, label)
+        reference = self.reference(self.stf, gen) if self.stf else None
+        return Drawn(x0, x1, t, label, reference=reference)
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
-        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c, self.perceptual)
+        target = None
+        if d.reference is not None:
+            target = stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
+        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c, self.perceptual, target)
 
 
 class MeanFlow(CFM):
@@ -280,4 +323,5 @@ def make_objective(cfg, parts) -> CFM:
         from .perceptual import Perceptual
 
         perceptual = Perceptual(cfg.perceptual)
-    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c, perceptual)
+    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c, perceptual,
+               cfg.stf, parts.dataset.sample if cfg.stf else None)
