@@ -116,6 +116,11 @@ def test_train_with_stf_is_reproducible_and_recorded(cli, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["stf"] == 64
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["plain"][k]) for k in runs["a"])
+    # a reflow student of it trains on the teacher's fixed pairs, whose target is their own
+    rc, _, err = cli("reflow", tmp_path / "a", "--out", tmp_path / "rf", "--pairs", "64", "--steps", "3", "--batch-size", "32",
+                     "--teacher-nfe", "2", "--no-plots", "--no-progress")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "rf" / "config.json").read_text())["train"]["stf"] == 0
 
 
 @pytest.mark.parametrize("argv", [["--objective", "meanflow"], ["--coupling", "ot"], ["--data", "digits"]])

@@ -137,6 +137,7 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
     cfg.data, cfg.n_points = "pairs", None
     cfg.hflip = False  # a pair is one noise and the teacher's sample from it: neither side may be flipped alone
     cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
+    cfg.stf = 0  # a pair's target is its own: the teacher's noise and sample are not independent draws
     cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = opts.steps, opts.lr, opts.batch_size, opts.seed
     cfg.loss, cfg.plots = opts.loss, opts.plots
     if opts.perceptual is not None:
