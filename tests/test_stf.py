@@ -53,15 +53,17 @@ def test_near_the_data_and_alone_it_is_the_conditional_target():
 
 
 def test_labelled_rows_average_within_their_class():
+    """Also over a reference large enough that the rows are taken a few at a time (chunks)."""
     path, g = LinearPath(), torch.Generator().manual_seed(2)
-    x0, x1, t = _draw(30, 2, g)
-    data = torch.randn(50, 2, generator=g, dtype=torch.float64)
-    label, ref_label = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (50,), generator=g)
+    n, k = 200, 4000
+    x0, x1, t = _draw(n, 2, g)
+    data = torch.randn(k, 2, generator=g, dtype=torch.float64)
+    label, ref_label = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (k,), generator=g)
     label[:5] = -1  # dropped for classifier-free guidance: the unconditional field
     target = stable_target(path, x0, x1, t, data, label, ref_label)
     pool, pool_label = torch.cat([x1, data]), torch.cat([label, ref_label])
     x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
-    for i in range(30):
+    for i in range(n):
         rows = pool if label[i] < 0 else pool[pool_label == label[i]]
         torch.testing.assert_close(target[i:i + 1], marginal_velocity(path, x_t[i:i + 1], t[i:i + 1], rows))
 
@@ -107,6 +109,29 @@ def test_the_objective_draws_its_extra_points_after_the_batch():
     torch.testing.assert_close(stable.loss(model, b), target.pow(2).mean())
 
 
+def test_meanflow_takes_the_stable_velocity_in_its_target_and_as_its_tangent():
+    """MeanFlow's target ``v + h d/dt u`` along ``(v, 1, 0)``, with the stable target as ``v``:
+    checked against the derivative written out for u(z, t, h) = z (1 + t)^2 + h z^2."""
+    from flowmatch.objectives import MeanFlow
+
+    class U(torch.nn.Module):
+        def forward(self, z, t, label=None, h=None):
+            return z * (1 + t[:, None]) ** 2 + h[:, None] * z.pow(2)
+
+    class Data:
+        def sample(self, n, gen):
+            return Batch(torch.randn(n, 2, generator=gen))
+
+    mf = MeanFlow(make_time_sampler("uniform"), make_coupling("independent"), share=0.5, stf=256, reference=Data().sample)
+    d = mf.draw(Batch(torch.randn(64, 2)), torch.Generator().manual_seed(5))
+    assert d.reference.x1.shape == (256, 2) and (d.t_end > d.t).any() and (d.t_end == d.t).any()
+    _, target = mf.target(U(), d)
+    v = stable_target(LinearPath(), d.x0, d.x1, d.t, d.reference.x1)
+    z, t, h = d.t[:, None] * d.x1 + (1 - d.t[:, None]) * d.x0, d.t[:, None], (d.t_end - d.t)[:, None]
+    du_dt = v * (1 + t) ** 2 + 2 * h * z * v + 2 * z * (1 + t) - z.pow(2)  # along (v, 1, 0): h = t_end - t falls
+    torch.testing.assert_close(target, v + h * du_dt)
+
+
 def test_train_with_stf_is_reproducible_and_recorded(cli, tmp_path):
     runs = {}
     for name, extra in (("a", ["--stf", "64"]), ("b", ["--stf", "64"]), ("plain", [])):
@@ -123,7 +148,7 @@ def test_train_with_stf_is_reproducible_and_recorded(cli, tmp_path):
     assert json.loads((tmp_path / "rf" / "config.json").read_text())["train"]["stf"] == 0
 
 
-@pytest.mark.parametrize("argv", [["--objective", "meanflow"], ["--coupling", "ot"], ["--data", "digits"]])
+@pytest.mark.parametrize("argv", [["--objective", "shortcut"], ["--coupling", "ot"], ["--data", "digits"]])
 def test_what_it_cannot_average_is_refused_before_anything_is_written(cli, tmp_path, argv):
     rc, _, err = cli("train", "--stf", "8", *argv, "--out", tmp_path / "run", *TINY)
     assert "--stf" in one_line_error(rc, err)

@@ -250,8 +250,9 @@ class TrainConfig:
     def _check_stf(self, dataset) -> None:
         """--stf needs flow matching's conditional target, noise independent of the data (the
         posterior weights are Gaussian likelihoods) and a data set that draws extra points."""
-        if self.objective != "cfm":
-            raise UserError(f"--stf: averages flow matching's conditional targets; --objective {self.objective} has its own")
+        if self.objective == "shortcut":
+            raise UserError("--stf: averages the conditional velocity of flow matching and MeanFlow; --objective shortcut's "
+                            "targets are its own steps")
         if self.coupling != "independent":
             raise UserError(f"--stf: its posterior weights need noise drawn independently of the data; "
                             f"--coupling {self.coupling} pairs them")

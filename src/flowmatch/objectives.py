@@ -34,24 +34,31 @@ def stable_target(path: AffinePath, x0, x1, t, reference, label=None, reference_
     Written as ``alpha' m + sigma' (x0 + alpha (x1 - m) / sigma)`` with ``m = sum_j w_j x1_j``: near
     the data (``sigma -> 0``) the weight falls on the row's own ``x1``, ``m = x1`` exactly and the
     target is ``u_t`` with no division of rounding errors by ``sigma``. The logits are one matmul
-    in float64 (their common scale ``alpha / sigma^2`` is large near the data). With labels (the
+    in float64 (their common scale ``alpha / sigma^2`` is large near the data), the softmax in the
+    data's precision once each row's largest logit is subtracted. With labels (the
     null label of classifier-free guidance aside), a row averages over its own class only.
     """
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a, s, da, ds = (v.reshape(shape) for v in path.schedule(t))
     x_t = a * x1 + s * x0
     ref = torch.cat([x1, reference]).flatten(1)
+    ref_label = None if label is None else torch.cat([label, reference_label])
     with torch.no_grad():
         al, s2, xt = a.flatten(1).double(), s.flatten(1).double().pow(2).clamp_min(1e-200), x_t.flatten(1).double()
         # -||x_t - a r||^2 / (2 s^2), less the row's own constant -||x_t||^2 / (2 s^2): one matmul
         lhs = torch.cat([al * xt / s2, -al.pow(2) / (2 * s2)], 1)
         refd = ref.double()
-        logits = lhs @ torch.cat([refd, refd.pow(2).sum(1, keepdim=True)], 1).T
-        if label is not None:
-            ref_label = torch.cat([label, reference_label])
-            other = (label[:, None] != ref_label[None]) & (label[:, None] >= 0)
-            logits = logits.masked_fill(other, float("-inf"))
-        m = (logits.softmax(1).to(ref.dtype) @ ref).reshape(x1.shape)
+        rhs = torch.cat([refd, refd.pow(2).sum(1, keepdim=True)], 1).T.contiguous()
+        m = torch.empty_like(ref[:len(x1)])
+        rows = max(1, (1 << 18) // len(ref))  # rows at a time: 2 MB of float64 logits stay in cache (4x faster here)
+        for i in range(0, len(x1), rows):
+            logits = lhs[i:i + rows] @ rhs
+            if label is not None:
+                lab = label[i:i + rows, None]
+                logits.masked_fill_((lab != ref_label[None]) & (lab >= 0), float("-inf"))
+            logits -= logits.amax(1, keepdim=True)  # the largest 0: the rest of the softmax in the data's precision
+            m[i:i + rows] = logits.to(ref.dtype).softmax(1) @ ref
+        m = m.reshape(x1.shape)
         return da * m + ds * (x0 + a * (x1 - m) / s.clamp_min(torch.finfo(s.dtype).tiny))  # sigma = 0: m = x1
 
 
@@ -159,10 +166,11 @@ class MeanFlow(CFM):
     name = "meanflow"
 
     def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
-                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval"):
+                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval",
+                 stf: int = 0, reference=None):
         from .paths import LinearPath
 
-        super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
+        super().__init__(LinearPath(), time_sampler, coupling, label_dropout, stf=stf, reference=reference)
         self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
         self.jvp_rows = jvp_rows  # "interval" (the JVP where t_end > t) or "all" (every row: the same loss, slower)
 
@@ -173,7 +181,7 @@ class MeanFlow(CFM):
         keep = torch.rand(len(t), generator=gen, device=t.device) < self.share
         if self.fm_time == "single":  # the flow-matching pairs at one draw of the sampler, as CFM draws them
             t = torch.where(keep, t, d.t)
-        return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t))
+        return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t), d.reference)
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's average velocity on the draws, and its MeanFlow target (no gradient).
@@ -184,6 +192,8 @@ class MeanFlow(CFM):
         shape = (-1,) + (1,) * (d.x0.dim() - 1)
         ps = self.path.sample(d.x0, d.x1, d.t)  # the straight path: z_t and v = x1 - x0
         z, v = ps.x_t, ps.u_t
+        if d.reference is not None:  # --stf: v (in the target and as the tangent) averaged over the posterior
+            v = stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
         h = d.t_end - d.t
         rows = (h > 0).nonzero().flatten()  # the interval rows: only they need the derivative
         if len(rows) == len(h) or self.jvp_rows == "all":
@@ -315,7 +325,8 @@ def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
     if cfg.objective == "meanflow":
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power,
-                        tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time)
+                        tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time, stf=cfg.stf,
+                        reference=parts.dataset.sample if cfg.stf else None)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None
