@@ -13,10 +13,8 @@ alone: timings on 2 shared cores drift by a quarter between runs.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from meanflow_step import make_step, median_ms  # noqa: I001 (benchmarks/ is the script's folder)
+from meanflow_step import compare_steps  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
@@ -26,9 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
     args = ap.parse_args()
     rows = [(o, film) for o in args.objectives.split(",") for film in (False, True)]
-    with tempfile.TemporaryDirectory() as tmp:
-        trainers = {(o, film): make_step(Path(tmp) / f"{o}-{film}", objective=o, film=film) for o, film in rows}
-        ms = median_ms(trainers, args.rounds, args.steps)
+    ms = compare_steps({(o, film): {"objective": o, "film": film} for o, film in rows}, args.rounds, args.steps)
     print(f"median of {args.rounds} rounds of {args.steps} steps, batch 512")
     print("| objective | FiLM | ms per step | x without FiLM |\n|---|---|---:|---:|")
     for o, film in rows:

@@ -39,6 +39,14 @@ def make_step(out: Path, jvp_rows: str | None = None, seed: int = 0, **settings)
     return tr
 
 
+def compare_steps(settings: dict, rounds: int, steps: int) -> dict:
+    """The median ms per training step of the defaults with each named set of TrainConfig
+    ``settings`` ({name: {field: value}}), timed interleaved by :func:`median_ms`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: make_step(Path(tmp) / str(i), **over) for i, (name, over) in enumerate(settings.items())}
+        return median_ms(trainers, rounds, steps)
+
+
 def median_ms(trainers: dict, rounds: int, steps: int) -> dict:
     """The median ms per ``optimisation_step`` of each trainer, after 3 warm-up steps each (oneDNN
     picks its kernels on the first calls); rows run interleaved in blocks of ``steps`` steps, so

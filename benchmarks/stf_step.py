@@ -13,10 +13,8 @@ alone: timings on 2 shared cores drift by a quarter between runs.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from meanflow_step import make_step, median_ms  # noqa: I001 (benchmarks/ is the script's folder)
+from meanflow_step import compare_steps  # noqa: I001 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
@@ -26,9 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed block")
     args = ap.parse_args()
     refs = [int(r) for r in args.refs.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        trainers = {r: make_step(Path(tmp) / str(r), stf=r) for r in refs}
-        ms = median_ms(trainers, args.rounds, args.steps)
+    ms = compare_steps({r: {"stf": r} for r in refs}, args.rounds, args.steps)
     print(f"median of {args.rounds} rounds of {args.steps} steps, batch 512")
     print(f"| --stf | ms per step | x --stf {refs[0]} |\n|---:|---:|---:|")
     for r in refs:
