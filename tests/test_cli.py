@@ -297,8 +297,8 @@ def test_time_shift_moves_the_sampling_grid(cli, tiny_run, tmp_path):
 
 def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
     """Every TrainConfig field offered on the command line is a train option with the field's
-    default (steps and batch size: chosen by the data; the time distribution: by the objective; the
-    learning rate: by the UNet preset); a new field, --adam-beta2, reaches AdamW."""
+    default (steps, batch size and the stable target: chosen by the data; the time distribution: by
+    the objective; the learning rate: by the UNet preset); a new field, --adam-beta2, reaches AdamW."""
     import dataclasses
 
     import typer.main
@@ -313,7 +313,7 @@ def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
     train = options("train")
     for f in dataclasses.fields(TrainConfig):
         if f.metadata["cli"]:
-            by_data = ("steps", "batch_size", "time_dist", "time_mean", "lr")
+            by_data = ("steps", "batch_size", "stf", "time_dist", "time_mean", "lr")
             assert train[f.name] == (None if f.name in by_data else getattr(TrainConfig(), f.name)), f.name
         else:
             assert f.name not in train

@@ -37,11 +37,12 @@ def test_default_quality_on_fresh_data(default_run):
     assert euler["nfe"]["100"]["ratio"] <= 1.3, euler
     assert mid["nfe"]["8"]["ratio"] <= 1.5, mid  # 8 evaluations (4 midpoint steps)
     assert mid["nfe"]["16"]["ratio"] <= 1.5, mid  # 8 midpoint steps
-    # sharpness, which W2 at this size cannot see: the previous defaults put 12% and 15% of
-    # their samples outside the checkerboard's cells; these measured 5.05-5.35% and 7.9% (seed 0,
-    # two draws of 4000 samples)
-    assert euler["nfe"]["100"]["off_support"] <= 0.06, euler
-    assert mid["nfe"]["8"]["off_support"] <= 0.09, mid
+    # sharpness, which W2 at this size cannot see: the raw-coordinate defaults put 12% and 15%
+    # of their samples outside the checkerboard's cells, the plain target 5.05-5.35% and 7.9%;
+    # the stable target's 3500 steps (the defaults) measured 3.73% and 6.20% on these draws
+    # (seed 0; seeds 1 and 2 with the benchmark's draws: 3.43-3.90% and 6.6-7.1%)
+    assert euler["nfe"]["100"]["off_support"] <= 0.045, euler
+    assert mid["nfe"]["8"]["off_support"] <= 0.08, mid
 
 
 def test_reflow_straightens_and_distillation_jumps_in_one_step(default_run, tmp_path):
@@ -83,8 +84,9 @@ def test_default_run_likelihood_is_near_the_data_entropy(default_run):
 
     run = load_run(default_run[0])
     x = run.dataset.reference(300, torch.Generator().manual_seed(5))
-    # dopri5 at 1e-4: on these 300 points of a default run it scored 3.6489 nats against 3.6476 at
-    # 1e-5 (se 0.045): the looser tolerance saves CI time and moves the NLL by 0.0013 nats
+    # dopri5 at 1e-4: on these 300 points of a plain-target run it scored 3.6489 nats against
+    # 3.6476 at 1e-5 (se 0.045): the looser tolerance saves CI time and moves the NLL by 0.0013
+    # nats. The stable-target defaults scored 3.576 (se 0.043) here.
     res = nll_summary(run.log_prob(x, tol=1e-4), 2)
-    assert res["nll"] <= math.log(32) + 0.25, res
+    assert res["nll"] <= math.log(32) + 0.18, res
     assert res["nll"] >= math.log(32) - 3 * res["se"], res

@@ -3,6 +3,7 @@ of a reference set of data given x_t, checked against the closed-form marginal f
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +15,11 @@ from flowmatch.paths import LinearPath, make_path, marginal_velocity
 from flowmatch.timesteps import make_time_sampler
 
 from conftest import TINY, one_line_error
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 def _draw(n, d, g, t_max=0.95):
@@ -134,7 +140,7 @@ def test_meanflow_takes_the_stable_velocity_in_its_target_and_as_its_tangent():
 
 def test_train_with_stf_is_reproducible_and_recorded(cli, tmp_path):
     runs = {}
-    for name, extra in (("a", ["--stf", "64"]), ("b", ["--stf", "64"]), ("plain", [])):
+    for name, extra in (("a", ["--stf", "64"]), ("b", ["--stf", "64"]), ("plain", ["--stf", "0"])):
         rc, _, err = cli("train", "--steps", "5", "--batch-size", "32", "--no-plots", "--out", tmp_path / name, *extra, *TINY)
         assert rc == 0, err
         runs[name] = load_file(tmp_path / name / "model.safetensors")
@@ -153,3 +159,27 @@ def test_what_it_cannot_average_is_refused_before_anything_is_written(cli, tmp_p
     rc, _, err = cli("train", "--stf", "8", *argv, "--out", tmp_path / "run", *TINY)
     assert "--stf" in one_line_error(rc, err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, stf, steps", [
+    ([], 4096, 3500),  # the checkerboard: flow matching on vectors
+    (["--data", "moons", "--steps", "100"], 4096, 100),  # steps given: kept, the target still the stable one
+    (["--stf", "0"], 0, 4000),  # the plain target: its 4000 steps
+    (["--stf", "64"], 64, 4000),  # a count given: the base steps
+    (["--objective", "meanflow"], 0, 4000),
+    (["--objective", "shortcut"], 0, 4000),
+    (["--coupling", "ot"], 0, 4000),
+    (["--data", "digits"], 0, 9000),  # images: their own defaults, the plain target
+    (["--data", "TABLE"], 4096, 3500),
+    (["--data", "TABLE", "--cond-columns", "2"], 0, 4000),  # continuous conditions
+])
+def test_train_defaults_to_the_stable_target_where_it_applies(cli, tmp_path, argv, stf, steps):
+    """flowmatch train trains flow matching on vectors with --stf 4096 for 3500 steps (the plain
+    target's 4000 steps' minutes, README "The stable target"); elsewhere the plain target."""
+    table = tmp_path / "t.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32))
+    argv = [str(table) if a == "TABLE" else a for a in argv]
+    rc, out, err = cli("train", *argv, "--print-config")
+    assert rc == 0, err
+    settings = tomllib.loads(out)
+    assert (settings["stf"], settings["steps"]) == (stf, steps), argv

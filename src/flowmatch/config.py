@@ -65,8 +65,8 @@ class TrainConfig:
     ot_method: str = setting("exact", "--coupling ot: exact (ot.emd) or sinkhorn (entropic)")
     ot_reg: float = setting(0.05, "--ot-method sinkhorn: regularisation, relative to the batch's mean cost")
     ot_by_class: bool = setting(False, "--coupling ot on labelled data: pair within each class")
-    stf: int = setting(0, "stable target field (Xu et al. 2023): flow matching's target averaged over the posterior of "
-                          "the batch's data and N more draws given x_t, a lower-variance target (0: the plain one)")
+    stf: int = setting(0, "stable target field (Xu et al. 2023): flow matching's (and MeanFlow's) target averaged over the "
+                          "posterior of the batch's data and N more draws given x_t, a lower-variance target (0: the plain one)")
     # None: by the objective (__post_init__)
     time_dist: str | None = setting(None, "uniform, logit-normal or u-shaped (RF++: most weight near t = 0 and 1)")
     time_mean: float | None = setting(None, "logit-normal location (> 0: towards the data)")
