@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from flowmatch.cli import STF_DEFAULTS
 from flowmatch.data.toy2d import checkerboard
 from flowmatch.metrics import off_support, prdc, w2
 
@@ -32,8 +33,10 @@ FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-
 # peer rows trained by flowmatch's own recipe for their objective (TrainConfig's batch, learning-rate
 # schedule, clipping and EMA) instead of the plain loop: row -> the TrainConfig of that objective
 RECIPE_ROWS = {"rectified-flow-meanflow-recipe": {"objective": "meanflow"}}
-# rows that train with TrainConfig's defaults (of their objective) rather than the peers' plain loop
-FM_DEFAULT_ROWS = {"flowmatch-defaults": {}, "flowmatch-meanflow": {"objective": "meanflow"},
+# rows that train with what `flowmatch train` does for their objective rather than the peers' plain
+# loop: TrainConfig's defaults, and for flow matching on these vectors the command line's stable
+# target with its steps (cli.STF_DEFAULTS)
+FM_DEFAULT_ROWS = {"flowmatch-defaults": dict(STF_DEFAULTS), "flowmatch-meanflow": {"objective": "meanflow"},
                    "flowmatch-shortcut": {"objective": "shortcut"}}
 
 

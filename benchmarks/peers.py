@@ -15,7 +15,8 @@ Rows (``--libs``, comma list; default all but ``notebook``, ``flowmatch-bf16-com
     flowmatch            flowmatch's own loop (train), AdamW lr 1e-4, batch 256, constant lr, no clipping
     flowmatch-bf16       the same with --precision bf16 (autocast; AMX on recent Intel CPUs)
     flowmatch-bf16-compile  the same with --precision bf16 --compile (compilation counted as training time)
-    flowmatch-defaults   flowmatch's own loop with TrainConfig's defaults (its steps capped by --steps)
+    flowmatch-defaults   flowmatch's own loop with `flowmatch train`'s defaults (the stable target, 3500 steps;
+                         its steps capped by --steps)
     flowmatch-distilled  2-rectified flow from the defaults run, then distilled to one step (CLI defaults,
                          but the reflow teacher integrates with 64 midpoint NFE instead of dopri5);
                          its "time to" is the whole pipeline: teacher, pairs, reflow, pairs, distillation
@@ -237,7 +238,7 @@ def run_flowmatch(lib: str, spec: dict, quality: Quality, log: Log) -> dict:
         elif cfg.steps > steps:
             log.note(f"TrainConfig's {cfg.steps} steps capped to --steps {steps}")
             cfg.steps = steps
-        log.note(f"TrainConfig defaults ({cfg.objective}): steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+        log.note(f"defaults ({cfg.objective}): stable target {cfg.stf or 'off'}, steps {cfg.steps}, batch {cfg.batch_size}, lr {cfg.lr:g}, "
                  f"warm-up {cfg.warmup_steps}, {cfg.schedule} schedule, grad clip {cfg.grad_clip}, EMA {cfg.ema_decay}, "
                  f"{cfg.precision}")
     else:
