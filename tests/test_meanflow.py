@@ -313,3 +313,27 @@ def test_under_cpu_bf16_autocast_the_mlp_jvp_runs_in_bf16_and_the_unets_in_fp32(
             assert 1e-5 < rel < 1e-2, rel
         else:
             assert rel < 1e-5, rel
+
+
+def test_meanflow_pairs_noise_and_data_by_the_minibatch_ot_plan():
+    """--objective meanflow --coupling ot: the interval and flow-matching rows alike are drawn
+    from the optimal assignment of the batch's noise to its data (solved independently by scipy's
+    Hungarian method), not from the product coupling; the straight path between the pairs is then
+    what the average velocity integrates."""
+    from scipy.optimize import linear_sum_assignment
+
+    from flowmatch.couplings import OTCoupling
+    from flowmatch.data import Batch
+
+    g = torch.Generator().manual_seed(0)
+    x1 = 3 + 2 * torch.randn(256, 2, generator=g)
+    d = MeanFlow(UniformTime(), OTCoupling(), share=0.5).draw(Batch(x1), torch.Generator().manual_seed(1))
+    assert torch.equal(d.x1, x1) and (d.t_end > d.t).any() and (d.t_end == d.t).any()
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1))  # the draw's own noise
+    assert torch.equal(torch.sort(d.x0[:, 0]).values, torch.sort(noise[:, 0]).values)  # a permutation of it
+    cost = torch.cdist(noise.double(), x1.double()).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    optimum = cost[rows, cols].mean()
+    paired = (d.x0.double() - x1.double()).pow(2).sum(1).mean().item()
+    assert abs(paired - optimum) <= 1e-6 * optimum
+    assert cost.trace() / len(cost) > 1.3 * optimum  # the product coupling is far from it
