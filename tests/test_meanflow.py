@@ -218,6 +218,41 @@ def test_flow_matching_pairs_take_one_draw_or_the_earlier_of_two():
             assert abs((d.t_end[iv] < q).float().mean() - q**2) < 0.01  # the later of two
 
 
+def test_a_share_of_the_intervals_ends_at_the_data(cli, tmp_path):
+    """``to_data``: that share of the interval pairs is [t, 1] (the family of the one step, closed
+    under the MeanFlow identity, whose derivative holds t_end); their starts keep the earlier of two
+    draws, the other intervals and the flow-matching pairs are drawn as without it, and 0 draws
+    exactly what MeanFlow drew before the setting existed."""
+    from flowmatch.couplings import IndependentCoupling
+    from flowmatch.data import Batch
+
+    n = 200_000
+    batch = Batch(torch.zeros(n, 2))
+    base = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single")
+    d0 = base.draw(batch, torch.Generator().manual_seed(0))
+    off = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", to_data=0.0)
+    d_off = off.draw(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(d0.t, d_off.t) and torch.equal(d0.t_end, d_off.t_end)
+    for share in (0.3, 1.0):
+        obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", to_data=share)
+        d = obj.draw(batch, torch.Generator().manual_seed(0))
+        fm, iv = d.t_end == d.t, d.t_end > d.t
+        assert abs(fm.float().mean() - 0.5) < 0.01
+        assert torch.equal(d.t[fm], d0.t[fm])  # the flow-matching pairs are untouched
+        ends = iv & (d.t_end == 1)
+        assert abs(ends.float().sum() / iv.float().sum() - share) < 0.01
+        assert torch.equal(d.t[iv], d0.t[iv])  # the starts: the earlier of two draws
+        for q in (0.1, 0.3, 0.5, 0.8):
+            assert abs((d.t[ends] < q).float().mean() - (1 - (1 - q) ** 2)) < 0.01
+            rest = iv & ~ends
+            if rest.any():
+                assert abs((d.t_end[rest] < q).float().mean() - q**2) < 0.01  # the later of two
+    cfg = TrainConfig(objective="meanflow", meanflow_to_data=0.5)
+    assert TrainConfig.from_dict(cfg.to_dict()).meanflow_to_data == 0.5
+    rc, _, err = cli("train", "--objective", "meanflow", "--meanflow-to-data", "1.5", "--out", tmp_path / "bad", *TINY)
+    assert rc == 2 and "--meanflow-to-data" in err and not (tmp_path / "bad").exists(), err
+
+
 def test_meanflow_time_defaults_follow_the_objective_and_old_runs_keep_theirs(cli, tmp_path):
     """Left unset, the time distribution is logit-normal(0.4, 1) for MeanFlow and uniform for the
     others; a setting given wins. A config.json written before meanflow_fm_time existed rebuilds

@@ -57,6 +57,8 @@ class TrainConfig:
                                                    "or model (the network's own velocity u(z, t, 0), improved MeanFlow)")
     meanflow_fm_time: str = setting("single", "meanflow: the time of the flow-matching pairs (t_end = t), paired (the earlier "
                                               "of the two draws, the paper's code) or single (one draw of the time sampler)")
+    meanflow_to_data: float = setting(0.0, "meanflow: share of the interval pairs that end at the data (t_end = 1), the "
+                                           "family of intervals the one step z0 + u(z0, 0, 1) belongs to")
     shortcut_share: float = setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: flow matching)")
     shortcut_steps: int = setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N are trained")
     path: str = setting("linear", "probability path: linear, vp, cosine")
@@ -461,6 +463,7 @@ RANGES = {
     "ot_reg": (_positive, "a positive value"),
     "meanflow_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "meanflow_power": (lambda v: v >= 0, "a value >= 0"),
+    "meanflow_to_data": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "shortcut_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "shortcut_steps": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2"),
     "huber_c": (_positive, "a positive value"),

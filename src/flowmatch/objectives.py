@@ -152,7 +152,10 @@ class MeanFlow(CFM):
     with ``v = x1 - x0`` the straight path's conditional velocity. Times: a share ``share`` of the
     pairs takes two draws of the time sampler, sorted, as ``[t, t_end]``; the rest are plain flow
     matching (``t_end = t``) at one draw (``fm_time="single"``, as CFM draws its times) or at the
-    earlier of the two draws (``"paired"``, the paper's code: more weight near the noise). The
+    earlier of the two draws (``"paired"``, the paper's code: more weight near the noise). A share
+    ``to_data`` of the intervals ends at the data instead, ``[t, 1]``: the derivative holds
+    ``t_end``, so these form a family of their own under the identity, the one the one step
+    ``u(z0, 0, 1)`` belongs to. The
     loss is adaptively weighted, ``w = 1 / (||u - target||^2 + c)^p`` (stop-gradient), ``c =
     1e-3``, ``p = 1`` in the paper (TrainConfig's default: 0.5).
 
@@ -167,11 +170,12 @@ class MeanFlow(CFM):
 
     def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
                  power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval",
-                 stf: int = 0, reference=None):
+                 stf: int = 0, reference=None, to_data: float = 0.0):
         from .paths import LinearPath
 
         super().__init__(LinearPath(), time_sampler, coupling, label_dropout, stf=stf, reference=reference)
         self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
+        self.to_data = to_data
         self.jvp_rows = jvp_rows  # "interval" (the JVP where t_end > t) or "all" (every row: the same loss, slower)
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
@@ -181,6 +185,9 @@ class MeanFlow(CFM):
         keep = torch.rand(len(t), generator=gen, device=t.device) < self.share
         if self.fm_time == "single":  # the flow-matching pairs at one draw of the sampler, as CFM draws them
             t = torch.where(keep, t, d.t)
+        if self.to_data > 0:  # a share of the intervals end at the data: [t, 1], the one step's family
+            end = torch.rand(len(t), generator=gen, device=t.device) < self.to_data
+            t_end = torch.where(end, torch.ones_like(t_end), t_end)
         return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t), d.reference)
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +333,7 @@ def make_objective(cfg, parts) -> CFM:
     if cfg.objective == "meanflow":
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power,
                         tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time, stf=cfg.stf,
-                        reference=parts.dataset.sample if cfg.stf else None)
+                        reference=parts.dataset.sample if cfg.stf else None, to_data=cfg.meanflow_to_data)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None
