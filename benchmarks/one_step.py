@@ -45,7 +45,10 @@ def describe(run) -> str:
              "shortcut": f", share {cfg.shortcut_share:g}, finest 1/{cfg.shortcut_steps}"}.get(cfg.objective, "")
     times = {"uniform": "", "logit-normal": f", times logit-normal({cfg.time_mean:g}, {cfg.time_std:g})"}.get(
         cfg.time_dist, f", times {cfg.time_dist}")
-    return f"{cfg.objective} ({cfg.model_spec()['prediction']} prediction{extra}{times})"
+    # what else sets a run apart: the coupling, the batch and the step count, a non-default Fourier scale
+    setup = "".join([", OT coupling" if cfg.coupling == "ot" else "", f", batch {cfg.batch_size}, {cfg.steps} steps",
+                     f", Fourier scale {cfg.fourier_scale:g}" if cfg.fourier and cfg.fourier_scale != 1.0 else ""])
+    return f"{cfg.objective} ({cfg.model_spec()['prediction']} prediction{extra}{times}{setup})"
 
 
 def main() -> None:
