@@ -35,6 +35,15 @@ def train_seconds(run_dir: Path) -> float:
     return total
 
 
+def own_trajectories(cfg) -> str:
+    """MeanFlow's --meanflow-distill settings, where a run has them."""
+    if not getattr(cfg, "meanflow_distill", 0):
+        return ""
+    return (f", own trajectories {cfg.meanflow_distill:g} of the batch (whole step {cfg.meanflow_distill_whole:g}) from "
+            f"{cfg.meanflow_distill_start:g} of the steps, {cfg.meanflow_distill_pairs} x {cfg.meanflow_distill_nfe} NFE "
+            f"every {cfg.meanflow_distill_every}")
+
+
 def describe(run) -> str:
     cfg = run.cfg
     if cfg.lineage.get("kind") in ("distill", "reflow"):
@@ -47,7 +56,8 @@ def describe(run) -> str:
         cfg.time_dist, f", times {cfg.time_dist}")
     # what else sets a run apart: the coupling, the batch and the step count, a non-default Fourier scale
     setup = "".join([", OT coupling" if cfg.coupling == "ot" else "", f", batch {cfg.batch_size}, {cfg.steps} steps",
-                     f", Fourier scale {cfg.fourier_scale:g}" if cfg.fourier and cfg.fourier_scale != 1.0 else ""])
+                     f", Fourier scale {cfg.fourier_scale:g}" if cfg.fourier and cfg.fourier_scale != 1.0 else "",
+                     own_trajectories(cfg)])
     return f"{cfg.objective} ({cfg.model_spec()['prediction']} prediction{extra}{times}{setup})"
 
 

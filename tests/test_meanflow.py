@@ -6,6 +6,7 @@ import json
 import torch
 
 from flowmatch.config import TrainConfig
+from flowmatch.data import Batch
 from flowmatch.objectives import Drawn, MeanFlow
 from flowmatch.timesteps import UniformTime
 from flowmatch.training import train
@@ -372,3 +373,82 @@ def test_meanflow_pairs_noise_and_data_by_the_minibatch_ot_plan():
     paired = (d.x0.double() - x1.double()).pow(2).sum(1).mean().item()
     assert abs(paired - optimum) <= 1e-6 * optimum
     assert cost.trace() / len(cost) > 1.3 * optimum  # the product coupling is far from it
+
+
+def test_own_trajectories_give_the_exact_average_velocity_of_the_teachers_flow(cli, tmp_path):
+    """--meanflow-distill: with the exact Gaussian flow as the teacher, the rows drawn from its
+    midpoint trajectories carry targets equal to the closed-form average velocity over their
+    interval (to the midpoint rule's error); half of them span the whole step [0, 1], the others two
+    distinct grid points. The trajectories start at ``distill_start`` of the steps and are refreshed
+    every ``distill_every`` steps; the target pass gives those rows their fixed targets, with no
+    derivative term."""
+    from flowmatch.couplings import IndependentCoupling
+
+    obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", distill=0.5, distill_start=0.5,
+                   distill_every=10, distill_pairs=2000, distill_nfe=64)
+    gen = torch.Generator().manual_seed(0)
+    obj.refresh(exact_model, 49, 100, Gaussian(), gen)
+    assert obj.trajectories is None  # before the start
+    obj.refresh(exact_model, 50, 100, Gaussian(), gen)
+    path, label = obj.trajectories
+    assert path.shape == (33, 2000, 2) and label is None
+    first = path
+    obj.refresh(exact_model, 55, 100, Gaussian(), gen)
+    assert obj.trajectories[0] is first  # not yet time to refresh
+    obj.refresh(exact_model, 60, 100, Gaussian(), gen)
+    assert obj.trajectories[0] is not first
+    batch = Batch(torch.randn(4000, 2, generator=gen).double() * S + MU)
+    d = obj.draw(Batch(batch.x1.float()), gen)
+    z, t, h, _, target = d.own
+    assert len(z) == 2000 and (h > 0).all() and (t + h <= 1 + 1e-6).all()
+    whole = (t == 0) & (h == 1)
+    assert abs(whole.float().mean() - (0.5 + 0.5 / 528)) < 0.03  # 528 pairs of the 33 grid points, one of them whole
+    torch.testing.assert_close(target.double(), exact_u(z.double(), t.double(), h.double()), rtol=1e-4, atol=1e-4)
+    obj.distill_whole = 1.0
+    _, t1, h1, _, _ = obj.own_rows(4000, gen)
+    assert (t1 == 0).all() and (h1 == 1).all()
+    pred, tgt = obj.target(exact_model, Drawn(d.x0.double(), d.x1.double(), d.t.double(), None, d.t_end.double(),
+                                              None, tuple(None if a is None else a.double() for a in d.own)))
+    torch.testing.assert_close(tgt[-len(z):], target.double())  # the own rows: their fixed targets
+    torch.testing.assert_close(pred[-len(z):], exact_model(z.double(), t.double(), h=h.double()))
+    rc, _, err = cli("train", "--objective", "meanflow", "--meanflow-distill-nfe", "3", "--out", tmp_path / "bad", *TINY)
+    assert rc == 2 and "--meanflow-distill-nfe" in err and not (tmp_path / "bad").exists(), err
+
+
+def test_meanflow_with_own_trajectories_trains_from_the_command_line(cli, tmp_path):
+    """--meanflow-distill in a short run on the checkerboard: it trains, saves the settings, and
+    its one step samples."""
+    run = tmp_path / "mfd"
+    rc, _, err = cli("train", "--objective", "meanflow", "--steps", "12", "--batch-size", "32", "--no-plots",
+                     "--meanflow-distill", "0.25", "--meanflow-distill-every", "3", "--meanflow-distill-pairs", "64",
+                     "--out", run, *TINY)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["train"]["meanflow_distill"] == 0.25
+    rc, _, err = cli("sample", run, "--n", "64", "--out", tmp_path / "s.npy", "--no-progress")
+    assert rc == 0 and (tmp_path / "s.npy").exists(), err
+
+
+def test_own_trajectories_follow_the_datas_labels():
+    """On labelled data the teacher integrates each trajectory under a label drawn with the data,
+    and the rows drawn from it carry that label."""
+    from flowmatch.couplings import IndependentCoupling
+
+    class Labelled(Gaussian):
+        num_classes = 3
+
+        def sample(self, n, generator):
+            b = super().sample(n, generator)
+            return Batch(b.x1, label=torch.randint(3, (n,), generator=generator))
+
+    seen = []
+
+    def teacher(z, t, label=None, h=None):  # velocity = the label: the trajectory ends at z0 + label
+        seen.append(label)
+        return label[:, None].to(z.dtype).expand_as(z)
+
+    obj = MeanFlow(UniformTime(), IndependentCoupling(), distill=1.0, distill_start=0.0, distill_pairs=500, distill_nfe=4)
+    gen = torch.Generator().manual_seed(0)
+    obj.refresh(teacher, 0, 10, Labelled(), gen)
+    assert all(s is seen[0] for s in seen) and len(set(seen[0].tolist())) == 3
+    z, t, h, label, target = obj.own_rows(300, gen)
+    torch.testing.assert_close(target, label[:, None].float().expand_as(target))

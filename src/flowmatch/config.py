@@ -59,6 +59,15 @@ class TrainConfig:
                                               "of the two draws, the paper's code) or single (one draw of the time sampler)")
     meanflow_to_data: float = setting(0.0, "meanflow: share of the interval pairs that end at the data (t_end = 1), the "
                                            "family of intervals the one step z0 + u(z0, 0, 1) belongs to")
+    meanflow_distill: float = setting(0.0, "meanflow: extra rows, as a share of the batch, that learn the average velocity "
+                                           "from the network's own trajectories (its EMA's field u(z, t, 0) integrated by the "
+                                           "midpoint rule; half of them the whole step 0 -> 1); 0: none")
+    meanflow_distill_whole: float = setting(0.5, "meanflow --meanflow-distill: share of those rows on the whole step 0 -> 1 "
+                                                 "(the others: two grid points of the trajectory)")
+    meanflow_distill_start: float = setting(0.5, "meanflow --meanflow-distill: the share of the steps after which it starts")
+    meanflow_distill_every: int = setting(250, "meanflow --meanflow-distill: steps between refreshes of the trajectories")
+    meanflow_distill_pairs: int = setting(4096, "meanflow --meanflow-distill: trajectories per refresh")
+    meanflow_distill_nfe: int = setting(16, "meanflow --meanflow-distill: midpoint evaluations per trajectory (even)")
     shortcut_share: float = setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: flow matching)")
     shortcut_steps: int = setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N are trained")
     path: str = setting("linear", "probability path: linear, vp, cosine")
@@ -443,7 +452,8 @@ def _positive(v) -> bool:
 RANGES = {
     **{name: (_positive, "a positive value") for name in ("steps", "batch_size", "lr", "log_every", "checkpoint_every",
                                                           "width", "depth", "grad_accum", "processes", "time_steps",
-                                                          "image_size")},
+                                                          "image_size", "meanflow_distill_every",
+                                                          "meanflow_distill_pairs")},
     "n_points": (lambda v: v >= 2, "an integer >= 2"),
     "eval_every": (lambda v: v >= 0, "a number of steps >= 0 (0: never)"),
     "eval_n": (lambda v: v >= 10, "an integer >= 10"),
@@ -464,6 +474,10 @@ RANGES = {
     "meanflow_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "meanflow_power": (lambda v: v >= 0, "a value >= 0"),
     "meanflow_to_data": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    "meanflow_distill": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    "meanflow_distill_whole": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
+    "meanflow_distill_start": (lambda v: 0 <= v < 1, "a share in [0, 1)"),
+    "meanflow_distill_nfe": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (midpoint: two evaluations a step)"),
     "shortcut_share": (lambda v: 0 <= v <= 1, "a share in [0, 1]"),
     "shortcut_steps": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2"),
     "huber_c": (_positive, "a positive value"),

@@ -106,6 +106,7 @@ class Drawn:
     label: torch.Tensor | None
     t_end: torch.Tensor | None = None  # MeanFlow: the end of each pair's interval [t, t_end]
     reference: Batch | None = None  # CFM with a stable target: extra data draws (and their labels)
+    own: tuple | None = None  # MeanFlow --meanflow-distill: rows (z, t, h, label, target) from the network's own trajectories
 
 
 class CFM:
@@ -170,12 +171,17 @@ class MeanFlow(CFM):
 
     def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
                  power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval",
-                 stf: int = 0, reference=None, to_data: float = 0.0):
+                 stf: int = 0, reference=None, to_data: float = 0.0, distill: float = 0.0, distill_start: float = 0.5,
+                 distill_every: int = 250, distill_pairs: int = 4096, distill_nfe: int = 16,
+                 distill_whole: float = 0.5):
         from .paths import LinearPath
 
         super().__init__(LinearPath(), time_sampler, coupling, label_dropout, stf=stf, reference=reference)
         self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
         self.to_data = to_data
+        self.distill, self.distill_start, self.distill_every = distill, distill_start, distill_every
+        self.distill_pairs, self.distill_nfe, self.distill_whole = distill_pairs, distill_nfe, distill_whole
+        self.trajectories = None  # (K + 1, N, ...) grid points of the network's own trajectories, and their labels
         self.jvp_rows = jvp_rows  # "interval" (the JVP where t_end > t) or "all" (every row: the same loss, slower)
 
     def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
@@ -188,7 +194,46 @@ class MeanFlow(CFM):
         if self.to_data > 0:  # a share of the intervals end at the data: [t, 1], the one step's family
             end = torch.rand(len(t), generator=gen, device=t.device) < self.to_data
             t_end = torch.where(end, torch.ones_like(t_end), t_end)
-        return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t), d.reference)
+        own = self.own_rows(len(t), gen) if self.trajectories is not None else None
+        return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t), d.reference, own)
+
+    @torch.no_grad()
+    def refresh(self, teacher, step: int, steps: int, dataset, gen: torch.Generator) -> None:
+        """``--meanflow-distill``: from ``distill_start`` of the ``steps`` on, every ``distill_every``
+        steps, integrate ``distill_pairs`` noise draws along ``teacher``'s instantaneous field ``u(z,
+        t, 0)`` (the trainer's EMA) by ``distill_nfe / 2`` midpoint steps, keeping every grid point.
+        The average velocity over ``[t_i, t_j]`` is by definition ``(z_j - z_i) / (t_j - t_i)`` along
+        the flow, so these trajectories give exact targets for the network's own flow, without the
+        spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries."""
+        if self.distill <= 0 or step < int(self.distill_start * steps) or (
+                self.trajectories is not None and (step - int(self.distill_start * steps)) % self.distill_every):
+            return
+        from .solvers import integrate
+
+        conditioned = dataset.num_classes or dataset.cond_dim  # the teacher follows labels (conditions) drawn with the data
+        label = dataset.sample(self.distill_pairs, gen).label if conditioned else None
+        x0 = torch.randn(self.distill_pairs, *dataset.shape, generator=gen, device=gen.device)
+        zeros = torch.zeros(self.distill_pairs, device=x0.device, dtype=x0.dtype)
+        teacher_v = lambda z, t: teacher(z, t, label, h=zeros).to(z.dtype)  # noqa: E731
+        path = integrate(teacher_v, x0, "midpoint", self.distill_nfe, trajectory=True).trajectory
+        self.trajectories = (path, label)
+
+    def own_rows(self, batch: int, gen: torch.Generator) -> tuple:
+        """``distill * batch`` rows drawn from the stored trajectories: a share ``distill_whole`` of
+        them the whole step ``[0, 1]``, the others two distinct grid points ``i < j``; input ``z_i`` at ``t_i``, interval
+        ``h = t_j - t_i``, target ``(z_j - z_i) / h``."""
+        path, label = self.trajectories
+        k, n, dev = len(path) - 1, max(1, round(self.distill * batch)), path.device
+        row = torch.randint(path.shape[1], (n,), generator=gen, device=dev)
+        i = torch.randint(k + 1, (n,), generator=gen, device=dev)
+        j = (i + torch.randint(1, k + 1, (n,), generator=gen, device=dev)) % (k + 1)  # another grid point
+        i, j = torch.minimum(i, j), torch.maximum(i, j)
+        whole = torch.rand(n, generator=gen, device=dev) < self.distill_whole
+        i, j = torch.where(whole, 0, i), torch.where(whole, k, j)
+        t, h = i.to(path.dtype) / k, (j - i).to(path.dtype) / k
+        z = path[i, row]
+        target = (path[j, row] - z) / h.view(-1, *[1] * (z.dim() - 1))
+        return z, t, h, None if label is None else label[row], target
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's average velocity on the draws, and its MeanFlow target (no gradient).
@@ -201,20 +246,28 @@ class MeanFlow(CFM):
         z, v = ps.x_t, ps.u_t
         if d.reference is not None:  # --stf: v (in the target and as the tangent) averaged over the posterior
             v = stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
-        h = d.t_end - d.t
-        rows = (h > 0).nonzero().flatten()  # the interval rows: only they need the derivative
-        if len(rows) == len(h) or self.jvp_rows == "all":
+        t, t_end, label = d.t, d.t_end, d.label
+        jvp = t_end > t  # the interval rows: only they need the derivative
+        if d.own is not None:  # --meanflow-distill: rows with a fixed target, through the plain pass
+            z_own, t_own, h_own, label_own, target_own = d.own
+            z, v = torch.cat([z, z_own.to(z.dtype)]), torch.cat([v, target_own.to(v.dtype)])
+            t, t_end = torch.cat([t, t_own.to(t.dtype)]), torch.cat([t_end, (t_own + h_own).to(t.dtype)])
+            label = None if label is None else torch.cat([label, label_own])
+            jvp = torch.cat([jvp, torch.zeros_like(t_own, dtype=torch.bool)])
+        h = t_end - t
+        rows = jvp.nonzero().flatten()
+        if len(rows) == len(h) or (self.jvp_rows == "all" and d.own is None):
             rows = None  # all of them: no gather
         sub = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
 
         bare = _bare(model)
-        zi, ti, ei, li = sub(z), sub(d.t), sub(d.t_end), sub(d.label)
+        zi, ti, ei, li = sub(z), sub(t), sub(t_end), sub(label)
 
         def u(z, t, t_end):
             return bare(z, t, li, h=t_end - t)
 
         if len(ti) == 0:  # no interval rows: flow matching alone
-            return model(z, d.t, d.label, h=h), v.detach()
+            return model(z, t, label, h=h), v.detach()
         direction = sub(v)
         if self.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
             with torch.no_grad():
@@ -227,8 +280,8 @@ class MeanFlow(CFM):
             if bare is model:  # the interval rows' JVP with its graph, the others by a plain pass
                 with _jvp_kernels(bare, z.device):
                     pred_i, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
-                rest = (h <= 0).nonzero().flatten()
-                pred_f = model(z[rest], d.t[rest], None if d.label is None else d.label[rest], h=h[rest])
+                rest = (~jvp).nonzero().flatten()
+                pred_f = model(z[rest], t[rest], None if label is None else label[rest], h=h[rest])
                 pred = torch.cat([pred_i, pred_f])[torch.cat([rows, rest]).argsort()]  # back in the batch's order
             else:
                 # A wrapper (DDP, torch.compile) cannot run inside a functorch transform (DDP's
@@ -237,7 +290,7 @@ class MeanFlow(CFM):
                 # all-reduces its gradients.
                 with torch.no_grad(), _jvp_kernels(bare, z.device):
                     _, jv = torch.func.jvp(u, (zi, ti, ei), tangents)
-                pred = model(z, d.t, d.label, h=h)
+                pred = model(z, t, label, h=h)
             jv = jv.detach().to(v.dtype)
             du_dt = jv if rows is None else torch.zeros_like(v).index_copy(0, rows, jv)  # 0 on the flow-matching rows
         return pred, (v + h.view(shape) * du_dt.to(v.dtype)).detach()
@@ -333,7 +386,10 @@ def make_objective(cfg, parts) -> CFM:
     if cfg.objective == "meanflow":
         return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power,
                         tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time, stf=cfg.stf,
-                        reference=parts.dataset.sample if cfg.stf else None, to_data=cfg.meanflow_to_data)
+                        reference=parts.dataset.sample if cfg.stf else None, to_data=cfg.meanflow_to_data,
+                        distill=cfg.meanflow_distill, distill_start=cfg.meanflow_distill_start,
+                        distill_every=cfg.meanflow_distill_every, distill_pairs=cfg.meanflow_distill_pairs,
+                        distill_nfe=cfg.meanflow_distill_nfe, distill_whole=cfg.meanflow_distill_whole)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None
