@@ -61,7 +61,7 @@ class TrainConfig:
                                            "family of intervals the one step z0 + u(z0, 0, 1) belongs to")
     meanflow_distill: float = setting(0.0, "meanflow: extra rows, as a share of the batch, that learn the average velocity "
                                            "from the network's own trajectories (its EMA's field u(z, t, 0) integrated by the "
-                                           "midpoint rule; half of them the whole step 0 -> 1); 0: none")
+                                           "midpoint rule); 0: none")
     meanflow_distill_whole: float = setting(0.5, "meanflow --meanflow-distill: share of those rows on the whole step 0 -> 1 "
                                                  "(the others: two grid points of the trajectory)")
     meanflow_distill_start: float = setting(0.5, "meanflow --meanflow-distill: the share of the steps after which it starts")
