@@ -37,7 +37,7 @@ def train_seconds(run_dir: Path) -> float:
 
 def own_trajectories(cfg) -> str:
     """MeanFlow's --meanflow-distill settings, where a run has them."""
-    if not getattr(cfg, "meanflow_distill", 0):
+    if not cfg.meanflow_distill:
         return ""
     return (f", own trajectories {cfg.meanflow_distill:g} of the batch (whole step {cfg.meanflow_distill_whole:g}) from "
             f"{cfg.meanflow_distill_start:g} of the steps, {cfg.meanflow_distill_pairs} x {cfg.meanflow_distill_nfe} NFE "

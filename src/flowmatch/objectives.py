@@ -134,6 +134,10 @@ class CFM:
         reference = self.reference(self.stf, gen) if self.stf else None
         return Drawn(x0, x1, t, label, reference=reference)
 
+    def refresh(self, teacher, step: int, steps: int, dataset, gen: torch.Generator) -> None:
+        """Called by the trainer before each step with its EMA network; objectives that learn from
+        the network's own samples (MeanFlow's ``--meanflow-distill``) update them here."""
+
     def loss(self, model, d: Drawn) -> torch.Tensor:
         target = None
         if d.reference is not None:
@@ -205,8 +209,9 @@ class MeanFlow(CFM):
         The average velocity over ``[t_i, t_j]`` is by definition ``(z_j - z_i) / (t_j - t_i)`` along
         the flow, so these trajectories give exact targets for the network's own flow, without the
         spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries."""
-        if self.distill <= 0 or step < int(self.distill_start * steps) or (
-                self.trajectories is not None and (step - int(self.distill_start * steps)) % self.distill_every):
+        start = int(self.distill_start * steps)
+        due = self.trajectories is None or (step - start) % self.distill_every == 0  # none yet (or resumed): at once
+        if self.distill <= 0 or step < start or not due:
             return
         from .solvers import integrate
 

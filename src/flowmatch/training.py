@@ -272,8 +272,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         step_loss = 0.0
-        if hasattr(self.objective, "refresh"):  # MeanFlow --meanflow-distill: the EMA's own trajectories
-            self.objective.refresh(self.ema, self.step, cfg.steps, self.dataset, self.gen)
+        self.objective.refresh(self.ema, self.step, cfg.steps, self.dataset, self.gen)  # MeanFlow --meanflow-distill
         for micro in range(cfg.grad_accum):
             drawn = self.objective.draw(self.next_batch(), self.gen)
             last = micro == cfg.grad_accum - 1
