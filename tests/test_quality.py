@@ -90,3 +90,27 @@ def test_default_run_likelihood_is_near_the_data_entropy(default_run):
     res = nll_summary(run.log_prob(x, tol=1e-4), 2)
     assert res["nll"] <= math.log(32) + 0.18, res
     assert res["nll"] >= math.log(32) - 3 * res["se"], res
+
+
+# README's one-step recipe (One step from scratch, "Data prediction with own trajectories").
+MEANFLOW_RECIPE = ["--objective", "meanflow", "--coupling", "ot", "--batch-size", "256", "--steps", "5000",
+                   "--prediction", "data", "--meanflow-share", "0.25", "--meanflow-distill", "0.5"]
+
+
+def test_meanflow_one_step_meets_the_pipeline_bar(tmp_path):
+    """One MeanFlow training run, sampled in one step, against the distilled pipeline's bar: at
+    most 4% of the samples off the checkerboard's cells and W2/floor at most 1.1. Measured (seeds
+    0 / 1 / 2, the benchmark's draws): 3.4 / 3.5 / 3.2% off, W2/floor 0.91 / 0.98 / 0.92; the same
+    run with velocity prediction left 5.3-6.3% off, and without its own trajectories 11.6%."""
+    out = tmp_path / "meanflow"
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "train", *MEANFLOW_RECIPE, "--out", str(out),
+                        "--no-progress", "--no-plots"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    # eval's and the benchmark's protocol (4000 samples, noise seed 0, W2 over 3 reference draws),
+    # at which the bar and the pipeline's numbers were set: W2/floor grows with the sample size
+    # (the floor falls, the model's own distance stays): seed 0's run read 0.91, 0.93 and 1.66 at
+    # 4000, 8000 and 16000 samples, so the bar holds at the size it was set at only.
+    res = evaluate(load_run(out), (1,), n=4000, adaptive=None, straight=False)
+    one = res["nfe"]["1"]
+    assert one["off_support"] <= 0.04, one
+    assert one["ratio"] <= 1.1, one
