@@ -1,21 +1,12 @@
-"""Digits with the command line's defaults: wall-clock of `flowmatch train --data digits`, then
-Fréchet distance over its floor (classifier features and PCA) of 1000 unconditional samples at
-100 Euler steps, and the accuracy of samples asked for each digit with guidance 2.
+"""Digits with the command line's defaults: wall-clock of `flowmatch train --data digits`, Fréchet distance
+over its floor (classifier features, PCA) of 1000 samples at 100 Euler steps (one-step objectives: one), and
+the accuracy of samples asked for each digit at guidance 2; ``--cond-guidance``: 100 samples per class at each
+weight, scored alike (how a student distilled from labelled pairs, one map per class, is measured).
 
-    python benchmarks/digits.py --out runs/digits          # train, evaluate, copy the grids
-    python benchmarks/digits.py --out runs/digits --reuse  # evaluate an existing run
-    python benchmarks/digits.py --out runs/digits-sc --objective shortcut   # one-step generators:
-                                                           # measured at their one step (--nfe)
-    python benchmarks/digits.py --out runs/digits-sc1000 --objective shortcut --train "--time-scale 1000"
-    python benchmarks/digits.py --out runs/d14/dist --reuse --cond-guidance 1,2   # also class-conditional
-                                                           # samples (100 per class) at each weight: their
-                                                           # Fréchet distances and the judge's accuracy
-
-A student distilled from labelled pairs (`flowmatch distill --guidance W`) learns a one-step map per
-class; its unconditional samples are the average over classes, so it is measured by `--cond-guidance`.
+    python benchmarks/digits.py --out runs/digits                          # train, evaluate
+    python benchmarks/digits.py --out runs/digits-sc --objective shortcut --train "--time-scale 1000"
+    python benchmarks/digits.py --out runs/d14/dist --reuse --cond-guidance 1,2
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -32,14 +23,12 @@ from flowmatch.runs import load_run
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/digits"))
-    ap.add_argument("--reuse", action="store_true")
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--reuse", action="store_true", help="evaluate the run in --out when it exists")
     ap.add_argument("--objective", default="cfm", help="train --objective (cfm, meanflow, shortcut)")
     ap.add_argument("--steps", type=int, default=None, help="train --steps (default: the command line's)")
     ap.add_argument("--nfe", type=int, default=None, help="Euler steps to evaluate (default: the run's own, 100 or 1)")
     ap.add_argument("--train", default="", help="more train options, as one string (e.g. '--time-scale 1000')")
-    ap.add_argument("--cond-guidance", default="", help="comma list of guidance weights: score class-conditional "
-                    "samples (100 per class) at each")
+    ap.add_argument("--cond-guidance", default="", help="comma list of guidance weights: score class-conditional samples")
     args = ap.parse_args()
     try:
         weights = [float(w) for w in args.cond_guidance.split(",")] if args.cond_guidance else []
@@ -56,10 +45,9 @@ def main():
         wall = time.perf_counter() - t0
     run = load_run(args.out)
     nfe = args.nfe or run.default_nfe
-    res = evaluate_digits(run, n=1000, nfe=nfe, guidance=args.guidance)
+    res = evaluate_digits(run, n=1000, nfe=nfe, guidance=2.0)
     print(f"train wall-clock: {wall:.0f} s ({run.cfg.steps} steps, batch {run.cfg.batch_size}, model {run.cfg.model}, "
-          f"objective {run.cfg.objective}); {nfe} Euler step(s)")
-    print("| measure | value | floor (real vs real) | ratio |\n|---|---|---|---|")
+          f"objective {run.cfg.objective}); {nfe} Euler step(s)\n| measure | value | floor (real vs real) | ratio |\n|---|---|---|---|")
     for space in ("classifier", "pca"):
         r = res[space]
         print(f"| Fréchet distance, {space} features | {r['fd']:.3f} | {r['floor']:.3f} | {r['ratio']:.2f} |")
@@ -78,12 +66,10 @@ def main():
 
 
 def conditional_scores(run, nfe: int, guidance: float, per_class: int = 100, seed: int = 0) -> dict:
-    """Fréchet distances (classifier and PCA features, over their floors) of ``per_class`` samples
-    of each class at ``guidance``, and how often the pixel judge reads them as their class."""
+    """Fréchet distances over their floors of ``per_class`` samples of each class, and the judge's accuracy."""
     data = run_data_name(run) or "digits"
     x, labels = class_samples(run, per_class, nfe, seed=seed, guidance=guidance)
-    return {"guidance": guidance, "per_class": per_class, **image_scores(x, data, seed),
-            "accuracy": label_accuracy(x, labels, data)}
+    return {"guidance": guidance, "per_class": per_class, **image_scores(x, data, seed), "accuracy": label_accuracy(x, labels, data)}
 
 
 if __name__ == "__main__":

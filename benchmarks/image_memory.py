@@ -1,21 +1,13 @@
-"""Memory and speed of the streaming image path: folders of 10,000 and 100,000 32x32 PNGs.
-
-For each folder (written once into --root with Pillow, reused when present): the first build
-decodes it into the uint8 cache (timed), a second build opens the cache (timed), a batch's
-loading time is measured in the training process, then ``--steps`` training steps run
-(``--unet tiny``). Each measurement runs in a fresh child process that samples the anonymous
-resident memory of itself (``RssAnon`` in /proc/PID/status: memory the data set could grow; the
-memory-mapped cache's pages are file-backed, reclaimable, and counted apart as ``RssFile``) and
-the private dirty memory of its DataLoader workers (smaps_rollup: what each worker holds beyond
-the pages it shares with the training process it was forked from) every 20 ms. ``--baseline``
-adds the previous loader's row: the whole folder decoded to float32 in memory and split.
+"""Memory and speed of the streaming image path on folders of 10,000 and 100,000 32x32 PNGs: decoding into the
+uint8 cache, opening it, loading a batch, 40 steps of ``--unet tiny`` (batch 32, one thread), each in a fresh
+process that samples its ``RssAnon`` and ``RssFile`` and its DataLoader workers' private dirty memory every
+20 ms. ``--baseline`` adds the previous loader's row (decoded to float32 in memory and split, no training).
 
     python benchmarks/image_memory.py --baseline           # both sizes, a table on stdout
 """
 
-from __future__ import annotations
-
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -27,190 +19,125 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT, STEPS, BATCH = Path("/tmp/flowmatch-bench-images"), 40, 32
 
-def make_folder(root: Path, n: int, size: int = 32) -> Path:
-    """``n`` PNGs of blurred noise with a bright disc (10 class folders), written once:
-    ``.complete`` marks a finished folder, so an interrupted one is finished, not restarted."""
+
+def make_folder(n: int) -> Path:
+    """``n`` 32x32 PNGs of blurred noise with a bright disc (10 class folders), written once."""
     from PIL import Image, ImageFilter
 
-    folder = root / f"png-{n}"
+    folder = ROOT / f"png-{n}"
     if (folder / ".complete").exists():
         return folder
     rng = np.random.default_rng(n)
-    yy, xx = np.mgrid[:size, :size]
+    yy, xx = np.mgrid[:32, :32]
     for i in range(n):
-        f = folder / f"c{i % 10}" / f"{i:06d}.png"
-        if f.exists():
-            rng.integers(0, 255, (size, size, 3)), rng.integers(4, size - 4, 3)  # keep the stream aligned
-            continue
-        f.parent.mkdir(parents=True, exist_ok=True)
-        noise = rng.integers(0, 255, (size, size, 3)).astype(np.uint8)
-        cx, cy, r = rng.integers(4, size - 4, 3)
-        im = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2))
-        arr = np.asarray(im).copy()
+        noise = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+        cx, cy, r = rng.integers(4, 28, 3)
+        arr = np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2))).copy()
         arr[(xx - cx) ** 2 + (yy - cy) ** 2 < (r // 2 + 2) ** 2] = (230, 200, 40)
-        Image.fromarray(arr).save(f)
+        (folder / f"c{i % 10}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(folder / f"c{i % 10}" / f"{i:06d}.png")
     (folder / ".complete").write_text(str(n))
     return folder
 
 
-def _status(pid: int) -> dict:
-    out = {}
+def read_proc(path: str, key: str) -> int:
+    """The sum of a /proc file's ``key`` lines, in bytes (0 when it is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("RssAnon", "RssFile", "VmHWM"):
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def _private_dirty(pid: int) -> int:
-    """A worker's own memory: its private dirty pages (anonymous memory it wrote, not the pages it
-    shares copy-on-write with the training process it was forked from, which RssAnon counts again)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Private_Dirty:"))
+        with open(path) as f:
+            return sum(int(ln.split()[1]) * 1024 for ln in f if ln.split(":")[0] == key)
     except OSError:
         return 0
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+@contextlib.contextmanager
+def peaks():
+    """Peak RssAnon, RssFile and the workers' summed private dirty memory while the block runs (every 20 ms)."""
+    out, stop, me = {"main": 0, "file": 0, "workers": 0}, threading.Event(), os.getpid()
+    children = Path(f"/proc/{me}/task/{me}/children")
 
-
-class Peak:
-    """Peak RssAnon and RssFile of this process and (summed) private dirty memory of its child
-    processes (the DataLoader's workers), sampled every 20 ms."""
-
-    def __init__(self):
-        self.main = self.workers = self.file = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = os.getpid()
-        while not self._stop.is_set():
-            s = _status(me)
-            self.main = max(self.main, s.get("RssAnon", 0))
-            self.file = max(self.file, s.get("RssFile", 0))
-            self.workers = max(self.workers, sum(_private_dirty(c) for c in _children(me)))
+    def sample():
+        while not stop.is_set():
+            kids = children.read_text().split() if children.exists() else []
+            now = {"main": read_proc(f"/proc/{me}/status", "RssAnon"), "file": read_proc(f"/proc/{me}/status", "RssFile"),
+                   "workers": sum(read_proc(f"/proc/{c}/smaps_rollup", "Private_Dirty") for c in kids)}
+            out.update({k: max(out[k], v) for k, v in now.items()})
             time.sleep(0.02)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
-
-def child(args) -> dict:
-    """One measurement, in this (fresh) process; returns its numbers."""
+def child(n: int, folder: str, baseline: bool) -> dict:
+    """One measurement, in this (fresh) process."""
     import torch
     from diffusers import UNet2DModel  # noqa: F401 (imported before the start is read: both rows start alike)
 
     from flowmatch.config import TrainConfig
     from flowmatch.data import make_dataset, spec_from_arg
+    from flowmatch.data.images import load_image_folder
     from flowmatch.data.loader import default_workers
     from flowmatch.training import train
 
-    torch.set_num_threads(args.threads)
-    row = {"images": args.n, "start": _status(os.getpid())["RssAnon"]}
-    if args.baseline:  # the previous loader: every image decoded to float32 and held in memory
-        from flowmatch.data.images import load_image_folder
-
-        with Peak() as peak:
+    torch.set_num_threads(1)
+    row = {"images": n, "start": read_proc("/proc/self/status", "RssAnon")}
+    if baseline:  # the previous loader: every image decoded to float32, then split into copies
+        with peaks() as peak:
             t0 = time.perf_counter()
-            x, y, _ = load_image_folder(args.folder, args.image_size)
-            row["decode_s"] = time.perf_counter() - t0
-            perm = torch.randperm(len(x))  # the split the previous loader made: copies of the rows
-            k = len(x) // 10
-            held, x = x[perm[:k]], x[perm[k:]]
-        row.update(loader="float32 in memory (before; decode and split only)", peak_anon_main=peak.main, peak_anon_workers=0,
-                   peak_file=peak.file, data_bytes=(x.numel() + held.numel()) * 4)
-        return row
-    spec = spec_from_arg(args.folder, image_size=args.image_size)
-    with Peak() as peak:
+            x, _, _ = load_image_folder(folder, 32)
+            row["decode_s"], perm = time.perf_counter() - t0, torch.randperm(len(x))
+            held, x = x[perm[:len(x) // 10]], x[perm[len(x) // 10:]]
+        return row | {"loader": "float32 in memory (before; decode and split only)", "main": peak["main"], "workers": 0,
+                      "file": peak["file"], "data_bytes": (x.numel() + held.numel()) * 4}
+    spec = spec_from_arg(folder, image_size=32)
+    with peaks() as peak, tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ds = make_dataset(spec)  # decodes into the (empty) cache
-        row["decode_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        make_dataset(spec)  # decodes into the (empty) cache
+        row["decode_s"], t0 = time.perf_counter() - t0, time.perf_counter()
         ds = make_dataset(spec)  # the cache, opened
-        row["cache_open_s"] = time.perf_counter() - t0
-        draws = ds.draws(args.batch_size, seed=0, hflip=True)
-        t0 = time.perf_counter()
+        row["cache_open_s"], draws, t0 = time.perf_counter() - t0, ds.draws(BATCH, seed=0, hflip=True), time.perf_counter()
         for k in range(200):
             draws[k]
-        row["load_ms_per_batch"] = (time.perf_counter() - t0) / 200 * 1e3
-        cfg = TrainConfig(data=args.folder, image_size=args.image_size, unet="tiny", steps=args.steps,
-                          batch_size=args.batch_size, checkpoint_every=10**6, log_every=args.steps, plots=False,
-                          hflip=True, workers=args.workers)
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            train(cfg, out=Path(tmp) / "run", progress=False)
-            row["train_s"] = time.perf_counter() - t0
-            metrics = [json.loads(ln) for ln in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    row["step_ms"] = metrics[-1]["time"] / args.steps * 1e3
-    workers = cfg.workers if cfg.workers is not None else default_workers(len(ds.train_rows), in_memory=False)
-    row.update(loader=f"uint8 memmap, {workers} worker(s)" + (" (auto)" if cfg.workers is None else ""),
-               peak_anon_main=peak.main, peak_anon_workers=peak.workers, peak_file=peak.file,
-               data_bytes=int(np.prod(ds.pixels.shape)))
-    return row
+        row["load_ms"] = (time.perf_counter() - t0) / 200 * 1e3
+        train(TrainConfig(data=folder, unet="tiny", steps=STEPS, batch_size=BATCH, checkpoint_every=10**6, log_every=STEPS,
+                          plots=False, hflip=True), out=Path(tmp) / "run", progress=False)
+        row["step_ms"] = json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[-1])["time"] / STEPS * 1e3
+    workers = default_workers(len(ds.train_rows), in_memory=False)
+    return row | {"loader": f"uint8 memmap, {workers} worker(s) (auto)", "main": peak["main"], "workers": peak["workers"],
+                  "file": peak["file"], "data_bytes": int(np.prod(ds.pixels.shape))}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000", help="folder sizes (images)")
-    p.add_argument("--root", default="/tmp/flowmatch-bench-images", help="where the folders are written (reused)")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: flowmatch's auto)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--baseline", action="store_true", help="also measure the previous float32 in-memory loader")
-    p.add_argument("--make-only", action="store_true", help="write the folders and stop")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
-        return
-    sizes = [int(s) for s in args.sizes.split(",")]
-    folders = {n: make_folder(Path(args.root), n, args.image_size) for n in sizes}
-    if args.make_only:
+        print(json.dumps(child(int(args.child[0]), args.child[1], args.child[2] == "1")))
         return
     rows = []
-    for n in sizes:
-        for baseline in ([False, True] if args.baseline else [False]):
+    for n in [int(s) for s in args.sizes.split(",")]:
+        for baseline in "01"[:1 + args.baseline]:
             with tempfile.TemporaryDirectory() as cache:  # an empty cache: the first build decodes
-                cmd = [sys.executable, __file__, "--child", "--n", str(n), "--folder", str(folders[n]),
-                       "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--image-size",
-                       str(args.image_size), "--threads", str(args.threads)]
-                cmd += (["--workers", str(args.workers)] if args.workers is not None else []) + (["--baseline"] if baseline else [])
-                out = subprocess.run(cmd, env={**os.environ, "FLOWMATCH_CACHE": cache}, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(out.stderr[-3000:])
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    mb = 2**20
-    print("| images | loader | pixels | RssAnon after imports | peak RssAnon, training process | peak private memory, "
-          "workers (sum) | peak RssFile | decode | cache open | batch load (in process) | training step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+                out = subprocess.run([sys.executable, __file__, "--child", str(n), str(make_folder(n)), baseline],
+                                     env={**os.environ, "FLOWMATCH_CACHE": cache}, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("| images | loader | pixels | RssAnon after imports | peak RssAnon, training process | peak private memory, workers (sum) "
+          "| peak RssFile | decode | cache open | batch load (in process) | training step |\n" + "|---" * 11 + "|")
     for r in rows:
-        before = r["loader"].startswith("float32")
-        print(f"| {r['images']:,} | {r['loader']} | {r['data_bytes'] / mb:.0f} MB | {r['start'] / mb:.0f} MB "
-              f"| {r['peak_anon_main'] / mb:.0f} MB | {r['peak_anon_workers'] / mb:.0f} MB | {r['peak_file'] / mb:.0f} MB "
-              f"| {r['decode_s']:.1f} s | "
-              + ("- | - | - |" if before else f"{r['cache_open_s']:.2f} s | {r['load_ms_per_batch']:.2f} ms | {r['step_ms']:.0f} ms |"))
+        mb = {k: f"{r[k] / 2**20:.0f} MB" for k in ("data_bytes", "start", "main", "workers", "file")}
+        rest = f"{r['cache_open_s']:.2f} s | {r['load_ms']:.2f} ms | {r['step_ms']:.0f} ms" if "step_ms" in r else "- | - | -"
+        print(f"| {r['images']:,} | {r['loader']} | {mb['data_bytes']} | {mb['start']} | {mb['main']} | {mb['workers']} | {mb['file']} "
+              f"| {r['decode_s']:.1f} s | {rest} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from flowmatch.errors import UserError
 from flowmatch.models.unet import UNet, unet_settings
 from flowmatch.timesteps import UShapedTime, make_time_sampler
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -54,7 +54,6 @@ def test_mnist_measures_see_identical_blurred_and_shifted_sets(tmp_path, monkeyp
     4.4 PCA) or shifted by two pixels (25, 26) score well above it."""
     from flowmatch.image_metrics import image_scores
 
-    monkeypatch.setenv("FLOWMATCH_CACHE", str(tmp_path))
     x, _ = load_mnist_split("train")
     real = x[torch.randperm(4000, generator=torch.Generator().manual_seed(100))[:1000]]
     blurred = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1)
@@ -127,7 +126,6 @@ def test_bad_student_options_on_the_command_line(cli, tmp_path):
 
 
 def test_mnist_trains_a_unet_and_evaluates(cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWMATCH_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     rc, _, err = cli("train", "--data", "mnist", "--unet", "tiny", "--steps", "3", "--batch-size", "8",
                      "--checkpoint-every", "3", "--out", run, "--no-plots", "--no-progress")
@@ -189,42 +187,6 @@ def test_ddpm_teacher_snapshots_hold_the_ema_weights_of_their_step(tmp_path):
 def test_ddpm_teacher_refuses_bad_snapshots_before_training(tmp_path, value, script):
     out = tmp_path / "teacher"
     _assert_script_refuses(script, "ddpm_teacher", ["--out", out, "--steps", "3", "--snapshots", value], "--snapshots", out)
-
-
-def test_teacher_samplers_give_a_row_per_teacher_guidance_and_sampler(tmp_path, monkeypatch, capsys):
-    """``--guidance 1,2``: every teacher is sampled by every sampler at every weight, in that order,
-    each row named by all three and recording its weight."""
-    import json
-    import sys
-
-    mod = _benchmark_module("teacher_samplers")
-    calls = []
-
-    def sample(folder, name, z0, label, w, null):
-        calls.append((folder.name, w, name, null))
-        return torch.zeros(len(z0), 1, 28, 28)
-
-    monkeypatch.setattr(mod, "sample", sample)
-    monkeypatch.setattr(mod, "scores", lambda x, label: {"fd_ratio": 1.0, "pca_ratio": 1.0, "precision": 1.0,
-                                                        "recall": 1.0, "label_accuracy": 1.0})
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    out = tmp_path / "rows.json"
-    monkeypatch.setattr(sys, "argv", ["teacher_samplers.py", "--teacher", str(a), "--teacher", str(b),
-                                      "--guidance", "1,2.5", "--samplers", "ddim2,anc3", "--n", "4",
-                                      "--null-class", "7", "--out", str(out)])
-    mod.main()
-    expect = [(t, w, s, 7) for t in "ab" for w in (1.0, 2.5) for s in ("ddim2", "anc3")]
-    assert calls == expect
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["sampler"], r["guidance"]) for r in rows] == [(f"{t} g={w:g} {s}", w) for t, w, s, _ in expect]
-    assert "| b g=2.5 anc3 |" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("value", ["x", "-1", "nan", "inf", "1,,2"])
-def test_teacher_samplers_refuse_bad_guidance_before_sampling(tmp_path, value, script):
-    out = tmp_path / "rows.json"
-    _assert_script_refuses(script, "teacher_samplers", ["--teacher", tmp_path, "--guidance", value, "--out", out], "--guidance", out)
 
 
 class _RealDigits:
