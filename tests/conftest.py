@@ -4,16 +4,31 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from helpers import TINY, tiny_ddpm
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def image_cache(tmp_path_factory):
-    """The decoded-image cache of every test, in a temporary folder (not the user's ~/.cache)."""
-    folder = tmp_path_factory.mktemp("image-cache")
+def private_home(tmp_path_factory):
+    """No test reads or writes the user's home: HOME, the XDG folders, matplotlib's folder and
+    every flowmatch cache (the image cache, the classifier and FID caches) point into one temporary
+    folder for the session, for the tests and the processes they start."""
+    # one folder for the session's workers (pytest-xdist): a cached classifier is trained once
+    base = tmp_path_factory.getbasetemp()
+    home = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "home"
+    home.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLOWMATCH_IMAGE_CACHE", str(folder))
-        yield folder
+        for name, sub in (("HOME", ""), ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"),
+                          ("MPLCONFIGDIR", ".config/matplotlib"), ("HF_HOME", ".cache/huggingface"),
+                          ("FLOWMATCH_CACHE", ".cache/flowmatch"), ("FLOWMATCH_IMAGE_CACHE", ".cache/flowmatch/images")):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+            mp.setenv(name, str(home / sub))
+        yield home
 
 
 @pytest.fixture
@@ -58,28 +73,6 @@ def script(capsys):
     return call
 
 
-def one_line_error(rc, err):
-    """Bad input: exit status 2 and exactly one line on stderr, no traceback; returns the line."""
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("flowmatch: error:"), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-TINY = ["--width", "32", "--depth", "2", "--no-progress"]
-
-
-def copy_run(src, dst):
-    """A writable copy of a run directory's files (for tests that damage it)."""
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.is_file():
-            (dst / p.name).write_bytes(p.read_bytes())
-    return dst
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A small trained checkerboard run shared by read-only tests."""
@@ -109,12 +102,43 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
     """A tiny, untrained diffusers DDPM pipeline saved the usual way."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    return tiny_ddpm(tmp_path_factory.mktemp("ddpm") / "pipe")
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    d = tmp_path_factory.mktemp("ddpm") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(d)
-    return d
+
+class Claims:
+    """The documented claims a quality test checks: each :meth:`check` records the claim, the
+    measured value, the bound and the page that states it (shown in the table the run prints at
+    its end, see :func:`pytest_terminal_summary`); :meth:`verify` fails the test if any missed."""
+
+    def __init__(self, node):
+        self.node, self.missed = node, []
+
+    def check(self, claim: str, value: float, op: str, bound: float, page: str) -> bool:
+        ok = value <= bound if op == "<=" else value >= bound
+        self.node.user_properties.append(("claim", {"claim": claim, "value": value, "op": op, "bound": bound,
+                                                    "page": page, "ok": ok}))
+        if not ok:
+            self.missed.append(f"{claim}: {value:.4g} is not {op} {bound:.4g} ({page})")
+        return ok
+
+    def verify(self) -> None:
+        assert not self.missed, "; ".join(self.missed)
+
+
+@pytest.fixture
+def claims(request):
+    return Claims(request.node)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a run with quality tests: one table of the claims checked, pass or fail (the tests'
+    reports carry them, so the table is whole under pytest-xdist too)."""
+    rows = [value for reports in terminalreporter.stats.values() for r in reports
+            for key, value in getattr(r, "user_properties", ()) if key == "claim" and getattr(r, "when", "call") == "call"]
+    if not rows:
+        return
+    terminalreporter.section("claims checked")
+    width = max(len(r["claim"]) for r in rows)
+    for r in rows:
+        terminalreporter.write_line(f"{'pass' if r['ok'] else 'FAIL'}  {r['claim']:<{width}}  {r['value']:10.4g} {r['op']} "
+                                    f"{r['bound']:<8.4g}  {r['page']}")

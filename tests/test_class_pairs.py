@@ -15,24 +15,14 @@ from flowmatch.runs import load_run
 from flowmatch.solvers import integrate
 from flowmatch.teachers import FlowTeacher, make_teacher
 
-from conftest import one_line_error
+from helpers import one_line_error, tiny_ddpm
 
 
 @pytest.fixture(scope="module")
 def cond_ddpm(tmp_path_factory):
     """A tiny, untrained diffusers DDPM whose UNet has 3 class embeddings (2 classes and a null),
     saved the usual way; its class embedding is scaled up so that classes change the output."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=3)
-    with torch.no_grad():
-        unet.class_embedding.weight.mul_(20)
-    d = tmp_path_factory.mktemp("cddpm") / "pipe"
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(d)
-    return d
+    return tiny_ddpm(tmp_path_factory.mktemp("cddpm") / "pipe", class_embeds=3, class_scale=20)
 
 
 def _ddim(d, x, steps, labels, null=None, w=1.0):

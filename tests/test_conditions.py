@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from flowmatch.errors import UserError
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 SPREAD = 0.25
 

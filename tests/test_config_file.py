@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowmatch.config import TrainConfig
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 try:
     import tomllib

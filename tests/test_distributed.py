@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY
+from helpers import TINY
 
 HOOK = '''
 import os, sys

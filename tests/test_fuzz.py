@@ -21,10 +21,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import one_line_error
+from helpers import TRAIN_TINY, one_line_error
 
-TINY_TRAIN = ["--steps", "2", "--batch-size", "8", "--width", "16", "--depth", "1", "--log-every", "1",
-              "--no-plots", "--no-progress"]
+TINY_TRAIN = [*TRAIN_TINY, "--log-every", "1"]
 
 
 def _tree(path) -> dict:

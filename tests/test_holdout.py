@@ -6,14 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowmatch.config import TrainConfig
 from flowmatch.couplings import OTCoupling
 from flowmatch.data import make_dataset, spec_from_arg
 from flowmatch.runs import load_run
 
-from conftest import TINY, one_line_error
+from helpers import TINY, image_folder, one_line_error
 
 
 def _rows_as_set(x):
@@ -62,11 +61,7 @@ def test_a_table_too_small_to_hold_out_warns_and_measures_on_its_rows(tmp_path):
 
 def test_image_folders_and_arrays_hold_out_images(tmp_path):
     rng = np.random.default_rng(0)
-    root = tmp_path / "imgs"
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    root = image_folder(tmp_path / "imgs", per_class=10)
     ds = make_dataset(spec_from_arg(str(root), image_size=8))
     ds._data()
     assert len(ds.train_rows) == 18 and len(ds.held_rows) == 2 and len(ds.labels) == 20

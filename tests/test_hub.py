@@ -13,7 +13,7 @@ import flowmatch
 from flowmatch.errors import UserError
 from flowmatch.runs import load_run
 
-from conftest import copy_run, one_line_error
+from helpers import copy_run, one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from flowmatch.errors import UserError
 from flowmatch.image_metrics import frechet_distance
 from flowmatch.models import make_model
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 SMALL = ["--steps", "12", "--batch-size", "16", "--no-progress", "--checkpoint-every", "6"]
 
@@ -168,11 +168,10 @@ def test_digit_eval_reports_fd_floor_and_accuracy(cli, tmp_path, monkeypatch):
     assert rc == 0, err
     res = json.loads(out)
     assert res["n"] == 200 and res["nfe"] == 4  # the options given, not defaults
-    for space in ("classifier", "pca"):
-        assert res[space]["fd"] > 0 and res[space]["floor"] > 0
     assert res["classifier_accuracy_on_test"] > 0.9  # the feature network is a real digit classifier
-    # guided samples (weight 2, 100 per class) recognised as the class asked for: measured 0.957-0.972
-    # over seeds 0-2; chance is 0.1, and a label path that lost the label stays near it (12 steps: 0.097)
+    # guided samples (weight 2; as many as --n, here 20 per class) recognised as the class asked for:
+    # measured 0.957-0.972 over seeds 0-2 at 100 per class; chance is 0.1, and a label path that lost
+    # the label stays near it (12 steps: 0.097)
     assert 0.8 < res["conditional"]["accuracy"] <= 1 and res["conditional"]["judge_accuracy_on_test"] > 0.9
     assert list((tmp_path / "cache").glob("digits-classifier-*.safetensors"))
     # the Fréchet distance is that of the samples at the NFE asked for (--nfe 4, seed 0)

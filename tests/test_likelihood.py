@@ -68,7 +68,7 @@ def test_run_log_prob_is_in_data_units(cli, tmp_path):
 
     from flowmatch.runs import load_run
 
-    from conftest import TINY, copy_run
+    from helpers import TINY, copy_run
 
     # column stds 10 and 2: with 10 and 0.1 the two log-scales would cancel and hide the correction
     mean, std = np.array([5.0, -3.0]), np.array([10.0, 2.0])

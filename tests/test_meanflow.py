@@ -11,7 +11,7 @@ from flowmatch.objectives import Drawn, MeanFlow
 from flowmatch.timesteps import UniformTime
 from flowmatch.training import train
 
-from conftest import TINY
+from helpers import TINY, optimal_assignment
 from problems import MU, Gaussian, S, exact_model, exact_u, sigma
 
 
@@ -356,8 +356,6 @@ def test_meanflow_pairs_noise_and_data_by_the_minibatch_ot_plan():
     from the optimal assignment of the batch's noise to its data (solved independently by scipy's
     Hungarian method), not from the product coupling; the straight path between the pairs is then
     what the average velocity integrates."""
-    from scipy.optimize import linear_sum_assignment
-
     from flowmatch.couplings import OTCoupling
     from flowmatch.data import Batch
 
@@ -368,8 +366,7 @@ def test_meanflow_pairs_noise_and_data_by_the_minibatch_ot_plan():
     noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1))  # the draw's own noise
     assert torch.equal(torch.sort(d.x0[:, 0]).values, torch.sort(noise[:, 0]).values)  # a permutation of it
     cost = torch.cdist(noise.double(), x1.double()).pow(2).numpy()
-    rows, cols = linear_sum_assignment(cost)
-    optimum = cost[rows, cols].mean()
+    optimum = optimal_assignment(noise, x1)[1]
     paired = (d.x0.double() - x1.double()).pow(2).sum(1).mean().item()
     assert abs(paired - optimum) <= 1e-6 * optimum
     assert cost.trace() / len(cost) > 1.3 * optimum  # the product coupling is far from it

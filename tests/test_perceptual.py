@@ -15,7 +15,7 @@ from flowmatch.objectives import cfm_loss
 from flowmatch.paths import LinearPath
 from flowmatch.perceptual import Perceptual
 
-from conftest import one_line_error
+from helpers import one_line_error
 
 
 class FeatureDistance(torch.nn.Module):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from test_streaming import write_cifar10
 
 from flowmatch.config import TrainConfig
+
+from helpers import image_folder, tiny_ddpm, write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -72,7 +72,7 @@ def test_the_first_install_brings_everything_readme_commands_need():
                    "typer", "pillow", "scikit-learn", "prdc", "mlxtend"):
         assert needed in core, needed
     dev = [re.split(r"[<>=\[ ;]", r)[0].lower() for r in reqs if 'extra == "dev"' in r]
-    assert set(dev) <= {"pytest", "hypothesis", "ruff"}, dev
+    assert set(dev) <= {"pytest", "pytest-xdist", "hypothesis", "ruff"}, dev
     assert "[images]" not in README and ".[" not in bash_blocks()[0].split("\n")[1]
 
 
@@ -86,24 +86,9 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "path" / "to").mkdir(parents=True)
     np.savetxt(tmp_path / "path" / "to" / "table.csv", rng.normal(size=(200, 3)), delimiter=",")
     np.save(tmp_path / "c.npy", np.array([1.5], dtype=np.float32))
-    for cls in ("a", "b"):
-        (tmp_path / "path" / "to" / "folder" / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
-                tmp_path / "path" / "to" / "folder" / cls / f"{i}.png")
+    image_folder(tmp_path / "path" / "to" / "folder", per_class=6, size=12)
     write_cifar10(tmp_path / "path" / "to" / "cifar-10-batches-bin")  # a few records in the official format
     return tmp_path
-
-
-def tiny_ddpm(folder: Path, class_embeds: int | None = None) -> None:
-    """An untrained 28x28 DDPMPipeline, saved by diffusers as benchmarks/ddpm_teacher.py saves its own
-    (``class_embeds``: class-conditional, as its ``--classes`` saves it)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=class_embeds)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
 
 
 def tiny_feature_net(path: Path) -> None:
@@ -150,7 +135,7 @@ def test_every_flowmatch_command_in_readme_works_in_order(cli, workdir):
         for a in args:  # a diffusers teacher the README makes with a benchmark script: a tiny one saved the same way
             if a.startswith("diffusers:") and not Path(a.split(":", 1)[1]).exists():
                 null = int(args[args.index("--teacher-null-class") + 1]) if "--teacher-null-class" in args else None
-                tiny_ddpm(Path(a.split(":", 1)[1]), None if null is None else null + 1)
+                tiny_ddpm(Path(a.split(":", 1)[1]), 28, None if null is None else null + 1, timesteps=1000)
         if "--perceptual" in args and not Path(args[args.index("--perceptual") + 1]).exists():
             tiny_distance(Path(args[args.index("--perceptual") + 1]))  # the user's LPIPS export: a small stand-in
         if "--fid-weights" in args and not Path(args[args.index("--fid-weights") + 1]).exists():

@@ -13,7 +13,7 @@ from flowmatch.reflow import PairsDataset, generate_pairs
 from flowmatch.runs import load_run
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher, make_teacher
 
-from conftest import TINY, one_line_error
+from helpers import TINY, one_line_error
 
 
 def _shards(d):

@@ -8,7 +8,7 @@ import torch
 from flowmatch.paths import LinearPath
 from flowmatch.solvers import integrate, integrate_sde, score_drift
 
-from conftest import one_line_error
+from helpers import one_line_error
 from problems import MU, S, exact_u, sigma
 
 

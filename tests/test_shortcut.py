@@ -11,7 +11,7 @@ from flowmatch.objectives import Shortcut
 from flowmatch.timesteps import UniformTime
 from flowmatch.training import train
 
-from conftest import TINY
+from helpers import TINY
 from problems import MU, Gaussian, S, exact_model, exact_u
 
 

@@ -14,7 +14,7 @@ from flowmatch.objectives import CFM, stable_target
 from flowmatch.paths import LinearPath, make_path, marginal_velocity
 from flowmatch.timesteps import make_time_sampler
 
-from conftest import TINY, one_line_error
+from helpers import TINY, one_line_error
 
 try:
     import tomllib

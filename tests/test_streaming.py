@@ -23,7 +23,7 @@ from flowmatch.data.images import load_image_folder
 from flowmatch.data.loader import batches
 from flowmatch.training import train
 
-from conftest import one_line_error
+from helpers import image_folder, one_line_error, write_cifar10
 
 
 @pytest.fixture
@@ -47,17 +47,8 @@ def decodes(monkeypatch):
     return count
 
 
-def write_folder(root: Path, n_per_class=4, size=8, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
-    return root
-
-
 def test_cache_is_written_once_reused_and_invalidated(tmp_path, cache, decodes):
-    folder = write_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     spec = spec_from_arg(str(folder), image_size=8)
     first = make_dataset(spec)
     assert decodes[0] == 8 and len(list(cache.glob("*.json"))) == 1
@@ -79,7 +70,7 @@ def test_cache_is_written_once_reused_and_invalidated(tmp_path, cache, decodes):
 
 
 def test_a_killed_decode_leaves_no_entry(tmp_path, cache, monkeypatch):
-    folder = write_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     real, calls = images_module._load_image, [0]
 
     def dies_at_the_fifth(*args):
@@ -97,7 +88,7 @@ def test_a_killed_decode_leaves_no_entry(tmp_path, cache, monkeypatch):
 
 
 def test_cached_batches_equal_the_decoded_images(tmp_path, cache):
-    folder = write_folder(tmp_path / "imgs", size=8)
+    folder = image_folder(tmp_path / "imgs", size=8)
     x, y, classes = load_image_folder(str(folder), 8)  # the in-memory float32 loader
     first = Image.open(folder / "a" / "0.png")
     assert torch.equal(x[0], torch.from_numpy(np.asarray(first, np.float32) / 255.0).permute(2, 0, 1))
@@ -121,7 +112,7 @@ def test_cached_batches_equal_the_decoded_images(tmp_path, cache):
 
 
 def test_batches_do_not_depend_on_workers_or_where_the_stream_starts(tmp_path, cache):
-    folder = write_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     ds = make_dataset(spec_from_arg(str(folder), image_size=8))
     draws = ds.draws(5, seed=11, hflip=True)
     direct = [draws[k] for k in range(2, 8)]
@@ -159,7 +150,7 @@ def test_hflip_is_refused_on_vector_data(cli, tmp_path):
 def test_an_image_run_resumes_exactly(tmp_path, cache):
     """The stream restarts at the checkpoint's draw: 4 steps in one go equal 2 + 2, hflip on,
     loaded in the training process and then by a worker."""
-    folder = write_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     common = dict(data=str(folder), image_size=8, unet="tiny", batch_size=4, hflip=True, plots=False, warmup_steps=1,
                   checkpoint_every=2)
     train(TrainConfig(steps=4, workers=0, **common), out=tmp_path / "whole", progress=False)
@@ -170,25 +161,6 @@ def test_an_image_run_resumes_exactly(tmp_path, cache):
 
 
 # --- CIFAR-10, binary version ---
-
-def write_cifar10(root: Path, counts=(3, 2, 2, 2, 2, 3), seed=0):
-    """The official layout, with few records: ``images`` (n, 32, 32, 3) as an image library
-    holds them (row, column, RGB), written as label byte + R plane + G plane + B plane."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{k}.bin" for k in range(1, 6)] + ["test_batch.bin"]
-    images, labels = [], []
-    for name, n in zip(names, counts):
-        img = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        lab = rng.integers(0, 10, n, dtype=np.uint8)
-        records = [bytes([lab[i]]) + img[i, :, :, 0].tobytes() + img[i, :, :, 1].tobytes() + img[i, :, :, 2].tobytes()
-                   for i in range(n)]
-        (root / name).write_bytes(b"".join(records))
-        images.append(img), labels.append(lab)
-    (root / "batches.meta.txt").write_text("\n".join(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                                      "horse", "ship", "truck"]) + "\n\n")
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
-
 
 def test_cifar10_binary_pixels_planes_and_labels(tmp_path, cache):
     images, labels = write_cifar10(tmp_path / "cifar-10-batches-bin")

@@ -23,6 +23,7 @@ from scipy import linalg
 from torch import nn
 
 from .data.images import EMBEDDED
+from .files import save_weights
 
 CLASSIFIER = {"hidden": 256, "features": 64, "steps": 600, "lr": 3e-3, "seed": 0, "version": 1}
 
@@ -63,35 +64,50 @@ def _split(data: str, split: str):
 
 
 def digit_classifier(data: str = "digits") -> DigitClassifier:
-    """The feature network of ``data`` (digits, mnist), trained once per settings and cached (safetensors)."""
-    from safetensors.torch import load_file
+    """The feature network of ``data`` (digits, mnist), trained once per settings and cached
+    (safetensors); processes that need it at once wait for the first to train it."""
+    from .files import waiting_lock
 
-    from .runs import save_weights
-
-    x, y = _split(data, "train")
     settings = CLASSIFIER if data == "digits" else {**CLASSIFIER, "data": data}  # digits: the key it always had
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = _cache_dir() / f"{data}-classifier-{key}.safetensors"
-    pixels = x[0].numel()
-    net = DigitClassifier(CLASSIFIER["hidden"], CLASSIFIER["features"], pixels)
-    if path.exists():
-        try:
-            net.load_state_dict(load_file(path))
-            return net.eval()
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
-            path.unlink()
-    with torch.random.fork_rng(devices=[]):
+    with waiting_lock(path.with_name(path.name + ".lock")):
+        net = _cached_classifier(path, data)
+        if net is None:
+            net = _train_classifier(data)
+            save_weights(path, net.state_dict())
+    return net.eval()
+
+
+def _cached_classifier(path: Path, data: str) -> DigitClassifier | None:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    net = DigitClassifier(CLASSIFIER["hidden"], CLASSIFIER["features"], _split(data, "train")[0][0].numel())
+    try:
+        net.load_state_dict(load_file(path))
+        return net
+    except Exception:  # noqa: BLE001 - a damaged cache entry is trained again
+        path.unlink()
+        return None
+
+
+def _train_classifier(data: str) -> DigitClassifier:
+    x, y = _split(data, "train")
+    # trained with gradients even when called from inference code (train --eval-every measures
+    # under torch.inference_mode): the first measurement of a fresh cache trains it there
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(CLASSIFIER["seed"])
-        net = DigitClassifier(CLASSIFIER["hidden"], CLASSIFIER["features"], pixels)
+        x, y = x.clone(), y.clone()  # the loaded split may hold inference tensors, which autograd cannot save
+        net = DigitClassifier(CLASSIFIER["hidden"], CLASSIFIER["features"], x[0].numel())
         opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER["lr"])
         for _ in range(CLASSIFIER["steps"]):  # full batch: no sampling, deterministic
             loss = nn.functional.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(path, net.state_dict())
-    return net.eval()
+    return net
 
 
 @functools.lru_cache(maxsize=2)
@@ -169,7 +185,7 @@ def class_samples(run, per_class: int, nfe: int = 100, solver: str = "euler", se
 
 
 def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", seed: int = 0, guidance: float = 2.0,
-                    per_class: int = 100, x: torch.Tensor | None = None) -> dict:
+                    per_class: int | None = None, x: torch.Tensor | None = None) -> dict:
     """:func:`image_scores` of ``n`` unconditional samples of a digits or mnist run (``x``: those
     samples, already drawn with these settings, so that FID measures the same ones), and the
     judge's accuracy on class-conditional samples when the run has labels."""
@@ -178,6 +194,7 @@ def evaluate_digits(run, n: int = 1000, nfe: int = 100, solver: str = "euler", s
     res = {**image_scores(x, data, seed), "nfe": nfe, "solver": solver}
     test_x, test_y = _split(data, "test")
     if run.num_classes:
+        per_class = per_class or max(1, n // run.num_classes)  # as many class-conditional samples as unconditional ones
         judge = pixel_judge(data)
         acc = label_accuracy(*class_samples(run, per_class, nfe, solver, seed, guidance), data)
         res["conditional"] = {"guidance": guidance, "per_class": per_class, "accuracy": acc,
