@@ -145,12 +145,12 @@ def _cache_path(name: str, key: str) -> Path:
 def reference_images(dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``n`` different held-out real images and as many different training images,
     (m, C, H, W) in [0, 1]; at least 6 (precision and recall use 5 nearest neighbours)."""
-    if not hasattr(dataset, "distinct_images"):
+    if len(dataset.shape) != 3:
         dataset.reference(n, torch.Generator())  # no image set to compare with: the dataset says why
         raise UserError(f"{OPTION}: FID is measured on image runs")
     g = torch.Generator().manual_seed(seed + 3)
-    real = dataset.distinct_images("held-out", n, g).float()
-    train = dataset.distinct_images("train", len(real), g).float()
+    real = dataset.distinct_rows("held-out", n, g).float()
+    train = dataset.distinct_rows("train", len(real), g).float()
     if len(real) < 6:
         raise UserError(f"{OPTION}: FID needs at least 6 held-out real images; {dataset.path or dataset.name} holds out "
                         f"{len(real)} (more images, or a larger --holdout when training)")

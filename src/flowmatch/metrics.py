@@ -120,6 +120,48 @@ def sharpness(x: torch.Tensor, ref: torch.Tensor, toy: str | None = None) -> dic
     return out | prdc(ref, x) | {"c2st": c2st(ref, x)}
 
 
+def memorisation(x: torch.Tensor, train: torch.Tensor, held: torch.Tensor) -> dict:
+    """How much closer samples ``x`` sit to the training rows than to rows the model never saw.
+
+    ``train`` and ``held`` are equally many distinct rows of the two splits (N, ...), all in the
+    same units; each coordinate of vectors (N, D) is scaled by the held-out rows' standard deviation
+    (images are compared pixel by pixel as they are). For each sample,
+    its nearest row among both sets: ``train_nearer`` is the share of samples whose nearest row is
+    a training row (0.5 for a model that generalises, whose samples are as near to unseen data as
+    to its own; 1 for one that copies its training rows); ``distance_ratio`` is the median distance
+    to the nearest training row over the median distance to the nearest held-out row (1: none;
+    0: copies). Far from the data the share is decided by the one row of either set nearest to the
+    samples, so read it beside the ratio. The distance-to-closest-record test of synthetic-data
+    privacy (e.g. Yale et al. 2020)."""
+    if len(train) != len(held):
+        raise ValueError(f"train and held need as many rows, got {len(train)} and {len(held)}")
+    vectors = held.dim() == 2
+    flat = lambda v: v.reshape(len(v), -1).double().cpu()  # noqa: E731
+    x, train, held = flat(x), flat(train), flat(held)
+    scale = held.std(0).clamp_min(1e-12) if vectors and len(held) > 1 else torch.ones(held.shape[1], dtype=torch.float64)
+    d_train = _nearest(x / scale, train / scale)
+    d_held = _nearest(x / scale, held / scale)
+    return {"train_nearer": float((d_train < d_held).double().mean() + 0.5 * (d_train == d_held).double().mean()),
+            "distance_ratio": float(d_train.median() / d_held.median().clamp_min(1e-300)), "rows": len(train)}
+
+
+def _nearest(x: torch.Tensor, rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each row of ``x``'s distance to its nearest row of ``rows`` (chunked: bounded memory)."""
+    return torch.cat([torch.cdist(x[i:i + chunk], rows).amin(1) for i in range(0, len(x), chunk)])
+
+
+def run_memorisation(run, x: torch.Tensor, n: int, seed: int = 0) -> dict | None:
+    """:func:`memorisation` of samples ``x`` (data units) against up to ``n`` training and as many
+    held-out rows of the run's data (None for data without held-out rows)."""
+    if not run.dataset.held_out:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    held = run.dataset.distinct_rows("held-out", n, g)
+    train = run.dataset.distinct_rows("train", len(held), g)
+    m = min(len(train), len(held))
+    return memorisation(x, train[:m], held[:m])
+
+
 def toy_name(dataset) -> str | None:
     """The 2-D toy a dataset draws from (whose density is known), else None."""
     from .data.toy2d import TOY2D
@@ -176,7 +218,9 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
 
     def measure(x):
         d = sum(w2(x, ref) for ref in refs) / repeats
-        return {"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
+        mem = run_memorisation(run, x, n, seed)
+        return ({"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
+                | ({} if mem is None else {"train_nearer": mem["train_nearer"], "distance_ratio": mem["distance_ratio"]}))
 
     result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
     if run.distilled:
@@ -198,14 +242,17 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
 
 
 SHARP_COLUMNS = (("off_support", "off%", 100.0), ("log_density", "log p", 1.0), ("precision", "prec", 1.0),
-                 ("recall", "recall", 1.0), ("density", "dens", 1.0), ("coverage", "cover", 1.0), ("c2st", "c2st", 1.0))
+                 ("recall", "recall", 1.0), ("density", "dens", 1.0), ("coverage", "cover", 1.0), ("c2st", "c2st", 1.0),
+                 ("train_nearer", "memo", 1.0))
 
 
 def format_table(result: dict) -> str:
     """A plain-text table of :func:`evaluate`'s result: one row per NFE, the data's own row
-    first (the sharpness measures of a fresh draw: what a perfect model scores)."""
+    first (the sharpness measures of a fresh draw: what a perfect model scores; "memo", the share
+    of samples nearer a training row than a held-out one, has no data row: 0.5 is ideal)."""
     ref = result.get("data", {})
-    cols = [c for c in SHARP_COLUMNS if c[0] in ref]
+    rows = [ref, *result["nfe"].values(), result.get("adaptive", {})]
+    cols = [c for c in SHARP_COLUMNS if any(c[0] in row for row in rows)]
 
     def sharp(row):
         return "".join(f" {row[key] * scale:7.3f}" if key in row else f" {'':7}" for key, _, scale in cols)
@@ -228,5 +275,5 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["w2", "off_support", "mean_log_density", "prdc", "c2st", "sharpness", "toy_name", "straightness", "evaluate",
+__all__ = ["w2", "memorisation", "off_support", "mean_log_density", "prdc", "c2st", "sharpness", "toy_name", "straightness", "evaluate",
            "format_table"]

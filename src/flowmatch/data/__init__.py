@@ -52,6 +52,16 @@ class Dataset:
     def reference(self, n: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    #: whether the data has rows that never train (False: the 2-D toys draw fresh points; a table
+    #: too small to hold any out measures on its training rows)
+    held_out: bool = False
+
+    def distinct_rows(self, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Up to ``n`` different rows of ``split`` ("train" or "held-out"; all of them when it has
+        fewer; the training rows stand in for held-out ones where none are held out), in the data's
+        units, chosen with ``generator`` (CPU)."""
+        raise UserError(f"{self.spec.get('name', 'this data set')}: draws fresh samples; it has no finite rows to compare with")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
@@ -161,6 +171,7 @@ class ArrayDataset(Dataset):
                 raise UserError(f"{self.path}: the run expects {self.cond_dim} condition(s) per row, the file has {found}")
             train, held = split_rows(len(rows), self.holdout, self.path)
             self.data, self.held = rows[train], (rows[held] if len(held) else rows[train])
+            self._held_out = len(held) > 0
             self.cond = None if cond is None else cond[train]
         return self.data
 
@@ -182,6 +193,16 @@ class ArrayDataset(Dataset):
         self._rows()
         idx = torch.randint(len(self.held), (n,), generator=generator, device=generator.device)
         return self.held.to(generator.device)[idx]
+
+    @property
+    def held_out(self) -> bool:
+        self._rows()
+        return self._held_out
+
+    def distinct_rows(self, split, n, generator):
+        self._rows()
+        rows = self.data if split == "train" else self.held
+        return rows.cpu()[torch.randperm(len(rows), generator=generator)[:n]]
 
 
 def _standardisation(data: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +257,7 @@ class ImageDataset(Dataset):
         else:
             self.pixels = Pixels(open_image_array(self.path), self.path)
         n = len(self.pixels)
+        self._held_out = test_from is not None or int(n * self.holdout) > 0
         if test_from is not None:
             self.train_rows, self.held_rows = np.arange(test_from), np.arange(test_from, n)
         else:
@@ -288,10 +310,14 @@ class ImageDataset(Dataset):
         idx = torch.randint(len(self.held_rows), (n,), generator=generator, device=generator.device)
         return self.pixels.rows(self.held_rows[idx.cpu().numpy()]).to(generator.device)
 
-    def distinct_images(self, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Up to ``n`` different images of ``split`` ("train" or "held-out"; all of them when it has
-        fewer), in [0, 1], chosen with ``generator`` (CPU). FID and precision/recall compare sets
-        without repeats: a repeated real image shrinks its k-nearest-neighbour ball to nothing."""
+    @property
+    def held_out(self) -> bool:
+        self._data()
+        return self._held_out
+
+    def distinct_rows(self, split, n, generator):
+        """Images in [0, 1]. FID and precision/recall compare sets without repeats: a repeated real
+        image shrinks its k-nearest-neighbour ball to nothing."""
         self._data()
         rows = self.train_rows if split == "train" else self.held_rows
         return self.pixels.rows(rows[torch.randperm(len(rows), generator=generator)[:n].numpy()])
