@@ -21,8 +21,8 @@ from tqdm import tqdm
 from flowmatch import reflow as rf
 from flowmatch.config import StudentOptions
 from flowmatch.image_metrics import image_scores, label_accuracy
-from flowmatch.noise import batch_noise
 from flowmatch.runs import load_run
+from flowmatch.seeding import noise
 from flowmatch.teachers import DiffusersTeacher, FlowTeacher
 
 SHAPE = (1, 28, 28)
@@ -159,7 +159,7 @@ def main():
         images[name] = (x[:10], None)
         table.insert(0 if first else len(table), {"sampler": sampler, "nfe": nfe, "s": s, **scores(x, label)})
 
-    z0 = batch_noise(12345, 0, args.n, SHAPE)  # the same noise for every row
+    z0 = noise(12345, 0, args.n, SHAPE)  # the same noise for every row
     label = torch.arange(args.n) % 10 if cond else None  # and the same digits
     guided = (label, args.guidance if cond else 1.0, null)
     for k in () if args.students_only else (100, 10, 4, 1):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmatch.cli import STF_DEFAULTS
 from flowmatch.data.toy2d import checkerboard
 from flowmatch.metrics import off_support, prdc, w2
 
@@ -29,8 +28,8 @@ DEFAULT_LIBS = [k for k in ROWS if k not in ("flowmatch-bf16-compile", "rectifie
 FROM_SCRATCH_ONE_STEP = ("flowmatch-meanflow", "flowmatch-shortcut", "rectified-flow-meanflow", "rectified-flow-meanflow-recipe")
 # a peer row trained by flowmatch's recipe for its objective (TrainConfig's batch, schedule, clipping, EMA)
 RECIPE_ROWS = {"rectified-flow-meanflow-recipe": {"objective": "meanflow"}}
-# rows trained as `flowmatch train` does for their objective (flow matching: the command line's stable target)
-FM_DEFAULT_ROWS = {"flowmatch-defaults": dict(STF_DEFAULTS), "flowmatch-meanflow": {"objective": "meanflow"},
+# rows trained as `flowmatch train` does for their objective (the recipes of flowmatch.config)
+FM_DEFAULT_ROWS = {"flowmatch-defaults": {}, "flowmatch-meanflow": {"objective": "meanflow"},
                    "flowmatch-shortcut": {"objective": "shortcut"}}
 # the speed rows: the notebook's network as the peers train it (raw coordinates in, velocity out)
 PEERS_NET = {"fourier": 0, "prediction": "velocity"}

@@ -55,7 +55,7 @@ def final_measures(sample, velocity, model, quality: pa.Quality, tol: float) -> 
         out["nfe"][str(k)] = {**quality(x.float()), "calls": len(calls), "sample_s": seconds}
     hook.remove()
     with torch.inference_mode():
-        out["dopri5_nfe"] = integrate(velocity, x0, "dopri5", None, atol=tol, rtol=tol).nfe
+        out["dopri5_nfe"] = integrate(velocity, x0, "dopri5", None, tol=tol).nfe
     return out | {"sample_s": out["nfe"]["100"]["sample_s"]}
 
 

@@ -1,6 +1,6 @@
 """What a setting costs a training step: flowmatch's ``Trainer.optimisation_step`` on the checkerboard's
 defaults (batch 512), each comparison's rows timed interleaved in blocks; the median ms per step and its ratio
-to the row's base. ``objective``: MeanFlow's JVP on every row and on the interval rows (as it trains) against
+to the row's base. ``objective``: MeanFlow with every row an interval and with its recipe's share against
 cfm; ``film``; ``stf``: 0, 1024, 4096, 16384 points; ``precision``: fp32 and bf16 at batch 512 and 2048 (without
 AMX or AVX512-BF16 bf16 is emulated); ``notebook``: peers.py's task (batch 256, raw-coordinate velocity MLP).
 
@@ -22,10 +22,10 @@ NOTEBOOK = dict(n_points=1000, batch_size=256, lr=1e-4, warmup_steps=0, schedule
 
 
 def rows_of(name: str, objectives: list[str]) -> list[tuple[str, dict, str]]:
-    """A comparison's rows: (label, TrainConfig settings and ``jvp_rows``, its base row's label)."""
+    """A comparison's rows: (label, TrainConfig settings, its base row's label)."""
     if name == "objective":
-        return [("cfm", {}, "cfm"), ("meanflow, JVP on every row", {"objective": "meanflow", "jvp_rows": "all"}, "cfm"),
-                ("meanflow, JVP on the interval rows", {"objective": "meanflow"}, "cfm")]
+        return [("cfm", {}, "cfm"), ("meanflow, every row an interval", {"objective": "meanflow", "meanflow_share": 1.0}, "cfm"),
+                ("meanflow, its recipe's share of intervals", {"objective": "meanflow"}, "cfm")]
     if name == "film":
         return [(f"{o}{' + film' * f}", {"objective": o, "film": f}, o) for o in objectives for f in (False, True)]
     if name == "stf":
@@ -36,7 +36,7 @@ def rows_of(name: str, objectives: list[str]) -> list[tuple[str, dict, str]]:
             for o in objectives for b in (512, 2048) for p in ("fp32", "bf16")]
 
 
-def make_step(out: Path, jvp_rows: str | None = None, **settings):
+def make_step(out: Path, **settings):
     """A prepared Trainer of the defaults with ``settings``: ``optimisation_step()`` is one training step."""
     from accelerate import Accelerator
 
@@ -46,8 +46,6 @@ def make_step(out: Path, jvp_rows: str | None = None, **settings):
     cfg = TrainConfig(steps=10**9, checkpoint_every=10**9, log_every=10**9, plots=False, **settings)
     tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
     tr.prepare()  # what Trainer.run sets up before its loop
-    if jvp_rows is not None:
-        tr.objective.jvp_rows = jvp_rows
     return tr
 
 

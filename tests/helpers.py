@@ -25,6 +25,13 @@ def one_line_error(rc, err):
     return lines[0]
 
 
+def plain_help(text: str) -> str:
+    """``--help`` output as one line of words: the panels' box characters and line breaks removed."""
+    import re
+
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", text).split())
+
+
 def copy_run(src, dst):
     """A writable copy of a run directory's files (for tests that change or damage it)."""
     dst.mkdir()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from flowmatch.data.pairs import PairsDataset
 from flowmatch.errors import UserError
-from flowmatch.reflow import generate_pairs, shard_noise
+from flowmatch.reflow import generate_pairs, shard_draws
 from flowmatch.runs import load_run
 from flowmatch.solvers import integrate
 from flowmatch.teachers import FlowTeacher, make_teacher
@@ -74,7 +74,7 @@ def test_pairs_with_classes_repeat_keep_the_noise_and_balance_the_classes(cond_d
     for k, m in ((0, 6), (1, 4)):
         a, b = (load_file(d / f"shard-{k:05d}.safetensors") for d in (one, two))
         assert all(torch.equal(a[key], b[key]) for key in ("z0", "z1", "label"))
-        assert torch.equal(a["z0"], shard_noise(k, m, (1, 8, 8), 4))  # the same noise as pairs without classes
+        assert torch.equal(a["z0"], shard_draws(k, m, (1, 8, 8), 4)[0])  # the same noise as pairs without classes
         assert sorted(a["label"].bincount(minlength=2).tolist()) == [m // 2, m // 2]
         torch.testing.assert_close(a["z1"], teacher(a["z0"], a["label"], 2.0))
     # the student's batches carry each pair's class

@@ -175,7 +175,7 @@ def test_cond_columns_split_a_table_into_data_and_conditions(tmp_path_factory, w
     columns = parse_columns(",".join(map(str, cols)))
     assert columns == cols
     if max(cols) >= width or len(cols) >= width:
-        with pytest.raises(UserError, match="--cond-columns"):
+        with pytest.raises(UserError, match="cond_columns"):
             load_table(str(path), columns)
         return
     x, c = load_table(str(path), columns)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from flowmatch.config import TrainConfig
+from flowmatch.config import TrainConfig, data_kind, recipe
 
-from helpers import one_line_error
+from helpers import one_line_error, plain_help
 
 try:
     import tomllib
@@ -123,16 +123,18 @@ def test_precision_auto_is_bf16_on_a_cuda_device_with_bfloat16_else_fp32(monkeyp
 def test_the_learning_rate_left_unset_follows_the_unet_preset(cli):
     """The 36 M-parameter cifar preset trains at the DDPM recipe's 2e-4 (at 2e-3 it diverged on
     digits); every other network at 2e-3; a rate given, on the command line or in a file, wins."""
-    assert TrainConfig().lr == 2e-3 and TrainConfig(unet="tiny").lr == 2e-3
-    assert TrainConfig(unet="cifar").lr == 2e-4 and TrainConfig(unet="cifar", lr=1e-3).lr == 1e-3
-    assert TrainConfig.from_dict(TrainConfig(unet="cifar").to_dict()).lr == 2e-4
+    from flowmatch.config import recipe
+
+    assert TrainConfig().lr is None  # the recipe's, once the data are known
+    assert recipe("image", "cfm")["lr"] == 2e-3 and recipe("image", "cfm", "tiny")["lr"] == 2e-3
+    assert recipe("image", "cfm", "cifar")["lr"] == 2e-4 and recipe("toy", "cfm", "cifar")["lr"] == 2e-3
     for args, lr in ((["--data", "digits", "--unet", "cifar"], 2e-4), (["--data", "digits"], 2e-3),
                      (["--data", "digits", "--unet", "cifar", "--lr", "5e-4"], 5e-4)):
         rc, out, err = cli("train", *args, "--print-config")
         assert rc == 0, err
         assert tomllib.loads(out)["lr"] == lr, (args, out)
     rc, out, _ = cli("train", "--help")
-    assert "--unet cifar: 0.0002" in " ".join(out.split()), out
+    assert "the cifar UNet preset 0.0002" in plain_help(out), out
 
 
 def test_the_ema_decay_is_warmed_up_as_its_help_says(cli):
@@ -146,4 +148,25 @@ def test_the_ema_decay_is_warmed_up_as_its_help_says(cli):
     assert ema_decay_at(TrainConfig(ema_decay=0.9995), 3999) == ema_decay_at(cfg, 3999) < 0.9978
     assert ema_decay_at(TrainConfig(ema_decay=0.99), 3999) == 0.99
     rc, out, _ = cli("train", "--help")
-    assert "0.999 after 8991 steps" in " ".join(out.split()), out
+    assert "0.999 after 8991 steps" in plain_help(out), out
+
+
+@pytest.mark.parametrize("settings", [{}, {"objective": "meanflow"}, {"data": "digits", "objective": "shortcut"},
+                                      {"stf": 0, "fourier": 0}])
+def test_python_and_the_command_line_write_the_same_settings(cli, tmp_path, settings):
+    """One source of defaults: ``train(TrainConfig(...))`` and ``flowmatch train`` with the same
+    settings write the same config.json (the recipe for the data kind and objective resolved alike)."""
+    from flowmatch import TrainConfig, train
+
+    budget = {"steps": 2, "batch_size": 16, "width": 16, "depth": 1, "plots": False}
+    both = settings | budget | ({} if "data" in settings else {"n_points": 256})
+    args = [a for k, v in both.items() for a in (f"--{k.replace('_', '-')}", str(v)) if k != "plots"]
+    rc, _, err = cli("train", *args, "--no-plots", "--no-progress", "--out", tmp_path / "cli")
+    assert rc == 0, err
+    train(TrainConfig(**both), out=tmp_path / "py", progress=False)
+    a, b = (json.loads((tmp_path / d / "config.json").read_text())["train"] for d in ("cli", "py"))
+    assert a == b
+    cfg = TrainConfig(**both)
+    values = recipe(data_kind(cfg.build().dataset), cfg.objective, stable_target=settings.get("stf") != 0)
+    wrong = {k: (a[k], v) for k, v in values.items() if k not in both and a[k] != v}
+    assert not wrong  # every setting left unset is the recipe's

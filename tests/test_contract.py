@@ -309,7 +309,9 @@ def test_one_column_tables_work_end_to_end(cli, tmp_path):
     from flowmatch.runs import load_run
 
     r = load_run(run)
-    x, ref = r.sample(50, nfe=2, seed=0), r.dataset.reference(50, torch.Generator().manual_seed(1))
+    from flowmatch.seeding import generator
+
+    x, ref = r.sample(50, nfe=2, seed=0), r.dataset.reference(50, generator(0, "reference", 0))
     exact = (x.double().flatten().sort().values - ref.double().flatten().sort().values).pow(2).mean().sqrt().item()
     assert json.loads(out)["nfe"]["2"]["w2"] == pytest.approx(exact, rel=1e-6)
     rc, _, err = cli("plot", run)

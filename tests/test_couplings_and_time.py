@@ -71,8 +71,8 @@ def test_logit_normal_with_a_uniform_share_is_the_mixture():
         q_t = torch.tensor(q, dtype=torch.float64)
         cdf = u * q + (1 - u) * 0.5 * (1 + torch.erf((torch.logit(q_t) - m) / (s * 2**0.5)))
         assert abs((t < q).double().mean() - cdf) < 4 * (0.25 / n) ** 0.5
-    assert TrainConfig(time_dist="logit-normal", time_uniform=0.2).build_time_sampler().uniform == 0.2
-    with pytest.raises(UserError, match="--time-uniform"):
+    assert TrainConfig(time_dist="logit-normal", time_mean=0.0, time_uniform=0.2).build_time_sampler().uniform == 0.2
+    with pytest.raises(UserError, match="time_uniform"):
         LogitNormalTime(0.0, 1.0, uniform=1.5)
 
 

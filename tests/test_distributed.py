@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -55,23 +56,76 @@ def _names(paths):
     return {os.path.basename(w).split(".tmp.")[0].lstrip(".") for w in paths}
 
 
-def test_two_processes_train_and_only_the_main_one_writes(tmp_path, cli):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flowmatch", "train", "--processes", "2", "--steps", "30", "--batch-size", "32",
-           "--checkpoint-every", "10", "--out", str(run), *TINY]
-    p = subprocess.run(cmd, env=_audited(tmp_path, run), capture_output=True, text=True, timeout=600)
+#: a short run of the default recipe (the stable target, whose reference holds the other processes'
+#: rows) at a global batch of 64, logged at every step
+SAME_RUN = ["--steps", "6", "--log-every", "1", "--checkpoint-every", "3", "--no-plots", "--precision", "fp32",
+            "--stf", "256", *TINY]
+
+
+def _train(out: Path, processes: int, batch: int, accum: int = 1, *extra, env=None):
+    cmd = [sys.executable, "-m", "flowmatch", "train", "--processes", str(processes), "--batch-size", str(batch),
+           "--grad-accum", str(accum), "--out", str(out), *SAME_RUN, *extra]
+    p = subprocess.run(cmd, env=env or {**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    cfg = json.loads((run / "config.json").read_text())
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()], load_file(out / "model.safetensors")
+
+
+def _same(a, b, name):
+    """Losses at every step and final weights equal up to the reduction order of floats."""
+    import torch
+
+    (la, wa), (lb, wb) = a, b
+    assert len(la) == len(lb) == 6, name
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-5 * abs(x), (name, la, lb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("same") / "one", 1, 64)
+
+
+@pytest.mark.xdist_group("same-run")
+def test_the_same_global_batch_trains_the_same_run_with_gradient_accumulation(one_process, tmp_path):
+    """A step's draws are those of the whole global batch, from the step's own generator (seed, step):
+    two micro-batches of 32 are the one batch of 64 split, losses and weights alike."""
+    _same(one_process, _train(tmp_path / "accum", 1, 32, 2), "1 process, 2 micro-batches")
+
+
+@pytest.mark.xdist_group("same-run")
+def test_the_same_global_batch_trains_the_same_run_on_two_and_four_processes(one_process, tmp_path):
+    """The same seed and global batch on 2 processes (and on 4, on two cores) give the loss of the
+    1-process run at every step and its weights, up to the reduction order of floats; only the
+    main process writes the run directory, and a run resumes on another number of processes."""
+    two = tmp_path / "two"
+    result = _train(two, 2, 32, env={**_audited(tmp_path, two), "OMP_NUM_THREADS": "1"})
+    _same(one_process, result, "2 processes")
+    cfg = json.loads((two / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 64
     writes = _writes(tmp_path)
     assert list(writes) == ["0"], list(writes)  # rank 1 (and the launcher) never touched the run directory
     assert {"config.json", "trainer_state.pt", "model.safetensors", "ema.safetensors"} <= _names(writes["0"])
-    # the checkpoint samples like any other
-    rc, _, err = cli("sample", run, "--n", "50", "--out", tmp_path / "x.npy", "--no-progress")
-    assert rc == 0, err
-    # resuming with another number of processes is refused in one line
-    rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
-    assert rc == 2 and "--processes 2" in err
+    _same(one_process, _train(tmp_path / "four", 4, 16), "4 processes")
+    # a 2-process run stopped at its step-3 checkpoint and resumed on one process ends where it would have
+    half = tmp_path / "half"
+    _train(half, 2, 32, 1, "--steps", "3")
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "train", "--resume", "--out", str(half), "--steps", "6",
+                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = json.loads((half / "config.json").read_text())
+    assert resumed["num_processes"] == 1 and resumed["train"]["batch_size"] == 64 and resumed["global_batch_size"] == 64
+    _same(one_process, ([json.loads(line)["loss"] for line in (half / "metrics.jsonl").read_text().splitlines()],
+                        load_file(half / "model.safetensors")), "2 processes, resumed on 1")
+
+
+def test_meanflow_with_ot_pairs_is_the_same_run_on_two_processes(tmp_path):
+    """MeanFlow's recipe (minibatch OT over the global batch, the JVP on the bare network beside
+    DDP's forward, rows from its own trajectories in every part): 1 and 2 processes train alike."""
+    extra = ["--objective", "meanflow", "--meanflow-distill-start", "0.3", "--meanflow-distill-every", "2",
+             "--meanflow-distill-pairs", "64", "--stf", "0"]
+    _same(_train(tmp_path / "one", 1, 64, 1, *extra), _train(tmp_path / "two", 2, 32, 1, *extra), "meanflow, 2 processes")
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(cli, tmp_path):
@@ -235,139 +289,6 @@ def test_compiled_training_matches_eager(cli, tmp_path):
     eager, compiled = load_file(tmp_path / "eager" / "model.safetensors"), load_file(tmp_path / "compiled" / "model.safetensors")
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
-
-
-def test_gradient_accumulation_steps_on_the_mean_gradient(tmp_path):
-    """One step with --grad-accum 2 moves the weights as AdamW does on the mean of the two
-    micro-batches' gradients, drawn in the loop's order from its generator."""
-    import copy
-
-    import torch
-
-    from flowmatch.config import TrainConfig
-    from flowmatch.data import make_dataset, spec_from_arg
-    from flowmatch.models import make_model
-    from flowmatch.training import cfm_loss, train
-
-    cfg = TrainConfig(n_points=100, steps=1, batch_size=16, grad_accum=2, lr=1e-2, warmup_steps=0, schedule="constant",
-                      grad_clip=None, width=32, depth=2, plots=False, precision="fp32")
-    train(copy.deepcopy(cfg), out=tmp_path / "run", progress=False)
-    trained = load_file(tmp_path / "run" / "model.safetensors")
-
-    dataset = make_dataset(spec_from_arg(cfg.data, cfg.n_points, cfg.seed, cfg.image_size, cfg.skip_bad))
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model_spec(), dataset.shape, dataset.num_classes)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000)
-    grads, losses = [], []
-    for _ in range(2):  # the loop's draws: data, noise, times
-        x1 = dataset.sample(cfg.batch_size, gen).x1
-        x0 = torch.randn(len(x1), *dataset.shape, generator=gen)
-        t = torch.rand(len(x1), generator=gen)
-        model.zero_grad()
-        loss = cfm_loss(model, cfg.build_path(), x0, x1, t)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for p, g1, g2 in zip(model.parameters(), *grads):
-        p.grad = (g1 + g2) / 2
-    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
-    expected = model.state_dict()
-    assert set(expected) == set(trained)
-    for k in expected:
-        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
-    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-    assert abs(logged - sum(losses) / 2) < 1e-5 * abs(logged)  # the step's loss: the mean over its micro-batches
-
-
-def assert_one_step_on_the_mean_gradient(model, grads, cfg, trained) -> None:
-    """What DDP's step does: AdamW with clipping on the mean of the ranks' gradients ``grads``
-    (one list per rank), recomputed here; the 2-process run's weights ``trained`` must equal it."""
-    import torch
-
-    for p, *per_rank in zip(model.parameters(), *grads):
-        p.grad = sum(per_rank) / len(per_rank)
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
-    torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True).step()
-    expected = model.state_dict()
-    assert set(expected) == set(trained)
-    for k in expected:
-        torch.testing.assert_close(trained[k], expected[k], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("objective", ["meanflow", "shortcut"])
-def test_one_step_objectives_under_two_processes_step_on_the_mean_of_their_gradients(tmp_path, objective):
-    """MeanFlow's target is a JVP (torch.func), inside which DDP's forward cannot run; shortcut
-    targets are extra forwards without a graph: one step on 2 processes moves the weights as
-    AdamW does on the mean of the two ranks' gradients, computed on one process from each rank's
-    draws (generator seed * 1000 + rank)."""
-    import torch
-
-    from flowmatch.config import TrainConfig
-    from flowmatch.objectives import make_objective
-
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flowmatch", "train", "--objective", objective, "--processes", "2", "--steps", "1",
-           "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
-           "--no-plots", "--precision", "fp32", "--out", str(run), *TINY]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    trained = load_file(run / "model.safetensors")
-
-    cfg = TrainConfig(objective=objective, steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
-                      n_points=100, width=32, depth=2, plots=False, precision="fp32")
-    parts = cfg.build()
-    model, objective = parts.model, make_objective(cfg, parts)
-    grads = []
-    for rank in range(2):
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-        model.zero_grad()
-        objective.loss(model, objective.draw(parts.dataset.sample(cfg.batch_size, gen), gen)).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert_one_step_on_the_mean_gradient(model, grads, cfg, trained)
-    # each rank alone (DDP's all-reduce skipped) would have moved the weights elsewhere
-    assert not torch.allclose(grads[0][0], grads[1][0], atol=1e-3)
-
-
-def test_ot_coupling_under_two_processes_pairs_the_global_batch(tmp_path):
-    """Minibatch OT under 2 processes solves one plan over both ranks' noise and data (gathered),
-    not one per share: one real 2-process step equals AdamW on the mean of the two ranks'
-    gradients, where each rank's rows are paired by the single-process plan of the whole batch
-    (its multinomial draw on rank 0's generator), recomputed here."""
-    import torch
-
-    from flowmatch.config import TrainConfig
-    from flowmatch.objectives import Drawn, make_objective
-
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flowmatch", "train", "--coupling", "ot", "--processes", "2", "--steps", "1",
-           "--batch-size", "16", "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--n-points", "100",
-           "--no-plots", "--precision", "fp32", "--out", str(run), *TINY]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    trained = load_file(run / "model.safetensors")
-
-    cfg = TrainConfig(coupling="ot", steps=1, batch_size=16, lr=1e-2, warmup_steps=0, schedule="constant",
-                      n_points=100, width=32, depth=2, plots=False, precision="fp32")
-    parts = cfg.build()
-    model, objective = parts.model, make_objective(cfg, parts)
-    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + rank) for rank in range(2)]
-    draws = []
-    for gen in gens:  # CFM.draw's order: data, noise, times, then the pairing
-        x1 = parts.dataset.sample(cfg.batch_size, gen).x1
-        x0 = torch.randn(x1.shape, generator=gen)
-        draws.append((x0, x1, parts.time_sampler.sample(len(x1), gen)))
-    all_x0, all_x1 = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
-    j = parts.coupling.indices(all_x0, all_x1, gens[0])
-    per_share = [parts.coupling.indices(d[0], d[1], torch.Generator().manual_seed(0)) for d in draws]
-    assert any(j[r * 16:(r + 1) * 16].min() < r * 16 or j[r * 16:(r + 1) * 16].max() >= (r + 1) * 16 for r in range(2))
-    grads = []
-    for rank, (_, x1, t) in enumerate(draws):
-        model.zero_grad()
-        objective.loss(model, Drawn(all_x0[j[rank * 16:(rank + 1) * 16]], x1, t, None)).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert_one_step_on_the_mean_gradient(model, grads, cfg, trained)
-    # pairing each share alone would differ: some rows take noise drawn on the other process
-    assert not all(torch.equal(j[r * 16:(r + 1) * 16] - r * 16, per_share[r]) for r in range(2))
 
 
 def test_bad_input_found_by_a_worker_is_one_line(tmp_path):

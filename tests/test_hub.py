@@ -49,7 +49,7 @@ def test_the_model_card_is_read_by_huggingface_hub_and_carries_the_measures(tiny
 
 def test_python_api_round_trip_and_a_second_save(tiny_run, tmp_path):
     run = load_run(tiny_run, device="cpu", weights="model")
-    folder = run.save_pretrained(tmp_path / "raw")
+    folder = flowmatch.save_pretrained(run, tmp_path / "raw")
     again = flowmatch.load(folder)
     assert again.weights == "model" and torch.equal(again.sample(20, nfe=2), run.sample(20, nfe=2))
     # a saved folder saves again (its weights are named in its config)

@@ -33,7 +33,7 @@ def test_exact_flow_gives_the_gaussian_log_density(dim):
     cov = a @ a.T / dim + 0.3 * torch.eye(dim, dtype=torch.float64)
     mu = torch.randn(dim, generator=g, dtype=torch.float64)
     x = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov).sample((64,))
-    lp = log_prob(gaussian_field(mu, cov), x, atol=1e-9, rtol=1e-9, divergence="exact", t_data=1.0 - 1e-9)
+    lp = log_prob(gaussian_field(mu, cov), x, tol=1e-9, divergence="exact", t_data=1.0 - 1e-9)
     torch.testing.assert_close(lp.log_prob, gaussian_log_prob(x, mu, cov), atol=1e-3, rtol=0)
     # the mean NLL is the Gaussian's entropy (in expectation)
     entropy = 0.5 * torch.logdet(2 * math.pi * math.e * cov).item()
@@ -49,8 +49,8 @@ def test_hutchinson_agrees_with_exact_within_its_error():
     mu = torch.zeros(dim, dtype=torch.float64)
     x = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov).sample((400,))
     v = gaussian_field(mu, cov)
-    exact = log_prob(v, x, atol=1e-6, rtol=1e-6, divergence="exact", t_data=1 - 1e-7).log_prob
-    hutch = log_prob(v, x, atol=1e-6, rtol=1e-6, divergence="hutchinson", generator=g, t_data=1 - 1e-7).log_prob
+    exact = log_prob(v, x, tol=1e-6, divergence="exact", t_data=1 - 1e-7).log_prob
+    hutch = log_prob(v, x, tol=1e-6, divergence="hutchinson", generator=g, t_data=1 - 1e-7).log_prob
     d = hutch - exact
     assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(len(d))
     assert d.std() > 0  # the estimate is noisy per sample, unbiased on average

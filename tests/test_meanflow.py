@@ -7,7 +7,7 @@ import torch
 
 from flowmatch.config import TrainConfig
 from flowmatch.data import Batch
-from flowmatch.objectives import Drawn, MeanFlow
+from flowmatch.objectives import Drawn, MeanFlow, MeanFlowOptions
 from flowmatch.timesteps import UniformTime
 from flowmatch.training import train
 
@@ -29,7 +29,7 @@ def test_meanflow_target_averages_to_the_exact_average_velocity():
     """E[target | z_t = z] = u(z, t, t_end): the MeanFlow identity u = v + (t_end - t) du/dt in
     this package's time, with the conditional velocity x1 - x0 in place of the marginal one."""
     g = torch.Generator().manual_seed(0)
-    obj = MeanFlow(UniformTime(), coupling=None)
+    obj = MeanFlow(UniformTime())
     for t, t_end in ((0.0, 1.0), (0.2, 0.7), (0.5, 0.55), (0.3, 0.3)):
         z, n = torch.tensor([[0.7, -0.4]], dtype=torch.float64), 400_000
         d = posterior_draws(z, t, t_end, n, g)
@@ -48,7 +48,7 @@ def test_the_model_tangent_keeps_the_mean_and_changes_the_spread_as_the_flow_doe
     x0) + const. For Gaussian data I + h du/dz = sigma(t_end) / sigma(t): the variances' ratio is
     known (here the flow contracts, so the paper's conditional tangent varies less)."""
     g = torch.Generator().manual_seed(1)
-    cond, model = MeanFlow(UniformTime(), coupling=None), MeanFlow(UniformTime(), coupling=None, tangent="model")
+    cond, model = MeanFlow(UniformTime()), MeanFlow(UniformTime(), options=MeanFlowOptions(tangent="model"))
     for t, t_end in ((0.0, 1.0), (0.2, 0.7), (0.4, 0.4)):
         z, n = torch.tensor([[-0.3, 1.1]], dtype=torch.float64), 100_000
         d = posterior_draws(z, t, t_end, n, g)
@@ -128,7 +128,7 @@ def test_the_unet_takes_the_interval_beside_time_and_label():
         assert (net(x, t, torch.tensor([3, 1, 2, -1]), h=h)[0] - net(x, t, lab, h=h)[0]).abs().max() > 1e-4
         torch.testing.assert_close(net(x, t, torch.full((4,), -1), h=h), net(x, t, None, h=h))  # the null class
     d = Drawn(torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), t, lab, t + h)
-    pred, target = MeanFlow(UniformTime(), coupling=None).target(net, d)
+    pred, target = MeanFlow(UniformTime()).target(net, d)
     torch.testing.assert_close(pred, net(0.7 * d.x0 + 0.3 * d.x1, t, lab, h=h), rtol=1e-4, atol=1e-5)
     assert pred.requires_grad and not target.requires_grad and torch.isfinite(target).all()
 
@@ -209,7 +209,7 @@ def test_flow_matching_pairs_take_one_draw_or_the_earlier_of_two():
     n = 200_000
     batch = Batch(torch.zeros(n, 2))
     for fm_time, cdf in (("single", lambda t: t), ("paired", lambda t: 1 - (1 - t) ** 2)):
-        obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time=fm_time)
+        obj = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(share=0.5, fm_time=fm_time))
         d = obj.draw(batch, torch.Generator().manual_seed(0))
         fm, iv = d.t_end == d.t, d.t_end > d.t
         assert abs(fm.float().mean() - 0.5) < 0.01
@@ -229,13 +229,13 @@ def test_a_share_of_the_intervals_ends_at_the_data(cli, tmp_path):
 
     n = 200_000
     batch = Batch(torch.zeros(n, 2))
-    base = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single")
+    base = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(share=0.5, fm_time="single"))
     d0 = base.draw(batch, torch.Generator().manual_seed(0))
-    off = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", to_data=0.0)
+    off = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(share=0.5, fm_time="single", to_data=0.0))
     d_off = off.draw(batch, torch.Generator().manual_seed(0))
     assert torch.equal(d0.t, d_off.t) and torch.equal(d0.t_end, d_off.t_end)
     for share in (0.3, 1.0):
-        obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", to_data=share)
+        obj = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(share=0.5, fm_time="single", to_data=share))
         d = obj.draw(batch, torch.Generator().manual_seed(0))
         fm, iv = d.t_end == d.t, d.t_end > d.t
         assert abs(fm.float().mean() - 0.5) < 0.01
@@ -258,10 +258,13 @@ def test_meanflow_time_defaults_follow_the_objective_and_old_runs_keep_theirs(cl
     """Left unset, the time distribution is logit-normal(0.4, 1) for MeanFlow and uniform for the
     others; a setting given wins. A config.json written before meanflow_fm_time existed rebuilds
     the paired flow-matching times it was trained with."""
-    mf, cfm = TrainConfig(objective="meanflow"), TrainConfig()
+    from flowmatch.data import make_dataset, spec_from_arg
+
+    toy = make_dataset(spec_from_arg("checkerboard"))
+    mf, cfm = TrainConfig(objective="meanflow").resolve(toy), TrainConfig().resolve(toy)
     assert (mf.time_dist, mf.time_mean, mf.meanflow_fm_time) == ("logit-normal", 0.4, "single")
     assert (cfm.time_dist, cfm.time_mean) == ("uniform", 0.0)
-    assert TrainConfig(objective="meanflow", time_dist="uniform", time_mean=0.0).time_dist == "uniform"
+    assert TrainConfig(objective="meanflow", time_dist="uniform", time_mean=0.0).resolve(toy).time_dist == "uniform"
     assert TrainConfig.from_dict(mf.to_dict()) == mf
     old = {k: v for k, v in mf.to_dict().items() if k != "meanflow_fm_time"}
     assert TrainConfig.from_dict(old).meanflow_fm_time == "paired"
@@ -282,7 +285,7 @@ def _reference_meanflow_loss(net, obj: MeanFlow, d: Drawn) -> torch.Tensor:
                                  (v, torch.ones_like(d.t), torch.zeros_like(d.t)))
     target = (v + (d.t_end - d.t)[:, None] * du_dt).detach()
     err = (pred - target).pow(2).sum(1)
-    return (err / (err.detach() + obj.c) ** obj.power).mean()
+    return (err / (err.detach() + obj.options.c) ** obj.options.power).mean()
 
 
 def test_the_jvp_on_the_interval_rows_only_gives_the_loss_and_gradient_of_one_over_all_rows():
@@ -294,8 +297,7 @@ def test_the_jvp_on_the_interval_rows_only_gives_the_loss_and_gradient_of_one_ov
 
     torch.manual_seed(0)
     net = make_model({"name": "mlp", "width": 32, "depth": 2, "interval": True}, (2,), num_classes=3)
-    obj = MeanFlow(UniformTime(), coupling=None, power=0.5)
-    all_rows = MeanFlow(UniformTime(), coupling=None, power=0.5, jvp_rows="all")  # the JVP on every row: the benchmark's base
+    obj = MeanFlow(UniformTime(), options=MeanFlowOptions(power=0.5))
 
     class Wrapper(torch.nn.Module):  # stands for torch.compile's wrapper: _bare() unwraps _orig_mod
         def __init__(self, m):
@@ -316,7 +318,7 @@ def test_the_jvp_on_the_interval_rows_only_gives_the_loss_and_gradient_of_one_ov
         want = _reference_meanflow_loss(net, obj, d)
         want.backward()
         want_grads = [p.grad.clone() for p in net.parameters()]
-        for model, o in ((net, obj), (Wrapper(net), obj), (net, all_rows)):
+        for model, o in ((net, obj), (Wrapper(net), obj)):
             net.zero_grad()
             got = o.loss(model, d)
             got.backward()
@@ -332,7 +334,7 @@ def test_under_cpu_bf16_autocast_the_mlp_jvp_runs_in_bf16_and_the_unets_in_fp32(
     rounding, and the JVP runs at all. Both at the one-step objectives' time scale (t * 10)."""
     from flowmatch.models import make_model
 
-    obj = MeanFlow(UniformTime(), coupling=None, jvp_rows="all")
+    obj = MeanFlow(UniformTime())
     for spec, shape, bf16_jvp in (({"name": "mlp", "width": 64, "depth": 3}, (2,), True), ({"name": "unet"}, (1, 8, 8), False)):
         torch.manual_seed(0)
         net = make_model(spec | {"interval": True, "time_scale": 10.0}, shape, num_classes=0).eval()
@@ -361,7 +363,7 @@ def test_meanflow_pairs_noise_and_data_by_the_minibatch_ot_plan():
 
     g = torch.Generator().manual_seed(0)
     x1 = 3 + 2 * torch.randn(256, 2, generator=g)
-    d = MeanFlow(UniformTime(), OTCoupling(), share=0.5).draw(Batch(x1), torch.Generator().manual_seed(1))
+    d = MeanFlow(UniformTime(), OTCoupling(), MeanFlowOptions(share=0.5)).draw(Batch(x1), torch.Generator().manual_seed(1))
     assert torch.equal(d.x1, x1) and (d.t_end > d.t).any() and (d.t_end == d.t).any()
     noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(1))  # the draw's own noise
     assert torch.equal(torch.sort(d.x0[:, 0]).values, torch.sort(noise[:, 0]).values)  # a permutation of it
@@ -381,18 +383,18 @@ def test_own_trajectories_give_the_exact_average_velocity_of_the_teachers_flow(c
     derivative term."""
     from flowmatch.couplings import IndependentCoupling
 
-    obj = MeanFlow(UniformTime(), IndependentCoupling(), share=0.5, fm_time="single", distill=0.5, distill_start=0.5,
-                   distill_every=10, distill_pairs=2000, distill_nfe=64)
+    obj = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(share=0.5, fm_time="single", distill=0.5,
+                   distill_start=0.5, distill_every=10, distill_pairs=2000, distill_nfe=64))
     gen = torch.Generator().manual_seed(0)
-    obj.refresh(exact_model, 49, 100, Gaussian(), gen)
+    obj.refresh(exact_model, 49, 100, Gaussian(), 0)
     assert obj.trajectories is None  # before the start
-    obj.refresh(exact_model, 50, 100, Gaussian(), gen)
+    obj.refresh(exact_model, 50, 100, Gaussian(), 0)
     path, label = obj.trajectories
     assert path.shape == (33, 2000, 2) and label is None
     first = path
-    obj.refresh(exact_model, 55, 100, Gaussian(), gen)
+    obj.refresh(exact_model, 55, 100, Gaussian(), 0)
     assert obj.trajectories[0] is first  # not yet time to refresh
-    obj.refresh(exact_model, 60, 100, Gaussian(), gen)
+    obj.refresh(exact_model, 60, 100, Gaussian(), 0)
     assert obj.trajectories[0] is not first
     batch = Batch(torch.randn(4000, 2, generator=gen).double() * S + MU)
     d = obj.draw(Batch(batch.x1.float()), gen)
@@ -401,7 +403,7 @@ def test_own_trajectories_give_the_exact_average_velocity_of_the_teachers_flow(c
     whole = (t == 0) & (h == 1)
     assert abs(whole.float().mean() - (0.5 + 0.5 / 528)) < 0.03  # 528 pairs of the 33 grid points, one of them whole
     torch.testing.assert_close(target.double(), exact_u(z.double(), t.double(), h.double()), rtol=1e-4, atol=1e-4)
-    obj.distill_whole = 1.0
+    obj.options.distill_whole = 1.0
     _, t1, h1, _, _ = obj.own_rows(4000, gen)
     assert (t1 == 0).all() and (h1 == 1).all()
     pred, tgt = obj.target(exact_model, Drawn(d.x0.double(), d.x1.double(), d.t.double(), None, d.t_end.double(),
@@ -443,9 +445,10 @@ def test_own_trajectories_follow_the_datas_labels():
         seen.append(label)
         return label[:, None].to(z.dtype).expand_as(z)
 
-    obj = MeanFlow(UniformTime(), IndependentCoupling(), distill=1.0, distill_start=0.0, distill_pairs=500, distill_nfe=4)
+    obj = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(distill=1.0, distill_start=0.0, distill_pairs=500,
+                                                                         distill_nfe=4))
     gen = torch.Generator().manual_seed(0)
-    obj.refresh(teacher, 0, 10, Labelled(), gen)
+    obj.refresh(teacher, 0, 10, Labelled(), 0)
     assert all(s is seen[0] for s in seen) and len(set(seen[0].tolist())) == 3
     z, t, h, label, target = obj.own_rows(300, gen)
     torch.testing.assert_close(target, label[:, None].float().expand_as(target))

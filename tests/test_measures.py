@@ -128,8 +128,8 @@ def test_digit_frechet_distance_sees_blurred_digits():
 def test_evaluate_without_straightness_measures_the_same(tiny_run):
     """``straight=False`` leaves out the straightness (and its table line), nothing else."""
     from flowmatch.metrics import evaluate, format_table, straightness
-    from flowmatch.noise import batch_noise
     from flowmatch.runs import load_run
+    from flowmatch.seeding import noise
 
     run = load_run(tiny_run)
     full = evaluate(run, (2,), n=300, seed=3, adaptive=None)
@@ -137,7 +137,7 @@ def test_evaluate_without_straightness_measures_the_same(tiny_run):
     assert "straightness" not in part and "straightness" not in format_table(part)
     assert part == {k: v for k, v in full.items() if k != "straightness"}
     # the teacher's straightness as the reflow quality test computes it beside evaluate
-    assert straightness(run.velocity, batch_noise(3, 0, 300, run.shape, run.device), nfe=100) == full["straightness"]
+    assert straightness(run.velocity, noise(3, 0, 300, run.shape, run.device), nfe=100) == full["straightness"]
 
 
 def test_the_data_floor_is_solved_once_and_only_for_the_same_draws(monkeypatch):

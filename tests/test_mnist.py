@@ -101,18 +101,18 @@ def test_unet_presets_have_their_sizes():
     assert count("tiny", (1, 28, 28)) < count("small", (1, 28, 28)) < 2e6
     net = UNet((1, 28, 28), **unet_settings("tiny", 28))
     assert net(torch.randn(2, 1, 28, 28), torch.rand(2)).shape == (2, 1, 28, 28)
-    with pytest.raises(UserError, match="--unet"):
+    with pytest.raises(UserError, match="unet"):
         unet_settings("huge", 32)
     assert TrainConfig(unet="tiny").model_spec((1, 28, 28))["unet"] == "tiny"
-    with pytest.raises(UserError, match="--unet"):
+    with pytest.raises(UserError, match="unet"):
         TrainConfig(unet="huge").validate()
 
 
 def test_student_options_for_rf_plus_plus():
     assert StudentOptions(time_dist="u-shaped", unet="tiny").validate().time_dist == "u-shaped"
-    with pytest.raises(UserError, match="--time-dist"):
+    with pytest.raises(UserError, match="time_dist"):
         StudentOptions(time_dist="logit-normal").validate()
-    with pytest.raises(UserError, match="--unet"):
+    with pytest.raises(UserError, match="unet"):
         StudentOptions(unet="huge").validate()
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowmatch.errors import UserError
-from flowmatch.objectives import cfm_loss
+from flowmatch.objectives import Loss, cfm_loss
 from flowmatch.paths import LinearPath
 from flowmatch.perceptual import Perceptual
 
@@ -50,7 +50,7 @@ def test_lpips_huber_is_rfpp_loss_in_its_own_time(lpips_file):
         return net(x) * (1 + t.reshape(-1, 1, 1, 1))
 
     d = FeatureDistance()
-    ours = cfm_loss(model, LinearPath(), x0, x1, t, loss="lpips-huber", perceptual=Perceptual(lpips_file))
+    ours = cfm_loss(model, LinearPath(), x0, x1, t, loss=Loss("lpips-huber", perceptual=Perceptual(lpips_file)))
 
     s = (1 - t).reshape(-1, 1, 1, 1)
     z = (1 - s) * x1 + s * x0
@@ -64,7 +64,7 @@ def test_lpips_huber_is_rfpp_loss_in_its_own_time(lpips_file):
     # the perceptual term carries gradient to the network: at t = 0 it is the whole loss
     net.zero_grad()
     zero = torch.zeros(6)
-    cfm_loss(model, LinearPath(), x0, x1, zero, loss="lpips-huber", perceptual=Perceptual(lpips_file)).backward()
+    cfm_loss(model, LinearPath(), x0, x1, zero, loss=Loss("lpips-huber", perceptual=Perceptual(lpips_file))).backward()
     assert net.weight.grad.abs().sum() > 0
 
 
@@ -118,5 +118,5 @@ def test_a_module_must_return_one_distance_per_pair(tmp_path):
 def test_any_other_bytes_are_refused_as_not_torchscript(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("bytes") / "file.pt"
     path.write_bytes(data)
-    with pytest.raises(UserError, match=r"^--perceptual: .*file\.pt: expected a TorchScript file"):
+    with pytest.raises(UserError, match=r"^perceptual: .*file\.pt: expected a TorchScript file"):
         Perceptual(path, (1, 8, 8))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowmatch.paths import LinearPath
-from flowmatch.solvers import integrate, integrate_sde, score_drift
+from flowmatch.solvers import integrate, integrate_sde
 
 from helpers import one_line_error
 from problems import MU, S, exact_u, sigma
@@ -23,12 +23,13 @@ def test_the_score_from_the_velocity_is_the_gaussians():
     for t0 in (0.0, 0.1, 0.5, 0.9, 0.999):
         t = torch.full((200,), t0, dtype=torch.float64)
         want = -(1 - t0) * (x - t0 * MU.double()) / sigma(t[:1]) ** 2
-        torch.testing.assert_close(score_drift(LinearPath(), x, t, exact_v(x, t)), want, rtol=1e-9, atol=1e-9)
+        # sigma * score = -E[x0 | x]: the path's noise prediction, negated
+        torch.testing.assert_close(-LinearPath().velocity_to_x0(exact_v(x, t), x, t), want, rtol=1e-9, atol=1e-9)
 
 
 def test_no_noise_is_euler_on_the_ode():
     x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    sde = integrate_sde(exact_v, x0, LinearPath(), nfe=20, noise=0.0, seed=3)
+    sde = integrate_sde(exact_v, x0, LinearPath(), nfe=20, noise=0.0, generator=torch.Generator().manual_seed(3))
     ode = integrate(exact_v, x0, "euler", 20)
     torch.testing.assert_close(sde.x, ode.x, rtol=1e-12, atol=1e-12)
     assert sde.nfe == 20
@@ -40,14 +41,14 @@ def test_the_sde_lands_on_the_data_distribution(noise):
     sample took another way (the noise moved it: far from its ODE end)."""
     n = 20000
     x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    res = integrate_sde(exact_v, x0, LinearPath(), nfe=200, noise=noise, seed=5)
+    res = integrate_sde(exact_v, x0, LinearPath(), nfe=200, noise=noise, generator=torch.Generator().manual_seed(5))
     assert (res.x.mean(0) - MU.double()).abs().max() < 0.02, res.x.mean(0)
     assert (res.x.std(0) - S).abs().max() < 0.015, res.x.std(0)
     ode = integrate(exact_v, x0, "euler", 200).x
     assert (res.x - ode).pow(2).sum(1).mean().sqrt() > 0.1  # not the ODE's map
-    again = integrate_sde(exact_v, x0, LinearPath(), nfe=200, noise=noise, seed=5).x
+    again = integrate_sde(exact_v, x0, LinearPath(), nfe=200, noise=noise, generator=torch.Generator().manual_seed(5)).x
     torch.testing.assert_close(again, res.x)  # the seed fixes the Brownian path
-    other = integrate_sde(exact_v, x0[:100], LinearPath(), nfe=200, noise=noise, seed=6).x
+    other = integrate_sde(exact_v, x0[:100], LinearPath(), nfe=200, noise=noise, generator=torch.Generator().manual_seed(6)).x
     assert (other - res.x[:100]).abs().max() > 1e-3
 
 

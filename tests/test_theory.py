@@ -77,7 +77,7 @@ def test_exact_field_carries_noise_onto_the_data_points():
     x0 = torch.randn(400, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     t_end = 1 - 1e-3
     res = integrate(lambda x, t: marginal_velocity(PATH, x, t, data), x0, "dopri5", None,
-                    atol=1e-7, rtol=1e-7, t_end=t_end)
+                    tol=1e-7, span=(0.0, t_end))
     d = torch.cdist(res.x, data)
     nearest = d.min(dim=1)
     # at t = 1 - eps every sample sits on a data point (up to eps times its noise)

@@ -19,19 +19,18 @@ from pathlib import Path
 
 import typer
 
-from .config import LR, LR_BY_UNET, TrainConfig, read_settings_file, settings_toml
-from .errors import UserError
+from .config import TrainConfig, read_settings_file, settings_toml
+from .errors import SettingError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Flow-matching generative models: train, sample, evaluate, plot.")
+                  rich_markup_mode="rich", help="Flow-matching generative models: train, sample, evaluate, plot.")
 
-_D = TrainConfig()
-#: image data train a UNet: fewer, smaller steps fit this CPU (benchmarks/digits.py)
-IMAGE_DEFAULTS = {"steps": 9000, "batch_size": 64}
-#: flow matching on vectors trains on the stable target: at 3500 steps it takes the plain 4000
-#: steps' minutes and leaves a third fewer samples off the checkerboard's cells at a better
-#: likelihood (benchmarks/levers.py, README "The stable target")
-STF_DEFAULTS = {"stf": 4096, "steps": 3500}
+
+def _h(text: str | None) -> str | None:
+    """Help text as the help screen's markup (rich) shows it literally: its brackets escaped."""
+    from rich.markup import escape
+
+    return None if text is None else escape(text)
 
 
 def _say(msg: str) -> None:
@@ -64,7 +63,7 @@ def _check_tol(tol: float) -> None:
 
     from .solvers import check_tolerance
 
-    check_tolerance(tol, "--tol", torch.float32)  # runs sample in float32
+    check_tolerance(tol, "tol", torch.float32)  # runs sample in float32
 
 
 def _check_shift(shift: float) -> None:
@@ -85,6 +84,25 @@ def _check_noise(noise: float | None, solver: str) -> dict:
     return {"noise": noise}
 
 
+def check_output(path, suffixes: tuple[str, ...], option: str = "--out", overwrite: bool = False) -> Path:
+    """What every command checks of an output file before it computes anything: a supported
+    extension, an existing writable folder, and not an existing file unless ``overwrite``
+    (never an existing directory). The one overwrite rule of the command line."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{option}: {path} has an unsupported extension; expected one of {', '.join(suffixes)}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{option}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option}: folder {parent} is not writable")
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a directory; expected a file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{option}: {path} already exists; pass --overwrite to replace it")
+    return path
+
+
 def _parse_nfes(text: str) -> list[int]:
     try:
         nfes = [int(k) for k in text.split(",") if k.strip()]
@@ -95,10 +113,10 @@ def _parse_nfes(text: str) -> list[int]:
     return nfes
 
 
-def _options_from(settings_class, own: dict, by_data: dict | None = None, skip=()) -> list:
+def _options_from(settings_class, own: dict, skip=()) -> list:
     """A command's options: one per field of the dataclass ``settings_class`` offered on the
-    command line (its type, default and help; ``by_data``: fields whose default depends on the
-    data, given as None with this help), then ``own``, the command's own options."""
+    command line (its type, default, help and ``--help`` panel; a recipe setting's default, None,
+    is described by the recipes), then ``own``, the command's own options."""
     import dataclasses
     import inspect
 
@@ -107,13 +125,40 @@ def _options_from(settings_class, own: dict, by_data: dict | None = None, skip=(
         if not f.metadata.get("cli", True) or f.name in skip:
             continue
         hint, default, help = hints[f.name], getattr(defaults, f.name), f.metadata.get("help") or None
-        if by_data and f.name in by_data:
-            hint, default, help = hint | None, None, f"{help} {by_data[f.name]}"
+        if settings_class is TrainConfig and default is None and f.name in RECIPE_HELP:
+            help = f"{help} [default: {RECIPE_HELP[f.name]}]"
+        panel = f.metadata.get("panel") if settings_class is TrainConfig else None
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint,
-                                        default=typer.Option(default, help=help)))
+                                        default=typer.Option(default, help=_h(help), rich_help_panel=panel)))
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=option)
                for name, (hint, option) in own.items()]
     return params
+
+
+def _recipe_help() -> dict:
+    """Each recipe setting's defaults in words, from the recipes themselves: by objective, the
+    values on toys, tables and images (``flowmatch train --print-config`` shows the one in use)."""
+    from .config import RECIPE_SETTINGS, RECIPES, WITHOUT_STF
+
+    kinds = ("toy", "table", "image")
+    names = {"toy": "2-D toys", "table": "tables", "image": "images"}
+    out = {}
+    for name in RECIPE_SETTINGS:
+        parts = []
+        for objective in ("cfm", "meanflow", "shortcut"):
+            values = {}
+            for kind in kinds:
+                values.setdefault(RECIPES[(kind, objective)][name], []).append(names[kind])
+            said = ", ".join(f"{v} on {' and '.join(k)}" if len(values) > 1 else f"{v}" for v, k in values.items())
+            parts.append(f"{objective} {said}")
+        if name in WITHOUT_STF:
+            parts.append(f"{WITHOUT_STF[name]} where the stable target cannot apply")
+        out[name] = "; ".join(parts)
+    out["lr"] += "; the cifar UNet preset 0.0002"
+    return out
+
+
+RECIPE_HELP = _recipe_help()
 
 
 def _with_options(*params):
@@ -133,29 +178,25 @@ def _with_options(*params):
     return decorate
 
 
-#: ``train``'s options beyond TrainConfig's fields; image data train a UNet with other defaults
-TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)")),
-             "resume": (bool, typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings")),
-             "progress": (bool, typer.Option(True, help="show a progress bar")),
+#: ``train``'s options beyond TrainConfig's fields
+_OUT = "Output and processes"
+TRAIN_OWN = {"out": (Path | None, typer.Option(None, help="run directory (default: runs/DATA-TIMESTAMP)", rich_help_panel=_OUT)),
+             "resume": (bool, typer.Option(False, help="continue --out RUN from its last checkpoint with its saved settings "
+                                                       "(on any number of processes)", rich_help_panel=_OUT)),
+             "progress": (bool, typer.Option(True, help="show a progress bar", rich_help_panel=_OUT)),
              "config": (Path | None, typer.Option(None, help="a TOML file of settings (config.json's \"train\" names); "
-                                                          "options given on the command line override it")),
-             "print_config": (bool, typer.Option(False, "--print-config", help="print the effective settings as TOML "
-                                                                               "(a --config file) and exit"))}
-TRAIN_BY_DATA = {"steps": f"[default: {STF_DEFAULTS['steps']} with the default stable target, else {_D.steps}; "
-                          f"images {IMAGE_DEFAULTS['steps']}]",
-                 "stf": f"[default: {STF_DEFAULTS['stf']} for flow matching on vectors with independent noise and no "
-                        f"continuous conditions, else {_D.stf}]",
-                 "batch_size": f"[default: {_D.batch_size}; images {IMAGE_DEFAULTS['batch_size']}]",
-                 "time_dist": "[default: uniform; --objective meanflow: logit-normal]",
-                 "time_mean": "[default: 0; --objective meanflow: 0.4]",
-                 "lr": f"[default: {LR:g}; --unet cifar: {LR_BY_UNET['cifar']:g}]"}
+                                                          "options given on the command line override it", rich_help_panel=_OUT)),
+             "print_config": (bool, typer.Option(False, "--print-config", help="print the effective settings (the recipe's "
+                                                                               "for the data and objective, and yours) as "
+                                                                               "TOML (a --config file) and exit",
+                                                 rich_help_panel=_OUT))}
 
 
 @command()
-@_with_options(("ctx", typer.Context, None), _options_from(TrainConfig, TRAIN_OWN, TRAIN_BY_DATA))
+@_with_options(("ctx", typer.Context, None), _options_from(TrainConfig, TRAIN_OWN))
 def train(ctx: typer.Context, **options):
-    """Train a flow-matching model and write a run directory."""
-    from .data import is_image_spec
+    """Train a flow-matching model and write a run directory. Settings left unset take the measured
+    recipe for the data (2-D toys, tables, images) and the objective (--print-config shows them)."""
     from .training import train as run_training
 
     out, resume, progress = options.pop("out"), options.pop("resume"), options.pop("progress")
@@ -167,24 +208,14 @@ def train(ctx: typer.Context, **options):
         given = {p.name for p in ctx.command.params if getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"}
         options.update({k: v for k, v in read_settings_file(config_file).items() if k not in given})
     new_total = options["steps"] if resume else None
-    cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None or k not in ("steps", "batch_size", "stf")})
-    cfg.grad_clip = cfg.grad_clip or None  # 0 disables clipping
+    cfg = TrainConfig(**options)
     parts = None
     if cfg.processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {cfg.processes}")
     if resume:
         _refuse_changed_settings_on_resume(ctx, cfg, out)
     else:
-        spec = cfg.data_spec()
-        if is_image_spec(spec):  # defaults for image data, unless given
-            for key, value in IMAGE_DEFAULTS.items():
-                if options[key] is None:
-                    setattr(cfg, key, value)
-        parts = cfg.build(spec)  # unknown names and bad data fail before anything is written
-        if options["stf"] is None and stf_applies(cfg, parts.dataset):
-            cfg.stf = STF_DEFAULTS["stf"]
-            if options["steps"] is None:
-                cfg.steps = STF_DEFAULTS["steps"]
+        parts = cfg.build()  # the recipe's settings for the data; bad input fails before anything is written
         if print_config:
             typer.echo(settings_toml(cfg), nl=False)
             return
@@ -197,14 +228,6 @@ def train(ctx: typer.Context, **options):
     run_dir = run_training(cfg, out=out, resume=resume, progress=progress, steps=new_total, parts=parts)
     if os.environ.get("RANK", "0") == "0":
         _say(f"run written to {run_dir}")
-
-
-def stf_applies(cfg: TrainConfig, dataset) -> bool:
-    """Whether ``train`` defaults to the stable target: flow matching (not the one-step objectives)
-    with noise drawn independently of the data, on vectors held in memory, without continuous
-    conditions (labels are fine: rows average within their class)."""
-    return (cfg.objective == "cfm" and cfg.coupling == "independent" and len(dataset.shape) == 1
-            and not hasattr(dataset, "loader") and not dataset.cond_dim)
 
 
 #: what ``train --resume`` may change: everything else is the run's saved setting
@@ -321,14 +344,14 @@ def _argv_without_processes(argv: list[str]) -> list[str]:
 def sample(
     run: Path = typer.Argument(..., help="run directory"),
     out: Path = typer.Option(..., help="FILE.npy (float32, data units) or FILE.png (scatter plot)"),
-    n: int | None = typer.Option(None, "--n", "--num-samples", help="number of samples [default: 4000; 64 for an "
-                                                                      "image run's FILE.png, an 8x8 grid]"),
+    n: int | None = typer.Option(None, "--n", "--num-samples", help=_h("number of samples [default: 4000; 64 for an "
+                                                                      "image run's FILE.png, an 8x8 grid]")),
     nfe: int | None = typer.Option(None, help="velocity evaluations (fixed-step solvers); default 100, "
                                               "or k for a distilled k-step run"),
     solver: str = typer.Option("euler", help="euler, midpoint, heun, rk4, dopri5, or euler-maruyama (stochastic, "
                                              "the same marginals)"),
-    noise: float | None = typer.Option(None, help="euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1; "
-                                                  "0: the ODE]"),
+    noise: float | None = typer.Option(None, help=_h("euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1; "
+                                                  "0: the ODE]")),
     time_shift: float = typer.Option(1.0, help="fixed-step solvers: grid t/(s - (s-1) t); s < 1 puts more steps "
                                                "near the data (t = 1)"),
     seed: int = typer.Option(0),
@@ -344,44 +367,37 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ):
     """Draw samples from a trained run."""
-    from .runs import check_output, load_run
+    from . import sampling
+    from .runs import load_run
 
     # under torchrun the launcher has checked --out; the processes write it only at the end
     check_output(out, (".npy", ".png"), overwrite=overwrite or "WORLD_SIZE" in os.environ)
-    _check_tol(tol)
     if n is not None and n < 1:
         raise UserError(f"--n: expected a positive integer, got {n}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
     if processes < 1:
         raise UserError(f"--processes: expected a positive integer, got {processes}")
     r = load_run(run, weights=weights, device=_distributed_device())
     if n is None:  # a picture of images shows a grid, not thousands of them
         n = 64 if len(r.shape) == 3 and out.suffix.lower() == ".png" else 4000
-    c = None if cond is None else _load_cond(cond)
-    r.check_label(label, guidance, c, n)
-    from .solvers import check_method
-
-    check_method(solver, nfe)
-    kw_noise = _check_noise(noise, solver)
+    _check_noise(noise, solver)
+    options = sampling.SampleOptions(nfe=nfe, solver=solver, tol=tol, time_shift=time_shift, label=label, guidance=guidance,
+                                     noise=1.0 if noise is None else noise, batch_size=batch_size,
+                                     cond=None if cond is None else _load_cond(cond))
+    sampling.check(r, options, n)
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(processes, out)
-    nfe = r.default_nfe if nfe is None else nfe
-    _check_shift(time_shift)
-    kw = dict(nfe=nfe, solver=solver, seed=seed, batch_size=batch_size, atol=tol, rtol=tol, label=label, guidance=guidance,
-              time_shift=time_shift, cond=c, **kw_noise)
     if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
-        x = r.sample_distributed(n, progress=progress, **kw)
+        x = sampling.sample_distributed(r, n, options, seed, progress)
         if x is None:  # not process 0, which writes --out
             return
     elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
-        _stream_npy(r.sample_batches(n, progress=progress, **kw), out, (n, *r.shape), images=len(r.shape) == 3)
+        _stream_npy(sampling.sample_batches(r, n, options, seed, progress), out, (n, *r.shape), images=len(r.shape) == 3)
         _say(f"wrote {n} samples to {out}")
         return
     else:
-        x = r.sample(n, progress=progress, **kw)
+        x = sampling.sample(r, n, options, seed, progress)
     _write_samples(x, out, images=len(r.shape) == 3,
-                   title=f"{solver}, NFE {nfe}" + (f", label {label}" if label is not None else ""))
+                   title=f"{solver}, NFE {nfe or r.default_nfe}" + (f", label {label}" if label is not None else ""))
     _say(f"wrote {n} samples to {out}")
 
 
@@ -443,23 +459,23 @@ def _write_samples(x, out: Path, images: bool, title: str) -> None:
 @command("eval")
 def evaluate(
     runs: list[Path] = typer.Argument(..., help="one or more run directories"),
-    nfe: str | None = typer.Option(None, help="comma-separated NFEs [default: 1,2,4,8,16,100; image runs: one NFE, 100]"),
-    n: int | None = typer.Option(None, help="samples per measurement (and reference samples) [default: 4000; images 1000]"),
+    nfe: str | None = typer.Option(None, help=_h("comma-separated NFEs [default: 1,2,4,8,16,100; image runs: one NFE, 100]")),
+    n: int | None = typer.Option(None, help=_h("samples per measurement (and reference samples) [default: 4000; images 1000]")),
     solver: str = typer.Option("euler", help="fixed-step solver for the NFE sweep: euler, midpoint, heun, rk4, "
                                              "euler-maruyama"),
-    noise: float | None = typer.Option(None, help="euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1]"),
+    noise: float | None = typer.Option(None, help=_h("euler-maruyama: diffusion w(t) = noise * sigma(t) [default: 1]")),
     time_shift: float = typer.Option(1.0, help="the sweep's grid t/(s - (s-1) t); s < 1: more steps near the data"),
     seed: int = typer.Option(0),
-    tol: float | None = typer.Option(None, help="tolerance of the adaptive solver (dopri5) [default: 1e-5; not for images]"),
-    repeats: int | None = typer.Option(None, help="average each W2 over this many fresh reference draws "
-                                                  "[default: 3; not for images]"),
+    tol: float | None = typer.Option(None, help=_h("tolerance of the adaptive solver (dopri5) [default: 1e-5; not for images]")),
+    repeats: int | None = typer.Option(None, help=_h("average each W2 over this many fresh reference draws "
+                                                  "[default: 3; not for images]")),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     plot: Path | None = typer.Option(None, help="also draw W2/floor against NFE for all runs into FILE.png (not for images)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --plot file"),
-    fid_weights: Path | None = typer.Option(None, help="image runs: also FID, precision and recall in the features of "
+    fid_weights: Path | None = typer.Option(None, help=_h("image runs: also FID, precision and recall in the features of "
                                                        "this TorchScript network (torch.jit.save; e.g. the FID Inception "
                                                        "file inception-2015-12-05.pt), fed float32 RGB (B, 3, 299, 299) in "
-                                                       "[0, 255]; reference features cached (needs the fid extra)"),
+                                                       "[0, 255]; reference features cached (needs the fid extra)")),
 ):
     """W2 against fresh data (and its floor), the share off the support (2-D toys), precision, recall, density,
     coverage and a classifier two-sample test, at several NFEs; dopri5's NFE; straightness; Fréchet
@@ -467,7 +483,7 @@ def evaluate(
     --fid-weights for any image run."""
     from .metrics import evaluate as run_eval
     from .metrics import format_table
-    from .runs import check_output, load_run
+    from .runs import load_run
     from .solvers import ADAPTIVE_METHODS, check_method
 
     if solver in ADAPTIVE_METHODS:
@@ -577,8 +593,6 @@ def nll(
     """Negative log-likelihood of fresh data, nats per sample (bits per dim for images)."""
     import math
 
-    import torch
-
     from .likelihood import nll_summary
     from .runs import load_run
 
@@ -588,7 +602,9 @@ def nll(
     if divergence not in ("auto", "exact", "hutchinson"):
         raise UserError(f"--divergence: expected auto, exact or hutchinson, got {divergence!r}")
     r = load_run(run)
-    x = r.dataset.reference(n, torch.Generator(device=r.device).manual_seed(seed + 2)).cpu()
+    from .seeding import generator
+
+    x = r.dataset.reference(n, generator(seed, "reference", 0, device=r.device)).cpu()  # eval's first reference draw
     lp = r.log_prob(x, tol=tol, divergence=divergence, seed=seed, progress=not json_out)
     res = nll_summary(lp, math.prod(r.shape), images=len(r.shape) == 3)
     res.update({"divergence": divergence if divergence != "auto" else ("exact" if math.prod(r.shape) <= 16 else "hutchinson"),
@@ -701,7 +717,7 @@ def export(
     """Export the whole K-step sampler (noise in, sample out, data units) as ONNX, checked in
     onnxruntime against PyTorch."""
     from .export import export_onnx
-    from .runs import check_output, load_run
+    from .runs import load_run
 
     check_output(out, (".onnx",), overwrite=overwrite)
     r = load_run(run, device="cpu")
@@ -714,6 +730,18 @@ def export(
 
 
 _ARGV: list[str] | None = None
+#: settings whose option has another name in a command
+OPTION_ALIASES = {("reflow", "nfe"): "--teacher-nfe", ("distill", "nfe"): "--teacher-nfe", ("distill", "time_steps"): "--k"}
+
+
+def _command(argv) -> str:
+    """The subcommand of a command line (train, sample, ...)."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+
+
+def option_name(command: str, setting: str) -> str:
+    """The option that sets ``setting`` in ``command`` (``sigma_min`` -> ``--sigma-min``)."""
+    return OPTION_ALIASES.get((command, setting), "--" + setting.replace("_", "-"))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -721,8 +749,13 @@ def run(argv: list[str] | None = None) -> int:
     global _ARGV
     _ARGV = list(argv) if argv is not None else None
     try:
-        rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
+        try:
+            rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
+        except SettingError as e:  # the library names its setting; the command line, the option
+            raise UserError(f"{option_name(_command(argv), e.setting)}: {e.detail}") from None
     except UserError as e:
+        # the library writes other settings `name`: the command line names their options
+        e = UserError(re.sub(r"`([a-z_]+)`", lambda m: option_name(_command(argv), m.group(1)), str(e)))
         if os.environ.get(ERROR_DIR):  # a process under _launch: the launcher says it, once
             Path(os.environ[ERROR_DIR], f"rank-{os.environ.get('RANK', '0')}").write_text(str(e), encoding="utf-8")
         else:

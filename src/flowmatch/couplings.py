@@ -15,7 +15,7 @@ import numpy as np
 import ot
 import torch
 
-from .errors import UserError
+from .errors import SettingError
 
 
 class IndependentCoupling:
@@ -50,7 +50,7 @@ class OTCoupling:
 
     def __init__(self, method: str = "exact", reg: float = 0.05, by_class: bool = False):
         if method not in ("exact", "sinkhorn"):
-            raise UserError(f"OTCoupling(method=...): expected exact or sinkhorn, got {method!r}")
+            raise SettingError("ot_method", f"expected exact or sinkhorn, got {method!r}")
         self.method, self.reg, self.by_class = method, float(reg), bool(by_class)
 
     def _plan(self, x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
@@ -91,40 +91,12 @@ class OTCoupling:
         return j
 
     def pair(self, x0, x1, generator=None, labels=None):
-        """Re-pair the batch. Under several processes (torch.distributed) the plan is solved once,
-        on the main process, over the *global* batch (every process's noise and data gathered), and
-        each process keeps its own data rows with the noise the global plan gives them: the pairing
-        one process would make of the whole batch, not one per process's share."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return self._pair_global(x0, x1, generator, labels)
+        """Re-pair the batch: ``x1`` and its labels stay, ``x0`` is reordered. The trainer pairs the
+        whole global batch on every process (the same plan everywhere), then splits it."""
         return x0[self.indices(x0, x1, generator, labels).to(x0.device)], x1, labels
-
-    def _pair_global(self, x0, x1, generator, labels):
-        import torch.distributed as dist
-
-        world, rank, n = dist.get_world_size(), dist.get_rank(), len(x1)
-        all_x0, all_x1 = _gather(x0, world), _gather(x1, world)
-        all_labels = _gather(labels, world) if labels is not None else None
-        if rank == 0:
-            j = self.indices(all_x0, all_x1, generator, all_labels).to(x0.device)
-        else:
-            j = torch.empty(world * n, dtype=torch.long, device=x0.device)
-        dist.broadcast(j, src=0)
-        return all_x0[j[rank * n:(rank + 1) * n]], x1, labels
 
     def config(self) -> dict:
         return {"name": self.name, "method": self.method, "reg": self.reg, "by_class": self.by_class}
-
-
-def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Every process's ``x`` (the same shape on each), concatenated in rank order."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def _cpu(generator):
@@ -141,5 +113,5 @@ COUPLINGS = {"independent": IndependentCoupling, "ot": OTCoupling, "fixed": Fixe
 
 def make_coupling(name: str, **kwargs):
     if name not in COUPLINGS:
-        raise UserError(f"--coupling: unknown coupling {name!r}; expected one of {', '.join(COUPLINGS)}")
+        raise SettingError("coupling", f"unknown coupling {name!r}; expected one of {', '.join(COUPLINGS)}")
     return COUPLINGS[name](**kwargs)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import SettingError, UserError
+from .seeding import noise
 
 SOLVERS = {"euler": 1, "midpoint": 2}
 
@@ -27,19 +28,22 @@ class Sampler(nn.Module):
 
     def __init__(self, run, nfe: int, solver: str = "euler", label: int | None = None, guidance: float = 1.0):
         super().__init__()
-        from .config import ONE_STEP
+        import copy
+
+        from .sampling import SampleOptions, check
 
         if solver not in SOLVERS:
-            raise UserError(f"--solver: export writes fixed-step samplers, {' or '.join(SOLVERS)}; got {solver!r}")
+            raise SettingError("solver", f"export writes fixed-step samplers, {' or '.join(SOLVERS)}; got {solver!r}")
         if nfe < 1 or nfe % SOLVERS[solver]:
-            raise UserError(f"--nfe: {solver} takes a multiple of {SOLVERS[solver]} evaluations, got {nfe}")
-        if run.cfg.objective in ONE_STEP and solver != "euler":
-            raise UserError(f"--solver: a {run.cfg.objective} run steps by its average velocity: use euler")
+            raise SettingError("nfe", f"{solver} takes a multiple of {SOLVERS[solver]} evaluations, got {nfe}")
+        if run.interval and solver != "euler":
+            raise SettingError("solver", f"a {run.cfg.objective} run steps by its average velocity: use euler")
         if run.cond_dim:
-            raise UserError(f"export: {run.dir} takes condition vectors, which the exported sampler does not take yet; "
-                            "sample it with flowmatch sample --cond")
-        run.check_label(label, guidance)
-        self.model, self.interval = run.model, run.cfg.objective in ONE_STEP
+            raise UserError(f"{run.dir}: takes condition vectors, which the exported sampler does not take yet; "
+                            "sample it with condition vectors instead")
+        check(run, SampleOptions(nfe=nfe, solver=solver, label=label, guidance=guidance))
+        # a CPU copy of the network: the caller's run stays on its device
+        self.model, self.interval = copy.deepcopy(run.model).cpu(), run.interval
         self.steps, self.solver, self.guidance = nfe // SOLVERS[solver], solver, float(guidance)
         self.register_buffer("label", torch.tensor(-2 if label is None else int(label)), persistent=False)
         self.has_label = label is not None
@@ -71,20 +75,19 @@ class Sampler(nn.Module):
 
 
 def export_onnx(run, out, nfe: int, solver: str = "euler", label: int | None = None, guidance: float = 1.0,
-                batch: int = 4, check: int = 256, seed: int = 0) -> dict:
+                check: int = 256, seed: int = 0) -> dict:
     """Write ``run``'s ``nfe``-step sampler to ``out`` (.onnx) and check it in onnxruntime against
     PyTorch on ``check`` noise draws; returns the file size, the largest difference and
     onnxruntime's samples per second."""
     try:
         import onnxruntime as ort
     except ImportError:
-        raise UserError("export: needs onnx, onnxscript and onnxruntime (pip install 'flowmatch[export]')") from None
+        raise UserError("ONNX export needs onnx, onnxscript and onnxruntime (pip install 'flowmatch[export]')") from None
     out = Path(out)
     if nfe is None or nfe < 1:
-        raise UserError(f"--nfe: expected a positive number of evaluations, got {nfe}")
+        raise SettingError("nfe", f"expected a positive number of evaluations, got {nfe}")
     sampler = Sampler(run, nfe, solver, label, guidance).cpu().eval()
-    run.model.cpu()
-    z = torch.randn(batch, *run.shape)
+    z = torch.randn(4, *run.shape)  # a batch to trace with (its size is dynamic in the graph)
     with torch.no_grad():
         # optimize=False: onnxscript's constant folding fails on some graphs (a split in the interval MLP)
         program = torch.onnx.export(sampler, (z,), dynamo=True, optimize=False, input_names=["noise"], output_names=["sample"],
@@ -96,7 +99,7 @@ def export_onnx(run, out, nfe: int, solver: str = "euler", label: int | None = N
     finally:
         tmp.unlink(missing_ok=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    zc = torch.randn(check, *run.shape, generator=torch.Generator().manual_seed(seed))
+    zc = noise(seed, 0, check, run.shape)
     with torch.no_grad():
         expected = sampler(zc).numpy()
     got = session.run(None, {"noise": zc.numpy()})[0]

@@ -24,8 +24,8 @@ Inception weights cannot be downloaded on every machine, so the user points at a
   recall (:func:`flowmatch.metrics.prdc`) need the points themselves, and so does the cache.
 - **The floor**: the FID of as many real *training* images against the same held-out ones, what a
   model that reproduced its training data would score (FID is biased upwards at small n).
-- **The cache**: the features of the held-out reference images and of the training images, with the
-  reference's mean and covariance, in ``fid-DATA-KEY.safetensors`` under the cache folder of
+- **The cache**: the features of the held-out reference images and of the training images, in
+  ``fid-DATA-KEY.safetensors`` under the cache folder of
   :mod:`flowmatch.image_metrics` (``$FLOWMATCH_CACHE``, default ``~/.cache/flowmatch``). KEY hashes
   the weights file's bytes, the preprocessing settings and the images themselves, so another
   weights file, data set, ``--n`` or ``--seed`` computes its own, and a changed data folder is never
@@ -42,19 +42,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, first_sentence
+from .errors import SettingError, first_sentence
 from .files import load_script
+from .seeding import generator
 
 SIZE = 299
 #: the preprocessing; part of the cache key, so a change here recomputes the reference features
 PREPROCESS = {"size": SIZE, "levels": 255, "resize": "bilinear-antialias", "scale": 255, "version": 1}
-OPTION = "--fid-weights"
+OPTION = "fid_weights"  # the setting (the command line: its option) these errors name
 
 
 def preprocess(x: torch.Tensor) -> torch.Tensor:
     """Images (B, C, H, W) in [0, 1], C = 1 or 3 -> float32 (B, 3, 299, 299) in [0, 255]."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise UserError(f"{OPTION}: FID takes grey (1 channel) or RGB (3 channels) images (B, C, H, W), got {tuple(x.shape)}")
+        raise SettingError(OPTION, f"FID takes grey (1 channel) or RGB (3 channels) images (B, C, H, W), got {tuple(x.shape)}")
     x = (x.float().clamp(0, 1) * 255).round()  # 8-bit levels, as saved images hold
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
     if x.shape[-2:] != (SIZE, SIZE):
@@ -76,7 +77,7 @@ def check_available() -> None:
     try:
         import torchmetrics  # noqa: F401
     except ImportError:
-        raise UserError(f"{OPTION}: FID needs torchmetrics: pip install -e \".[fid]\" (or pip install torchmetrics)") from None
+        raise SettingError(OPTION, "FID needs torchmetrics: pip install -e \".[fid]\" (or pip install torchmetrics)") from None
 
 
 class FeatureNet:
@@ -100,12 +101,12 @@ class FeatureNet:
             with torch.inference_mode():
                 out = self.net(x, **self.kwargs)
         except Exception as e:  # noqa: BLE001 - the user's network failed on the documented input
-            raise UserError(f"{OPTION}: {self.path}: the network failed on images (B, 3, {SIZE}, {SIZE}) in [0, 255]: "
+            raise SettingError(OPTION, f"{self.path}: the network failed on images (B, 3, {SIZE}, {SIZE}) in [0, 255]: "
                             f"{first_sentence(e)}") from None
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         if not (isinstance(out, torch.Tensor) and out.dim() == 2 and len(out) == len(x) and out.shape[1] > 0
                 and out.is_floating_point()):
-            raise UserError(f"{OPTION}: {self.path}: expected the network to map images ({len(x)}, 3, {SIZE}, {SIZE}) "
+            raise SettingError(OPTION, f"{self.path}: expected the network to map images ({len(x)}, 3, {SIZE}, {SIZE}) "
                             f"to features ({len(x)}, F), got {got}")
         return out
 
@@ -115,7 +116,7 @@ class FeatureNet:
                for i in range(0, len(x), self.batch_size)]
         f = torch.cat(out)
         if not torch.isfinite(f).all():
-            raise UserError(f"{OPTION}: {self.path}: the network returned non-finite features (NaN or Inf)")
+            raise SettingError(OPTION, f"{self.path}: the network returned non-finite features (NaN or Inf)")
         return f
 
 
@@ -147,20 +148,19 @@ def reference_images(dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torc
     (m, C, H, W) in [0, 1]; at least 6 (precision and recall use 5 nearest neighbours)."""
     if len(dataset.shape) != 3:
         dataset.reference(n, torch.Generator())  # no image set to compare with: the dataset says why
-        raise UserError(f"{OPTION}: FID is measured on image runs")
-    g = torch.Generator().manual_seed(seed + 3)
+        raise SettingError(OPTION, "FID is measured on image runs")
+    g = generator(seed, "fid", 0)
     real = dataset.distinct_rows("held-out", n, g).float()
     train = dataset.distinct_rows("train", len(real), g).float()
     if len(real) < 6:
-        raise UserError(f"{OPTION}: FID needs at least 6 held-out real images; {dataset.path or dataset.name} holds out "
-                        f"{len(real)} (more images, or a larger --holdout when training)")
+        raise SettingError(OPTION, f"FID needs at least 6 held-out real images; {dataset.path or dataset.name} holds out "
+                        f"{len(real)} (more images, or a larger `holdout` share when training)")
     return real, train
 
 
 def reference_features(net: FeatureNet, dataset, n: int, seed: int = 0, name: str = "images") -> tuple[dict, Path, bool]:
-    """The features of :func:`reference_images` (``real``: held-out, ``train``: training), with the
-    held-out features' mean and covariance: read from the cache when there, else computed and
-    cached. Returns (tensors, cache file, whether it was read from the cache)."""
+    """The features of :func:`reference_images` (``real``: held-out, ``train``: training): read
+    from the cache when there, else computed and cached. Returns (tensors, cache file, whether it was read from the cache)."""
     from .files import save_weights
 
     real, train = reference_images(dataset, n, seed)
@@ -178,8 +178,6 @@ def reference_features(net: FeatureNet, dataset, n: int, seed: int = 0, name: st
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
             pass
     feats = {"real": net.features(real), "train": net.features(train)}
-    real64 = feats["real"].double()
-    feats |= {"real_mean": real64.mean(0), "real_cov": torch.cov(real64.T).reshape(net.num_features, -1)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(path, feats, metadata={"weights": str(net.path), "weights_sha256": net.sha256, "n": n,
                                         "preprocess": json.dumps(PREPROCESS)})

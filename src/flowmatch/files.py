@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError, first_sentence
+from .errors import SettingError, UserError, first_sentence
 
 
 @contextlib.contextmanager
@@ -85,13 +85,13 @@ def load_script(path, option: str, expected: str, map_location="cpu") -> torch.j
     for the missing-file error."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{option}: {path}: no such file; expected {expected}")
+        raise SettingError(option, f"{path}: no such file; expected {expected}")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated, but it is how such networks travel
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(str(path), map_location=map_location).eval()
     except Exception as e:  # noqa: BLE001 - any failure to read it is the user's file
-        raise UserError(f"{option}: {path}: expected a TorchScript file (torch.jit.save), could not load it: "
+        raise SettingError(option, f"{path}: expected a TorchScript file (torch.jit.save), could not load it: "
                         f"{first_sentence(e)}") from None
 
 

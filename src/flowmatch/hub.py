@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import SettingError, UserError
 from .files import read_metrics, save_weights, write_json, write_text
 
 #: the files a Hub folder holds (and the only ones downloaded)
@@ -33,12 +33,11 @@ def _measures(run) -> dict:
         rows = read_metrics(metrics)
         if rows:
             last = rows[-1]
-            out["training"] = {k: last[k] for k in ("step", "loss", "elapsed_s") if k in last}
-    for f in sorted(run.dir.glob("*eval*.json")):
-        try:
-            out[f.stem] = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+            out["training"] = {("seconds" if k == "time" else k): last[k] for k in ("step", "loss", "time") if k in last}
+    evals = run.dir / "eval.jsonl"  # the measures of training's periodic evaluation: its last row
+    rows = read_metrics(evals, value=None)
+    if rows:
+        out[f"evaluation at step {rows[-1].get('step', '?')}"] = {k: v for k, v in rows[-1].items() if k != "step"}
     return out
 
 
@@ -90,9 +89,9 @@ def save_pretrained(run, folder, weights: str | None = None, overwrite: bool = F
     weights = weights or run.weights
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise UserError(f"--out: {folder} already exists; pass --overwrite to replace it")
+        raise SettingError("out", f"{folder} already exists; pass `overwrite` to replace it")
     if not folder.parent.is_dir():
-        raise UserError(f"--out: folder {folder.parent} does not exist")
+        raise SettingError("out", f"folder {folder.parent} does not exist")
     folder.mkdir(exist_ok=True)
     doc = {**run.doc, "pretrained": {"weights": "model.safetensors", "from": weights, "run": str(run.dir.resolve())}}
     save_weights(folder / "model.safetensors", run.model.state_dict(), {"format": "flowmatch", "weights": weights})

@@ -24,6 +24,7 @@ from torch import nn
 
 from .data.images import EMBEDDED
 from .files import save_weights
+from .seeding import generator, seed_of
 
 CLASSIFIER = {"hidden": 256, "features": 64, "steps": 600, "lr": 3e-3, "seed": 0, "version": 1}
 
@@ -151,7 +152,7 @@ def image_scores(x: torch.Tensor, data: str = "digits", seed: int = 0, floor_dra
     train_x, _ = _split(data, "train")
     test_x, test_y = _split(data, "test")
     n = len(x)
-    g = torch.Generator().manual_seed(seed + 11)
+    g = generator(seed, "floor", 0)
     refs = [train_x[torch.randperm(len(train_x), generator=g)[: min(n, len(train_x))]] for _ in range(floor_draws)]
     x = x.detach().float().cpu().clamp(0, 1)
     pca = PCA(n_components=20, random_state=0).fit(train_x.reshape(len(train_x), -1).numpy())
@@ -178,8 +179,8 @@ def label_accuracy(x: torch.Tensor, labels, data: str = "digits") -> float:
 def class_samples(run, per_class: int, nfe: int = 100, solver: str = "euler", seed: int = 0,
                   guidance: float = 1.0) -> tuple[torch.Tensor, np.ndarray]:
     """``per_class`` samples of each of a run's classes at ``guidance`` (class ``c`` from seed
-    ``seed + 100 + c``), in class order, and their labels."""
-    xs = [run.sample(per_class, nfe=nfe, solver=solver, seed=seed + 100 + c, label=c, guidance=guidance)
+    ``seed``'s classes stream, ``c``), in class order, and their labels."""
+    xs = [run.sample(per_class, nfe=nfe, solver=solver, seed=seed_of(seed, "classes", c), label=c, guidance=guidance)
           for c in range(run.num_classes)]
     return torch.cat(xs), np.repeat(np.arange(run.num_classes), per_class)
 

@@ -20,12 +20,13 @@ import contextlib
 import hashlib
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import ot
 import torch
 
-from .noise import batch_noise
+from . import seeding
 from .solvers import integrate
 
 
@@ -187,12 +188,28 @@ def straightness(v, x0: torch.Tensor, nfe: int = 100) -> float:
     return total
 
 
-def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solver: str = "euler",
-             adaptive: str | None = "dopri5", tol: float = 1e-5, repeats: int = 3, progress: bool = False,
-             sharp: bool = True, time_shift: float = 1.0, noise: float | None = None, straight: bool = True) -> dict:
+@dataclass
+class EvalOptions:
+    """How :func:`evaluate` measures: the fixed-step ``solver`` of the NFE sweep (with its
+    ``time_shift``, and the stochastic solver's ``noise``), an ``adaptive`` solver's row at ``tol``
+    (None: none), W2 over ``repeats`` reference draws, the blur-sensitive measures (``sharp``) and
+    straightness (``straight``: 200 network evaluations on 2000 noises)."""
+
+    solver: str = "euler"
+    time_shift: float = 1.0
+    noise: float | None = None
+    adaptive: str | None = "dopri5"
+    tol: float = 1e-5
+    repeats: int = 3
+    sharp: bool = True
+    straight: bool = True
+
+
+def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, progress: bool = False,
+             options: EvalOptions | None = None, **settings) -> dict:
     """W2 against fresh data and its floor at each NFE, the :func:`sharpness` measures, an
-    adaptive solver's NFE and measures, and straightness (``straight=False`` leaves it out: 200
-    network evaluations on 2000 noises).
+    adaptive solver's NFE and measures, and straightness (:class:`EvalOptions`, or its fields as
+    keywords).
 
     A distilled run (``flowmatch distill``) gets neither the adaptive row nor straightness: its
     network is a k-step map trained at its own grid's times only, not a velocity field, so
@@ -204,40 +221,45 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, solv
     ``repeats`` pairs of independent data draws, and each model W2 compares one ``n``-sample
     set against each of the ``repeats`` references. ``ratio`` = W2 / floor. The sharpness
     measures compare against the first reference; ``result["data"]`` holds the same measures
-    for a fresh draw of the data itself (what a perfect model would score).
+    for a fresh draw of the data itself (what a perfect model would score). Tables and images
+    with held-out rows also get :func:`memorisation` (``train_nearer``, ``distance_ratio``).
     """
     from tqdm.auto import tqdm
 
-    g = torch.Generator(device=run.device)
-    g.manual_seed(seed + 1)
-    refs = [run.dataset.reference(n, g).cpu() for _ in range(repeats)]
+    from .sampling import SampleOptions
+
+    o = options or EvalOptions(**settings)
+    g = seeding.generator(seed, "reference", 0, device=run.device)
+    refs = [run.dataset.reference(n, g).cpu() for _ in range(o.repeats)]
     fresh = [run.dataset.reference(n, g).cpu() for _ in refs]
     floors = [data_w2(a, b) for a, b in zip(refs, fresh)]
-    floor = sum(floors) / repeats
+    floor = sum(floors) / o.repeats
     toy = toy_name(run.dataset)
 
     def measure(x):
-        d = sum(w2(x, ref) for ref in refs) / repeats
+        d = sum(w2(x, ref) for ref in refs) / o.repeats
         mem = run_memorisation(run, x, n, seed)
-        return ({"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if sharp else {})
+        return ({"w2": d, "floor": floor, "ratio": d / floor} | (sharpness(x, refs[0], toy) if o.sharp else {})
                 | ({} if mem is None else {"train_nearer": mem["train_nearer"], "distance_ratio": mem["distance_ratio"]}))
 
-    result = {"n": n, "solver": solver, "time_shift": time_shift, "repeats": repeats, "floor": floor, "floor_draws": floors, "nfe": {}}
+    result = {"n": n, "solver": o.solver, "time_shift": o.time_shift, "repeats": o.repeats, "floor": floor,
+              "floor_draws": floors, "nfe": {}}
+    adaptive, straight = (None, False) if run.distilled else (o.adaptive, o.straight)
     if run.distilled:
         result["map_steps"] = run.default_nfe
-        adaptive, straight = None, False
-    sample_kw = {"time_shift": time_shift} | ({"noise": noise} if noise is not None else {})
-    if noise is not None:
-        result["noise"] = noise
-    if sharp:
+    if o.noise is not None:
+        result["noise"] = o.noise
+    if o.sharp:
         result["data"] = sharpness(fresh[0], refs[0], toy)
     for k in tqdm(nfes, disable=not progress, desc="eval", unit="nfe"):
-        result["nfe"][str(k)] = measure(run.sample(n, nfe=k, solver=solver, seed=seed, **sample_kw))
+        sample_options = SampleOptions(nfe=k, solver=o.solver, time_shift=o.time_shift,
+                                       **({"noise": o.noise} if o.noise is not None else {}))
+        result["nfe"][str(k)] = measure(run.sample(n, seed=seed, **vars(sample_options)))
     if straight:
-        result["straightness"] = straightness(run.velocity, batch_noise(seed, 0, min(n, 2000), run.shape, run.device), nfe=100)
+        result["straightness"] = straightness(run.velocity, seeding.noise(seed, 0, min(n, 2000), run.shape, run.device), nfe=100)
     if adaptive:
-        res = run.flow(run.noise(n, torch.Generator(device=run.device).manual_seed(seed)), None, adaptive, atol=tol, rtol=tol)
-        result["adaptive"] = {"solver": adaptive, "tol": tol, "nfe": res.nfe, **measure(res.x.float().cpu())}
+        res = run.flow(seeding.noise(seed, 0, n, run.shape, run.device), None, adaptive, tol=o.tol)
+        result["adaptive"] = {"solver": adaptive, "tol": o.tol, "nfe": res.nfe, **measure(res.x.float().cpu())}
     return result
 
 
@@ -275,5 +297,5 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["w2", "memorisation", "off_support", "mean_log_density", "prdc", "c2st", "sharpness", "toy_name", "straightness", "evaluate",
-           "format_table"]
+__all__ = ["EvalOptions", "w2", "memorisation", "off_support", "mean_log_density", "prdc", "c2st", "sharpness", "toy_name",
+           "straightness", "evaluate", "format_table"]

@@ -1,25 +1,30 @@
-"""Training objectives: what one micro-batch of data costs a network.
+"""Training objectives: what one step's data cost a network.
 
 An objective has two steps, so that the training loop needs to know nothing of it:
 
-- ``draw(batch, generator)``: the randomness of the step (noise, times, pairing, label
-  dropout), outside autocast and in a fixed order, so that a run is reproducible;
+- ``draw(batch, generator, parts=1)``: the randomness of the step (noise, times, pairing, label
+  dropout, extra rows), outside autocast and in a fixed order, for the whole global batch;
+  ``Drawn.part(i, parts)`` is the ``i``-th of ``parts`` equal shares, one per process and micro-batch,
+  so that a step's draws do not depend on how many processes share it;
 - ``loss(model, drawn)``: the scalar loss of the network on those draws (run under autocast).
 
-:class:`CFM` is conditional flow matching; the one-step generators :class:`MeanFlow` and
-:class:`Shortcut` plug in beside it through :func:`make_objective`.
+:class:`CFM` is conditional flow matching; the few-step generators :class:`MeanFlow` and
+:class:`Shortcut` plug in beside it through :data:`OBJECTIVES` and :func:`make_objective`. For a
+loop of your own, :meth:`CFM.sample` draws one batch's training example (``x_t``, ``t``, target).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .couplings import IndependentCoupling
 from .data import Batch
 from .models.cond import null_condition
-from .paths import AffinePath
+from .paths import AffinePath, LinearPath, PathSample, expand, posterior_mean
+from .timesteps import LogitNormalTime, UniformTime
 
 
 def stable_target(path: AffinePath, x0, x1, t, reference, label=None, reference_label=None) -> torch.Tensor:
@@ -33,72 +38,74 @@ def stable_target(path: AffinePath, x0, x1, t, reference, label=None, reference_
 
     Written as ``alpha' m + sigma' (x0 + alpha (x1 - m) / sigma)`` with ``m = sum_j w_j x1_j``: near
     the data (``sigma -> 0``) the weight falls on the row's own ``x1``, ``m = x1`` exactly and the
-    target is ``u_t`` with no division of rounding errors by ``sigma``. The logits are one matmul
-    in float64 (their common scale ``alpha / sigma^2`` is large near the data), the softmax in the
-    data's precision once each row's largest logit is subtracted. With labels (the
-    null label of classifier-free guidance aside), a row averages over its own class only.
+    target is ``u_t`` with no division of rounding errors by ``sigma``. With labels (the null label
+    of classifier-free guidance aside), a row averages over its own class only.
     """
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a, s, da, ds = (v.reshape(shape) for v in path.schedule(t))
+    a, s, da, ds = (expand(v, x0) for v in path.schedule(t))
     x_t = a * x1 + s * x0
-    ref = torch.cat([x1, reference]).flatten(1)
     ref_label = None if label is None else torch.cat([label, reference_label])
     with torch.no_grad():
-        al, s2, xt = a.flatten(1).double(), s.flatten(1).double().pow(2).clamp_min(1e-200), x_t.flatten(1).double()
-        # -||x_t - a r||^2 / (2 s^2), less the row's own constant -||x_t||^2 / (2 s^2): one matmul
-        lhs = torch.cat([al * xt / s2, -al.pow(2) / (2 * s2)], 1)
-        refd = ref.double()
-        rhs = torch.cat([refd, refd.pow(2).sum(1, keepdim=True)], 1).T.contiguous()
-        m = torch.empty_like(ref[:len(x1)])
-        rows = max(1, (1 << 18) // len(ref))  # rows at a time: 2 MB of float64 logits stay in cache (4x faster here)
-        for i in range(0, len(x1), rows):
-            logits = lhs[i:i + rows] @ rhs
-            if label is not None:
-                lab = label[i:i + rows, None]
-                logits.masked_fill_((lab != ref_label[None]) & (lab >= 0), float("-inf"))
-            logits -= logits.amax(1, keepdim=True)  # the largest 0: the rest of the softmax in the data's precision
-            m[i:i + rows] = logits.to(ref.dtype).softmax(1) @ ref
-        m = m.reshape(x1.shape)
+        m = posterior_mean(path, x_t, t, torch.cat([x1, reference]), label, ref_label)
         return da * m + ds * (x0 + a * (x1 - m) / s.clamp_min(torch.finfo(s.dtype).tiny))  # sigma = 0: m = x1
 
 
-def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: str = "mse", huber_c: float | None = None,
-             perceptual=None, target=None) -> torch.Tensor:
-    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (mean over all entries); ``target``
-    replaces ``u_t`` where given (:func:`stable_target`).
+#: the losses a prediction can be compared with its target by
+LOSSES = ("mse", "pseudo-huber", "lpips-huber")
 
-    ``loss="pseudo-huber"``: ``E [sqrt(||v - u||^2 + c^2) - c]`` per sample (Song & Dhariwal
-    2023; RF++, Lee et al. 2024), with ``c = 0.00054 sqrt(D)`` unless given. Its minimiser is a
-    (geometric) median, not the mean: meant for fixed pairs (distillation), where the target is
-    a function of the noise and a network too smooth to follow it should pick a side rather
-    than land between two cells.
 
-    ``loss="lpips-huber"`` (RF++'s LPIPS-Huber, as its reference code writes it, in this package's
-    time): ``E [t * H(v, u) / D + d(x_t + (1 - t) v, x1)]``, the pseudo-Huber ``H`` with ``c =
-    0.00054 D`` (unless given) weighted by ``t`` (zero at the noise), plus the ``perceptual``
-    distance ``d`` (:class:`~flowmatch.perceptual.Perceptual`) between the data the prediction
-    implies on the straight path and the data.
-    """
+@dataclass
+class Loss:
+    """How a prediction is compared with its target.
+
+    ``"mse"``: ``E || v - u ||^2`` (mean over all entries).
+
+    ``"pseudo-huber"``: ``E [sqrt(||v - u||^2 + c^2) - c]`` per sample (Song & Dhariwal 2023; RF++,
+    Lee et al. 2024), with ``c = huber_c`` or ``0.00054 sqrt(D)``. Its minimiser is a (geometric)
+    median, not the mean: meant for fixed pairs (distillation), where the target is a function of
+    the noise and a network too smooth to follow it should pick a side rather than land between two cells.
+
+    ``"lpips-huber"`` (RF++'s LPIPS-Huber, as its reference code writes it, in this package's time):
+    ``E [t * H(v, u) / D + d(x_t + (1 - t) v, x1)]``, the pseudo-Huber ``H`` with ``c = huber_c`` or
+    ``0.00054 D``, weighted by ``t`` (zero at the noise), plus ``perceptual``, a distance ``d``
+    (:class:`~flowmatch.perceptual.Perceptual`) between the data the prediction implies on the
+    straight path and the data."""
+
+    name: str = "mse"
+    huber_c: float | None = None
+    perceptual: object = None
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.name!r}")
+        if (self.name == "lpips-huber") != (self.perceptual is not None):
+            raise ValueError("a perceptual distance goes with the lpips-huber loss, and only with it")
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, ps: PathSample) -> torch.Tensor:
+        if self.name == "mse":
+            return torch.nn.functional.mse_loss(pred.float(), target.float())
+        d2 = (pred.float() - target.float()).flatten(1).pow(2).sum(1)
+        dim = ps.x1[0].numel()
+        if self.name == "lpips-huber":
+            c = self.huber_c if self.huber_c is not None else 0.00054 * dim
+            t = ps.t.float()
+            implied = ps.x_t.float() + expand(1 - t, ps.x_t) * pred.float()
+            return (t * ((d2 + c**2).sqrt() - c) / dim + self.perceptual(implied, ps.x1.float())).mean()
+        c = self.huber_c if self.huber_c is not None else 0.00054 * d2.new_tensor(dim).sqrt()
+        return ((d2 + c**2).sqrt() - c).mean()
+
+
+def cfm_loss(model, path: AffinePath, x0, x1, t, label=None, loss: Loss | None = None, target=None) -> torch.Tensor:
+    """Conditional flow matching: ``E || v(x_t, t) - u_t ||^2`` (or another :class:`Loss`);
+    ``target`` replaces ``u_t`` where given (:func:`stable_target`)."""
     ps = path.sample(x0, x1, t)
-    u_t = ps.u_t if target is None else target
     pred = model(ps.x_t, t, label) if label is not None else model(ps.x_t, t)
-    if loss == "mse":
-        return torch.nn.functional.mse_loss(pred.float(), u_t.float())
-    d2 = (pred.float() - u_t.float()).flatten(1).pow(2).sum(1)
-    dim = x0[0].numel()
-    if loss == "lpips-huber":
-        c = huber_c if huber_c is not None else 0.00054 * dim
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        implied = ps.x_t.float() + (1 - t.float()).reshape(shape) * pred.float()
-        return (t.float() * ((d2 + c**2).sqrt() - c) / dim + perceptual(implied, x1.float())).mean()
-    c = huber_c if huber_c is not None else 0.00054 * d2.new_tensor(dim).sqrt()
-    return ((d2 + c**2).sqrt() - c).mean()
+    return (loss or Loss())(pred, ps.u_t if target is None else target, ps)
 
 
 @dataclass
 class Drawn:
-    """One micro-batch's draws: noise ``x0`` paired with data ``x1``, times ``t``, labels
-    (``-1`` = dropped, for classifier-free guidance) or ``None``."""
+    """One step's draws: noise ``x0`` paired with data ``x1``, times ``t``, labels (``-1`` =
+    dropped, for classifier-free guidance) or ``None``."""
 
     x0: torch.Tensor
     x1: torch.Tensor
@@ -108,41 +115,125 @@ class Drawn:
     reference: Batch | None = None  # CFM with a stable target: extra data draws (and their labels)
     own: tuple | None = None  # MeanFlow --meanflow-distill: rows (z, t, h, label, target) from the network's own trajectories
 
+    def part(self, i: int, parts: int) -> Drawn:
+        """The ``i``-th of ``parts`` equal shares of the rows (a process's micro-batch). Its stable
+        target's reference holds the other shares' data before the extra draws, so that every row
+        averages over the whole batch, as in one share."""
+        if parts == 1:
+            return self
+        n = len(self.x1)
+        if n % parts:
+            raise ValueError(f"a batch of {n} rows does not split into {parts} equal parts")
+        b = n // parts
+        rows = slice(i * b, (i + 1) * b)
+        cut = lambda a: None if a is None else a[rows]  # noqa: E731
+        reference = self.reference
+        if reference is not None:
+            others = lambda a, extra: torch.cat([a[:i * b], a[(i + 1) * b:], extra])  # noqa: E731
+            reference = Batch(others(self.x1, reference.x1),
+                              label=None if self.label is None else others(self.label, reference.label))
+        own = None
+        if self.own is not None:
+            k = len(self.own[0]) // parts
+            own = tuple(None if a is None else a[i * k:(i + 1) * k] for a in self.own)
+        return Drawn(cut(self.x0), cut(self.x1), cut(self.t), cut(self.label), cut(self.t_end), reference, own)
+
 
 class CFM:
     """Conditional flow matching: noise ``x0 ~ N(0, I)`` (or a batch's fixed ``x0``: teacher
-    pairs), times from ``time_sampler``, pairs from ``coupling``, the path's velocity as target;
-    with ``stf > 0`` and ``reference`` (a data set's ``sample(n, generator)``), the stable target
+    pairs), times from ``time_sampler``, pairs from ``coupling``, the path's velocity as target
+    (by default the article's: the straight path, uniform times, independent noise); with
+    ``stf > 0`` and ``reference`` (a data set's ``sample(n, generator)``), the stable target
     (:func:`stable_target`) over the batch and ``stf`` more draws of the data."""
 
     name = "cfm"
+    #: whether the network takes the step's interval ``h`` and samples in a few steps (:func:`~flowmatch.solvers.flow_map`)
+    interval = False
 
-    def __init__(self, path: AffinePath, time_sampler, coupling, label_dropout: float = 0.0, loss: str = "mse",
-                 huber_c: float | None = None, perceptual=None, stf: int = 0, reference=None):
-        self.path, self.time_sampler, self.coupling = path, time_sampler, coupling
-        self.label_dropout, self.loss_name, self.huber_c, self.perceptual = label_dropout, loss, huber_c, perceptual
+    def __init__(self, path: AffinePath | None = None, time_sampler=None, coupling=None, label_dropout: float = 0.0,
+                 loss: Loss | None = None, stf: int = 0, reference=None):
+        self.path = path if path is not None else LinearPath()
+        self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
+        self.coupling = coupling if coupling is not None else IndependentCoupling()
+        self.label_dropout, self.loss_fn = label_dropout, loss or Loss()
+        if stf and reference is None:
+            raise ValueError("stf needs reference, a function (n, generator) -> Batch that draws more data")
         self.stf, self.reference = stf, reference
 
-    def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
+    def draw(self, batch: Batch, generator: torch.Generator | None = None, parts: int = 1) -> Drawn:
+        """The step's draws for ``batch`` (the whole global batch): noise, times, pairing, dropped
+        labels, the stable target's extra points, in that order from ``generator`` (None: torch's
+        global generator). ``parts``: how many equal shares the step will be split into."""
         x1 = batch.x1
-        x0 = batch.x0 if batch.x0 is not None else torch.randn(x1.shape, generator=gen, device=x1.device)
-        t = self.time_sampler.sample(len(x1), gen, device=x1.device)
-        x0, x1, label = self.coupling.pair(x0, x1, gen, batch.label)
+        x0 = batch.x0 if batch.x0 is not None else torch.randn(x1.shape, generator=generator, device=x1.device)
+        t = self.time_sampler.sample(len(x1), generator, device=x1.device)
+        x0, x1, label = self.coupling.pair(x0, x1, generator, batch.label)
         if label is not None and self.label_dropout > 0:
-            drop = torch.rand(len(label), generator=gen, device=x1.device) < self.label_dropout
-            label = torch.where(drop.reshape(-1, *[1] * (label.dim() - 1)), null_condition(label), label)
-        reference = self.reference(self.stf, gen) if self.stf else None
+            drop = torch.rand(len(label), generator=generator, device=x1.device) < self.label_dropout
+            label = torch.where(expand(drop, label), null_condition(label), label)
+        reference = self.reference(self.stf, generator) if self.stf else None
         return Drawn(x0, x1, t, label, reference=reference)
 
-    def refresh(self, teacher, step: int, steps: int, dataset, gen: torch.Generator) -> None:
+    def sample(self, x1: torch.Tensor, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               label: torch.Tensor | None = None) -> PathSample:
+        """One training example for a loop of your own, as torchcfm's
+        ``sample_location_and_conditional_flow``: noise (unless given), times, pairing and the path
+        on the batch ``x1`` (B, ...): ``x_t``, ``t`` and the target ``u_t`` (the stable target with
+        ``stf``), with the pairs ``x0, x1`` as paired. ``loss = ((model(s.x_t, s.t) - s.u_t) ** 2).mean()``."""
+        d = self.draw(Batch(x1, x0=x0, label=label), generator)
+        ps = self.path.sample(d.x0, d.x1, d.t)
+        return ps if d.reference is None else replace(ps, u_t=self._stable(d))
+
+    def refresh(self, teacher, step: int, steps: int, dataset, seed: int, device="cpu") -> None:
         """Called by the trainer before each step with its EMA network; objectives that learn from
         the network's own samples (MeanFlow's ``--meanflow-distill``) update them here."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the objective (MeanFlow: its own trajectories)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def _stable(self, d: Drawn) -> torch.Tensor:
+        return stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
+
     def loss(self, model, d: Drawn) -> torch.Tensor:
-        target = None
-        if d.reference is not None:
-            target = stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
-        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_name, self.huber_c, self.perceptual, target)
+        target = None if d.reference is None else self._stable(d)
+        return cfm_loss(model, self.path, d.x0, d.x1, d.t, d.label, self.loss_fn, target)
+
+
+@dataclass
+class MeanFlowOptions:
+    """MeanFlow's settings. The defaults are the measured recipe for vectors (``flowmatch train
+    --objective meanflow`` on 2-D toys and tables; images train with ``share=0.5, distill=0``):
+    an adaptive loss weight of power 0.5, a quarter of the pairs on intervals, half a batch more
+    of rows from the network's own trajectories after half the steps."""
+
+    share: float = 0.25  # share of pairs with t_end > t (the rest: flow matching)
+    power: float = 0.5  # adaptive weight 1 / (err + c)^power (the paper's 1; 0: plain MSE)
+    c: float = 1e-3
+    tangent: str = "conditional"  # the JVP's direction in z: conditional (x1 - x0) or model (u(z, t, 0))
+    fm_time: str = "single"  # the flow-matching pairs' time: single (one draw) or paired (the earlier of two)
+    to_data: float = 0.0  # share of the interval pairs that end at the data (t_end = 1)
+    distill: float = 0.5  # rows from the network's own trajectories, a share of the batch (0: none)
+    distill_whole: float = 0.5  # share of those on the whole step 0 -> 1
+    distill_start: float = 0.5  # share of the steps after which they start
+    distill_every: int = 250  # steps between refreshes of the trajectories
+    distill_pairs: int = 4096  # trajectories per refresh
+    distill_nfe: int = 16  # midpoint evaluations per trajectory (even)
+
+    def __post_init__(self):
+        for name, ok, expected in (("tangent", self.tangent in ("conditional", "model"), "conditional or model"),
+                                   ("fm_time", self.fm_time in ("single", "paired"), "single or paired"),
+                                   ("distill_nfe", self.distill_nfe >= 2 and self.distill_nfe % 2 == 0, "an even number >= 2")):
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> MeanFlowOptions:
+        """The options a :class:`~flowmatch.config.TrainConfig` sets (its ``meanflow_*`` settings)."""
+        return cls(**{f.name: getattr(cfg, f"meanflow_{f.name}") for f in fields(cls) if hasattr(cfg, f"meanflow_{f.name}")})
 
 
 class MeanFlow(CFM):
@@ -172,72 +263,84 @@ class MeanFlow(CFM):
     flow spreads out and more where it contracts (``tests/test_meanflow.py``)."""
 
     name = "meanflow"
+    interval = True
 
-    def __init__(self, time_sampler, coupling, share: float = 0.25, label_dropout: float = 0.0, c: float = 1e-3,
-                 power: float = 1.0, tangent: str = "conditional", fm_time: str = "paired", jvp_rows: str = "interval",
-                 stf: int = 0, reference=None, to_data: float = 0.0, distill: float = 0.0, distill_start: float = 0.5,
-                 distill_every: int = 250, distill_pairs: int = 4096, distill_nfe: int = 16,
-                 distill_whole: float = 0.5):
-        from .paths import LinearPath
+    def __init__(self, time_sampler=None, coupling=None, options: MeanFlowOptions | None = None,
+                 label_dropout: float = 0.0, stf: int = 0, reference=None):
+        from .couplings import OTCoupling
 
-        super().__init__(LinearPath(), time_sampler, coupling, label_dropout, stf=stf, reference=reference)
-        self.share, self.c, self.power, self.tangent, self.fm_time = share, c, power, tangent, fm_time
-        self.to_data = to_data
-        self.distill, self.distill_start, self.distill_every = distill, distill_start, distill_every
-        self.distill_pairs, self.distill_nfe, self.distill_whole = distill_pairs, distill_nfe, distill_whole
+        super().__init__(LinearPath(), time_sampler if time_sampler is not None else LogitNormalTime(0.4, 1.0),
+                         coupling if coupling is not None else OTCoupling(), label_dropout, stf=stf, reference=reference)
+        self.options = options or MeanFlowOptions()
         self.trajectories = None  # (K + 1, N, ...) grid points of the network's own trajectories, and their labels
-        self.jvp_rows = jvp_rows  # "interval" (the JVP where t_end > t) or "all" (every row: the same loss, slower)
 
-    def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
-        d = super().draw(batch, gen)
-        t2 = self.time_sampler.sample(len(d.t), gen, device=d.t.device)
+    def draw(self, batch: Batch, generator: torch.Generator | None = None, parts: int = 1) -> Drawn:
+        o, d = self.options, super().draw(batch, generator)
+        t2 = self.time_sampler.sample(len(d.t), generator, device=d.t.device)
         t, t_end = torch.minimum(d.t, t2), torch.maximum(d.t, t2)
-        keep = torch.rand(len(t), generator=gen, device=t.device) < self.share
-        if self.fm_time == "single":  # the flow-matching pairs at one draw of the sampler, as CFM draws them
+        keep = torch.rand(len(t), generator=generator, device=t.device) < o.share
+        if o.fm_time == "single":  # the flow-matching pairs at one draw of the sampler, as CFM draws them
             t = torch.where(keep, t, d.t)
-        if self.to_data > 0:  # a share of the intervals end at the data: [t, 1], the one step's family
-            end = torch.rand(len(t), generator=gen, device=t.device) < self.to_data
+        if o.to_data > 0:  # a share of the intervals end at the data: [t, 1], the one step's family
+            end = torch.rand(len(t), generator=generator, device=t.device) < o.to_data
             t_end = torch.where(end, torch.ones_like(t_end), t_end)
-        own = self.own_rows(len(t), gen) if self.trajectories is not None else None
+        own = None
+        if self.trajectories is not None:  # the same number of own rows in every part
+            own = self.own_rows(parts * max(1, round(o.distill * len(t) / parts)), generator)
         return Drawn(d.x0, d.x1, t, d.label, torch.where(keep, t_end, t), d.reference, own)
 
     @torch.no_grad()
-    def refresh(self, teacher, step: int, steps: int, dataset, gen: torch.Generator) -> None:
+    def refresh(self, teacher, step: int, steps: int, dataset, seed: int, device="cpu") -> None:
         """``--meanflow-distill``: from ``distill_start`` of the ``steps`` on, every ``distill_every``
         steps, integrate ``distill_pairs`` noise draws along ``teacher``'s instantaneous field ``u(z,
         t, 0)`` (the trainer's EMA) by ``distill_nfe / 2`` midpoint steps, keeping every grid point.
         The average velocity over ``[t_i, t_j]`` is by definition ``(z_j - z_i) / (t_j - t_i)`` along
         the flow, so these trajectories give exact targets for the network's own flow, without the
-        spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries."""
-        start = int(self.distill_start * steps)
-        due = self.trajectories is None or (step - start) % self.distill_every == 0  # none yet (or resumed): at once
-        if self.distill <= 0 or step < start or not due:
-            return
+        spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries. The draws
+        come from the refresh's own stream (``seed``, its step): every process refreshes alike."""
+        from .seeding import generator
         from .solvers import integrate
 
+        o = self.options
+        start = int(o.distill_start * steps)
+        due = self.trajectories is None or (step - start) % o.distill_every == 0  # none yet: at once
+        if o.distill <= 0 or step < start or not due:
+            return
+        gen = generator(seed, "refresh", step, device=device)
         conditioned = dataset.num_classes or dataset.cond_dim  # the teacher follows labels (conditions) drawn with the data
-        label = dataset.sample(self.distill_pairs, gen).label if conditioned else None
-        x0 = torch.randn(self.distill_pairs, *dataset.shape, generator=gen, device=gen.device)
-        zeros = torch.zeros(self.distill_pairs, device=x0.device, dtype=x0.dtype)
+        label = dataset.sample(o.distill_pairs, gen).label if conditioned else None
+        x0 = torch.randn(o.distill_pairs, *dataset.shape, generator=gen, device=device)
+        zeros = torch.zeros(o.distill_pairs, device=device, dtype=x0.dtype)
         teacher_v = lambda z, t: teacher(z, t, label, h=zeros).to(z.dtype)  # noqa: E731
-        path = integrate(teacher_v, x0, "midpoint", self.distill_nfe, trajectory=True).trajectory
+        path = integrate(teacher_v, x0, "midpoint", o.distill_nfe, trajectory=True).trajectory
         self.trajectories = (path, label)
 
-    def own_rows(self, batch: int, gen: torch.Generator) -> tuple:
-        """``distill * batch`` rows drawn from the stored trajectories: a share ``distill_whole`` of
+    def state_dict(self) -> dict:
+        if self.trajectories is None:
+            return {}
+        path, label = self.trajectories
+        return {"trajectories": path.cpu(), **({} if label is None else {"trajectory_labels": label.cpu()})}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "trajectories" in state:
+            label = state.get("trajectory_labels")
+            self.trajectories = (state["trajectories"], label)
+
+    def own_rows(self, n: int, gen: torch.Generator | None = None) -> tuple:
+        """``n`` rows drawn from the stored trajectories: a share ``distill_whole`` of
         them the whole step ``[0, 1]``, the others two distinct grid points ``i < j``; input ``z_i`` at ``t_i``, interval
         ``h = t_j - t_i``, target ``(z_j - z_i) / h``."""
         path, label = self.trajectories
-        k, n, dev = len(path) - 1, max(1, round(self.distill * batch)), path.device
+        k, dev = len(path) - 1, path.device
         row = torch.randint(path.shape[1], (n,), generator=gen, device=dev)
         i = torch.randint(k + 1, (n,), generator=gen, device=dev)
         j = (i + torch.randint(1, k + 1, (n,), generator=gen, device=dev)) % (k + 1)  # another grid point
         i, j = torch.minimum(i, j), torch.maximum(i, j)
-        whole = torch.rand(n, generator=gen, device=dev) < self.distill_whole
+        whole = torch.rand(n, generator=gen, device=dev) < self.options.distill_whole
         i, j = torch.where(whole, 0, i), torch.where(whole, k, j)
         t, h = i.to(path.dtype) / k, (j - i).to(path.dtype) / k
         z = path[i, row]
-        target = (path[j, row] - z) / h.view(-1, *[1] * (z.dim() - 1))
+        target = (path[j, row] - z) / expand(h, z)
         return z, t, h, None if label is None else label[row], target
 
     def target(self, model, d: Drawn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,11 +349,10 @@ class MeanFlow(CFM):
         The JVP is taken on the interval rows only: on the flow-matching rows (``t_end = t``) its
         term is multiplied by ``t_end - t = 0``, so their target is ``v`` and they need one plain
         forward pass (at the default share of 0.5, half the JVP's cost; the loss is the same)."""
-        shape = (-1,) + (1,) * (d.x0.dim() - 1)
         ps = self.path.sample(d.x0, d.x1, d.t)  # the straight path: z_t and v = x1 - x0
         z, v = ps.x_t, ps.u_t
         if d.reference is not None:  # --stf: v (in the target and as the tangent) averaged over the posterior
-            v = stable_target(self.path, d.x0, d.x1, d.t, d.reference.x1.to(d.x1.dtype), d.label, d.reference.label)
+            v = self._stable(d)
         t, t_end, label = d.t, d.t_end, d.label
         jvp = t_end > t  # the interval rows: only they need the derivative
         if d.own is not None:  # --meanflow-distill: rows with a fixed target, through the plain pass
@@ -261,7 +363,7 @@ class MeanFlow(CFM):
             jvp = torch.cat([jvp, torch.zeros_like(t_own, dtype=torch.bool)])
         h = t_end - t
         rows = jvp.nonzero().flatten()
-        if len(rows) == len(h) or (self.jvp_rows == "all" and d.own is None):
+        if len(rows) == len(h):
             rows = None  # all of them: no gather
         sub = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
 
@@ -274,7 +376,7 @@ class MeanFlow(CFM):
         if len(ti) == 0:  # no interval rows: flow matching alone
             return model(z, t, label, h=h), v.detach()
         direction = sub(v)
-        if self.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
+        if self.options.tangent == "model":  # the network's marginal velocity instead of one draw of x1 - x0
             with torch.no_grad():
                 direction = bare(zi, ti, li, h=torch.zeros_like(ti)).to(v.dtype)
         tangents = (direction, torch.ones_like(ti), torch.zeros_like(ti))
@@ -298,12 +400,12 @@ class MeanFlow(CFM):
                 pred = model(z, t, label, h=h)
             jv = jv.detach().to(v.dtype)
             du_dt = jv if rows is None else torch.zeros_like(v).index_copy(0, rows, jv)  # 0 on the flow-matching rows
-        return pred, (v + h.view(shape) * du_dt.to(v.dtype)).detach()
+        return pred, (v + expand(h, v) * du_dt.to(v.dtype)).detach()
 
     def loss(self, model, d: Drawn) -> torch.Tensor:
         pred, target = self.target(model, d)
         err = (pred.float() - target.float()).flatten(1).pow(2).sum(1)
-        return (err / (err.detach() + self.c) ** self.power).mean()
+        return (err / (err.detach() + self.options.c) ** self.options.power).mean()
 
 
 class Shortcut(CFM):
@@ -320,20 +422,21 @@ class Shortcut(CFM):
     flow matching trains: the chain rests on it. Both hold for the exact average velocity."""
 
     name = "shortcut"
+    interval = True
 
-    def __init__(self, time_sampler, coupling, share: float = 0.25, steps: int = 128, label_dropout: float = 0.0):
-        from .paths import LinearPath
-
+    def __init__(self, time_sampler=None, coupling=None, share: float = 0.25, steps: int = 128, label_dropout: float = 0.0):
         super().__init__(LinearPath(), time_sampler, coupling, label_dropout)
+        if not (steps >= 2 and steps & (steps - 1) == 0):
+            raise ValueError(f"steps must be a power of 2 >= 2, got {steps}")
         self.share, self.steps = share, steps
 
-    def draw(self, batch: Batch, gen: torch.Generator) -> Drawn:
-        d = super().draw(batch, gen)
+    def draw(self, batch: Batch, generator: torch.Generator | None = None, parts: int = 1) -> Drawn:
+        d = super().draw(batch, generator)
         n_boot = round(self.share * len(d.t))
         levels = self.steps.bit_length() - 1  # full steps 2^-k, k = 0 .. levels - 1
-        k = torch.randint(0, levels, (n_boot,), generator=gen, device=d.t.device)
+        k = torch.randint(0, levels, (n_boot,), generator=generator, device=d.t.device)
         full = torch.exp2(-k.to(d.t.dtype))
-        start = torch.floor(torch.rand(n_boot, generator=gen, device=d.t.device) / full) * full  # on the step's grid
+        start = torch.floor(torch.rand(n_boot, generator=generator, device=d.t.device) / full) * full  # on the step's grid
         t = torch.cat([start, d.t[n_boot:]])
         return Drawn(d.x0, d.x1, t, d.label, torch.cat([start + full, d.t[n_boot:]]))
 
@@ -347,10 +450,9 @@ class Shortcut(CFM):
             zb, tb, half = z[boot], d.t[boot], h[boot] / 2
             lb = None if d.label is None else d.label[boot]
             hq = torch.where(half * self.steps < 1.5, torch.zeros_like(half), half)  # the finest: flow matching's
-            view = (-1,) + (1,) * (z.dim() - 1)
             with torch.no_grad():
                 u1 = bare(zb, tb, lb, h=hq)
-                u2 = bare(zb + half.view(view) * u1, tb + half, lb, h=hq)
+                u2 = bare(zb + expand(half, u1) * u1, tb + half, lb, h=hq)
             target[boot] = ((u1 + u2) / 2).to(target.dtype)  # under autocast the network answers in bf16
         return model(z, d.t, d.label, h=h), target
 
@@ -386,15 +488,22 @@ def _bare(model):
             return model
 
 
+#: the objectives by name (``--objective``)
+OBJECTIVES = {"cfm": CFM, "meanflow": MeanFlow, "shortcut": Shortcut}
+
+
+def objective_class(name: str) -> type[CFM]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]
+
+
 def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
+    reference = parts.dataset.sample if cfg.stf else None
     if cfg.objective == "meanflow":
-        return MeanFlow(parts.time_sampler, parts.coupling, cfg.meanflow_share, cfg.label_dropout, power=cfg.meanflow_power,
-                        tangent=cfg.meanflow_tangent, fm_time=cfg.meanflow_fm_time, stf=cfg.stf,
-                        reference=parts.dataset.sample if cfg.stf else None, to_data=cfg.meanflow_to_data,
-                        distill=cfg.meanflow_distill, distill_start=cfg.meanflow_distill_start,
-                        distill_every=cfg.meanflow_distill_every, distill_pairs=cfg.meanflow_distill_pairs,
-                        distill_nfe=cfg.meanflow_distill_nfe, distill_whole=cfg.meanflow_distill_whole)
+        return MeanFlow(parts.time_sampler, parts.coupling, MeanFlowOptions.from_config(cfg), cfg.label_dropout,
+                        cfg.stf, reference)
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None
@@ -402,5 +511,5 @@ def make_objective(cfg, parts) -> CFM:
         from .perceptual import Perceptual
 
         perceptual = Perceptual(cfg.perceptual)
-    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, cfg.loss, cfg.huber_c, perceptual,
-               cfg.stf, parts.dataset.sample if cfg.stf else None)
+    return CFM(parts.path, parts.time_sampler, parts.coupling, cfg.label_dropout, Loss(cfg.loss, cfg.huber_c, perceptual),
+               cfg.stf, reference)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, first_sentence
+from .errors import SettingError, first_sentence
 from .files import load_script
 
-OPTION = "--perceptual"
+OPTION = "perceptual"  # the setting (the command line: its option) these errors name
 
 
 class Perceptual:
@@ -38,7 +38,7 @@ class Perceptual:
             p.requires_grad_(False)
         if shape is not None:
             if len(shape) != 3:
-                raise UserError(f"{OPTION}: a perceptual distance compares images; these samples have shape "
+                raise SettingError(OPTION, f"a perceptual distance compares images; these samples have shape "
                                 f"{tuple(shape)}")
             with torch.no_grad():
                 self(torch.zeros(2, *shape), torch.zeros(2, *shape))
@@ -51,11 +51,11 @@ class Perceptual:
             with torch.autocast(a.device.type, enabled=False):
                 d = self.net(a.float(), b.float())
         except Exception as e:  # noqa: BLE001 - the user's module on our images
-            raise UserError(f"{OPTION}: {self.path}: the module failed on images of shape {tuple(a.shape[1:])}: "
+            raise SettingError(OPTION, f"{self.path}: the module failed on images of shape {tuple(a.shape[1:])}: "
                             f"{first_sentence(e)}") from None
         if not isinstance(d, torch.Tensor) or d.numel() != len(a):
             got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
-            raise UserError(f"{OPTION}: {self.path}: expected one distance per image pair ({len(a)} here), got {got}")
+            raise SettingError(OPTION, f"{self.path}: expected one distance per image pair ({len(a)} here), got {got}")
         return d.reshape(len(a)).float()
 
 

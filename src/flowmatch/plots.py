@@ -99,8 +99,9 @@ def _draw_trajectories(ax, traj: torch.Tensor, times: torch.Tensor, title: str, 
 def _paths(run, n: int, nfe: int, seed: int):
     """Euler paths of ``n`` samples from the noise of ``seed``, with ``nfe`` steps: the
     :meth:`~flowmatch.runs.Run.flow` result, whose ``trajectory`` (T, n, ...) is in data units."""
-    g = torch.Generator(device=run.device).manual_seed(seed)
-    return run.flow(run.noise(n, g), nfe, trajectory=True)
+    from .seeding import noise
+
+    return run.flow(noise(seed, 0, n, run.shape, run.device), nfe, trajectory=True)
 
 
 def trajectories(run, path, n: int = 300, nfe: int = 100, seed: int = 0, title: str | None = None) -> Path:
@@ -236,13 +237,15 @@ def image_flow(run, path, n: int = 8, steps: int = 8, nfe: int = 64, seed: int =
 
 
 def plot_image_run(run, run_dir: Path, seed: int = 0, metrics: list[dict] | None = None) -> list[Path]:
+    from .seeding import seed_of
+
     k = run.default_nfe  # a one-step generator's pictures at its one step, as the 2-D plots
     steps = f"{k} Euler step{'s' if k > 1 else ''}"
     written = [image_grid(run.sample(64, nfe=k, seed=seed).clamp(0, 1), run_dir / "samples.png",
                           title=f"samples ({steps})")]
     if run.num_classes:
         per = 10
-        rows = [run.sample(per, nfe=k, seed=seed + 1 + c, label=c, guidance=2.0) for c in range(run.num_classes)]
+        rows = [run.sample(per, nfe=k, seed=seed_of(seed, "classes", c), label=c, guidance=2.0) for c in range(run.num_classes)]
         written.append(image_grid(torch.cat(rows).clamp(0, 1), run_dir / "samples_by_class.png", nrow=per,
                                   title=f"one row per class (guidance 2, {steps})"))
     written.append(image_flow(run, run_dir / "trajectories.png"))
@@ -266,8 +269,9 @@ def plot_run(run_dir, n: int = 4000, seed: int = 0) -> list[Path]:
     if len(run.shape) == 3:
         return plot_image_run(run, run_dir, seed, metrics)
     written = []
-    g = torch.Generator(device=run.device).manual_seed(seed + 1)
-    ref = run.dataset.reference(n, g).cpu()
+    from .seeding import generator
+
+    ref = run.dataset.reference(n, generator(seed, "reference", 0, device=run.device)).cpu()
     k = run.default_nfe
     x = run.sample(n, nfe=k, solver="euler", seed=seed)
     title = f"samples ({k} Euler step{'s' if k > 1 else ''})"

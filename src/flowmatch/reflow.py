@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ONE_STEP, StudentOptions, TrainConfig
+from .config import SHARD_SIZE, StudentOptions, TrainConfig, interval_objective
 from .data.pairs import PairsDataset, check_pairs
-from .errors import UserError
-from .noise import batch_generator, batch_noise
+from .errors import SettingError, UserError
 from .runs import save_weights, write_json
-
-SHARD_SIZE = 4096
+from .seeding import generator
 
 
 def _pairs_meta(teacher, n, shard_size, seed, guidance) -> dict:
@@ -38,15 +36,11 @@ def _pairs_meta(teacher, n, shard_size, seed, guidance) -> dict:
             "guidance": guidance}
 
 
-def shard_noise(k: int, m: int, shape, seed: int) -> torch.Tensor:
-    """The noise of shard ``k``: ``m`` draws from its own CPU generator, seeded by ``(seed, k)``."""
-    return batch_noise(seed, k, m, shape)
-
-
 def shard_draws(k: int, m: int, shape, seed: int, num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Shard ``k``'s noise (:func:`shard_noise`) and, with ``num_classes``, its pairs' classes:
-    every class equally often (up to one), in an order drawn from the same generator after the noise."""
-    g = batch_generator(seed, k)
+    """Shard ``k``'s noise (the sampling noise of batch ``k``: :func:`flowmatch.seeding.noise`) and,
+    with ``num_classes``, its pairs' classes: every class equally often (up to one), in an order
+    drawn from the same generator after the noise."""
+    g = generator(seed, "sample", k)
     z0 = torch.randn(m, *shape, generator=g)
     return z0, (torch.randperm(m, generator=g) % num_classes if num_classes else None)
 
@@ -55,11 +49,11 @@ def check_guidance(teacher, guidance: float | None) -> int:
     """Refuse pairs a teacher cannot make (before anything is written); returns its classes."""
     classes = getattr(teacher, "num_classes", 0)
     if guidance is not None and not classes:
-        raise UserError("--guidance: the teacher has no classes; pairs with classes need a class-conditional teacher")
+        raise SettingError("guidance", "the teacher has no classes; pairs with classes need a class-conditional teacher")
     if getattr(teacher, "embeds", 0) and teacher.null_class is None and guidance != 1.0:
-        why = "for unconditional pairs" if guidance is None else f"for --guidance {guidance:g} (1 needs none)"
-        raise UserError(f"--teacher-null-class: the diffusers UNet in {teacher.directory} is class-conditional; name "
-                        f"the class index it reads as 'no class' {why}")
+        why = "for unconditional pairs" if guidance is None else f"for `guidance` {guidance:g} (1 needs none)"
+        raise SettingError("teacher_null_class", f"the diffusers UNet in {teacher.directory} is class-conditional; name "
+                                                 f"the class index it reads as 'no class' {why}")
     return classes
 
 
@@ -72,9 +66,9 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
     shard's ``label``) and maps its noise to that class with that guidance weight.
     """
     if n < 1:
-        raise UserError(f"--pairs: expected a positive number of pairs, got {n}")
+        raise SettingError("pairs", f"expected a positive number of pairs, got {n}")
     if shard_size < 1:
-        raise UserError(f"--shard-size: expected a positive integer, got {shard_size}")
+        raise SettingError("shard_size", f"expected a positive integer, got {shard_size}")
     classes = check_guidance(teacher, guidance)
     pairs_dir = Path(pairs_dir)
     meta = _pairs_meta(teacher, n, shard_size, seed, guidance)
@@ -83,7 +77,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
         if {k: old.get(k) for k in keys} != {k: meta[k] for k in keys}:
-            raise UserError(f"{pairs_dir}: holds pairs from another teacher or settings; use a new --out")
+            raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings; choose a new directory")
     else:
         pairs_dir.mkdir(parents=True, exist_ok=True)
         write_json(meta_file, meta)
@@ -119,16 +113,16 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
 
     if isinstance(teacher, FlowTeacher):
         base = TrainConfig.from_dict(teacher.run.doc["train"])
-        if kind == "distill" and base.objective in ONE_STEP:
+        if kind == "distill" and interval_objective(base.objective):
             # its student would keep the objective and train only at the grid's times with h = 0:
             # the step it samples by, u(z, 0, 1), would never see the pairs
-            raise UserError(f"{teacher.run.dir}: a {base.objective} run samples in one step already (flowmatch sample "
-                            f"--nfe K for K steps); distil a flow-matching run (--objective cfm), or reflow this one")
+            raise UserError(f"{teacher.run.dir}: a {base.objective} run samples in one step already (and in K steps at "
+                            f"NFE K); distil a flow-matching run (objective cfm), or reflow this one")
         cfg = TrainConfig(**{**base.to_dict(), "lineage": {}})
         cfg.init_from = str((teacher.run.dir / "ema.safetensors").resolve())
         if opts.unet is not None and opts.unet != cfg.unet:
-            raise UserError(f"--unet: the student of a flowmatch run starts from its weights, so it keeps its network "
-                            f"(--unet {cfg.unet}); leave --unet out")
+            raise SettingError("unet", f"the student of a flowmatch run starts from its weights, so it keeps its network "
+                                       f"(the {cfg.unet} preset); leave the preset unset")
     else:
         cfg = TrainConfig()
         cfg.init_from = None
@@ -148,7 +142,7 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
     cfg.warmup_steps = min(cfg.warmup_steps, opts.steps // 10)
     if kind == "distill":
         if opts.time_dist != "uniform":
-            raise UserError("--time-dist: distillation trains at the k-step sampler's grid times; it applies to reflow")
+            raise SettingError("time_dist", "distillation trains at the k-step sampler's grid times; it applies to reflow")
         cfg.time_dist, cfg.time_steps = "grid", opts.k
     else:
         cfg.time_dist = opts.time_dist
@@ -192,7 +186,7 @@ def student(teacher, out, kind: str, opts: StudentOptions | None = None, resume:
     if not resume:
         check_new_run_dir(out, allow_existing=("pairs",))
         if (out / "pairs").exists():
-            raise UserError(f"--out: {out} already holds pairs; pass --resume to finish them, or choose a new directory")
+            raise SettingError("out", f"{out} already holds pairs; `resume` to finish them, or choose a new directory")
     cfg, data_spec = student_config(teacher, out, kind, opts)
     pairs_job(teacher, out / "pairs", opts, progress)
     # resumed before the first checkpoint: training starts over beside the finished pairs
@@ -211,4 +205,4 @@ def distill(teacher, out, resume: bool = False, progress: bool = True, **options
     return student(teacher, out, "distill", StudentOptions(**options), resume, progress)
 
 
-__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_noise", "shard_draws", "check_guidance"]
+__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_draws", "check_guidance"]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torchdiffeq import odeint
 
-from .errors import UserError
+from .errors import SettingError
+from .paths import expand
 from .timesteps import shift_times
 
 #: name -> (torchdiffeq method, velocity evaluations per step, order)
@@ -42,27 +43,27 @@ class SolveResult:
 
 
 def check_method(method: str, nfe: int | None = None) -> None:
-    """Validate a solver choice; raises :class:`UserError` naming the option."""
+    """Validate a solver choice; raises :class:`~flowmatch.errors.SettingError` naming the argument."""
     if method not in METHODS:
-        raise UserError(f"--solver: unknown solver {method!r}; expected one of {', '.join(METHODS)}")
+        raise SettingError("solver", f"unknown solver {method!r}; expected one of {', '.join(METHODS)}")
     if method not in ADAPTIVE_METHODS and nfe is not None:
         per = _evals_per_step(method)
         if not isinstance(nfe, int) or nfe < 1:
-            raise UserError(f"--nfe: expected a positive integer, got {nfe}")
+            raise SettingError("nfe", f"expected a positive integer, got {nfe}")
         if nfe % per:
-            raise UserError(f"--nfe: {method} uses {per} evaluations per step, so NFE must be a multiple of {per}; got {nfe}")
+            raise SettingError("nfe", f"{method} uses {per} evaluations per step, so NFE must be a multiple of {per}; got {nfe}")
 
 
-def check_tolerance(tol: float, option: str = "--tol", dtype: torch.dtype | None = None) -> None:
+def check_tolerance(tol: float, option: str = "tol", dtype: torch.dtype | None = None) -> None:
     """An adaptive solver's tolerance must be a positive finite number (torchdiffeq asserts
     otherwise) and, for a state of ``dtype``, one its arithmetic resolves (float32: about 1e-6;
     below it a step's error estimate is rounding, and the solve crawls on for hours)."""
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise UserError(f"{option}: expected a positive finite tolerance such as 1e-5, got {tol!r}")
+        raise SettingError(option, f"expected a positive finite tolerance such as 1e-5, got {tol!r}")
     floor = 8 * torch.finfo(dtype).eps if dtype is not None else 0.0  # float32: 9.5e-7
     if tol < floor:
-        raise UserError(f"{option}: {tol:g} is below what {str(dtype).replace('torch.', '')} arithmetic resolves; "
-                        f"expected a tolerance of at least {floor:.1g}")
+        raise SettingError(option, f"{tol:g} is below what {str(dtype).replace('torch.', '')} arithmetic resolves; "
+                           f"expected a tolerance of at least {floor:.1g}")
 
 
 def fixed_grid(method: str, nfe: int, t_start: float = 0.0, t_end: float = 1.0, time_shift: float = 1.0,
@@ -86,22 +87,21 @@ def integrate(
     method: str = "euler",
     nfe: int | None = 100,
     *,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
+    tol: float = 1e-5,
+    span: tuple[float, float] = (0.0, 1.0),
     trajectory: int | bool = False,
     time_shift: float = 1.0,
 ) -> SolveResult:
-    """Solve ``dx/dt = v(x, t)`` from ``x(t_start) = x0`` to ``t_end``.
+    """Solve ``dx/dt = v(x, t)`` from ``x(t_start) = x0`` to ``t_end``, ``span = (t_start, t_end)``.
 
     ``v`` is called as ``v(x, t)`` with ``t`` of shape (B,). For fixed methods ``nfe`` is the
     total number of velocity evaluations; for adaptive ones (``dopri5``…) it is ignored and
-    ``atol``/``rtol`` rule. ``trajectory``: ``True`` keeps every grid point of a fixed
+    ``tol`` rules (the absolute and the relative tolerance). ``trajectory``: ``True`` keeps every grid point of a fixed
     method; an integer ``T`` keeps ``T`` evenly spaced times (adaptive methods). Integrating
-    backwards (``t_end < t_start``) is allowed.
+    backwards (``span=(1.0, 0.0)``) is allowed.
     """
     check_method(method, nfe if method in FIXED_METHODS else None)
+    t_start, t_end = map(float, span)
     if method in SDE_METHODS:
         raise ValueError(f"{method} is stochastic: use integrate_sde")
     count = [0]
@@ -124,28 +124,20 @@ def integrate(
     times = torch.linspace(t_start, t_end, max(n_out, 2), device=x0.device, dtype=x0.dtype)
     # Land a step on t_end: torchdiffeq otherwise steps past it and reads the answer off its dense
     # output, whose interpolant is of lower order than dopri8 and bosh3 (errors 100x the tolerance).
-    ys = odeint_adaptive(f, x0, times, method, atol, rtol, x0.dtype, step_t=times[-1:])
+    ys = odeint_adaptive(f, x0, times, method, tol, tol, x0.dtype, step_t=times[-1:])
     if trajectory is False:
         return SolveResult(ys[-1], count[0])
     return SolveResult(ys[-1], count[0], times, ys)
 
 
-def score_drift(path, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``sigma(t) * score(x, t)`` of the marginal at ``t``, from its velocity ``v`` on the affine
-    ``path``: with ``x = alpha E[x1|x] + sigma E[x0|x]`` and ``v = alpha' E[x1|x] + sigma' E[x0|x]``,
-    ``E[x0|x] = (alpha v - alpha' x) / (alpha sigma' - alpha' sigma)`` and, by Tweedie,
-    ``score = -E[x0|x] / sigma``. Kept as ``sigma * score``, finite where sigma vanishes (t = 1)."""
-    a, s, da, ds = (w.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for w in path.schedule(t))
-    return -(a * v - da * x) / (a * ds - da * s)
-
-
-def integrate_sde(v: Velocity, x0: torch.Tensor, path, nfe: int = 100, noise: float = 1.0, seed: int = 0,
-                  time_shift: float = 1.0) -> SolveResult:
+def integrate_sde(v: Velocity, x0: torch.Tensor, path, nfe: int = 100, noise: float = 1.0,
+                  generator: torch.Generator | None = None, time_shift: float = 1.0) -> SolveResult:
     """Euler–Maruyama (torchsde) on ``dx = [v + (w/2) score] dt + sqrt(w) dW`` from t = 0 to 1:
     for any ``w(t) >= 0`` its marginals are the ODE's (Fokker–Planck), so it samples the same
     distribution with noise injected along the way. ``w(t) = noise * sigma(t)`` (SiT's choice,
     Ma et al. 2024, scaled), which vanishes at the data end where the score does not stay finite;
-    ``noise = 0`` is Euler on the ODE. The Brownian path is torchsde's, seeded with ``seed``."""
+    ``noise = 0`` is Euler on the ODE. The Brownian path is torchsde's, seeded by one draw from
+    ``generator`` (None: torch's global generator)."""
     import torchsde
 
     grid = fixed_grid("euler-maruyama", nfe, time_shift=time_shift, device=x0.device, dtype=x0.dtype)
@@ -162,7 +154,7 @@ def integrate_sde(v: Velocity, x0: torch.Tensor, path, nfe: int = 100, noise: fl
             count[0] += 1
             x, tt = y.view(shape), t.expand(shape[0]).to(y.dtype)
             vel = v(x, tt)
-            out = (vel + 0.5 * noise * score_drift(path, x, tt, vel)).reshape(y.shape)
+            out = (vel - 0.5 * noise * path.velocity_to_x0(vel, x, tt)).reshape(y.shape)  # sigma * score = -E[x0 | x]
             self.last = (y, float(t), out)
             return out
 
@@ -171,6 +163,8 @@ def integrate_sde(v: Velocity, x0: torch.Tensor, path, nfe: int = 100, noise: fl
             return (noise * sigma).clamp_min(0).sqrt().expand_as(y)
 
     y0 = x0.reshape(shape[0], -1)
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=device).item())
     bm = torchsde.BrownianInterval(t0=grid[0], t1=grid[-1], size=y0.shape, dtype=y0.dtype, device=y0.device,
                                    entropy=seed, levy_area_approximation="none", dt=1.0 / max(len(grid) - 1, 1))
     # one call per step of the grid (torchsde's fixed step would run to the end and interpolate)
@@ -188,32 +182,58 @@ MAX_ADAPTIVE_STEPS = 100_000
 def odeint_adaptive(f, y0, times, method: str, atol: float, rtol: float, dtype, **options):
     """torchdiffeq's adaptive ``odeint`` with tolerances checked first (against ``dtype``'s
     resolution too) and a bounded number of steps; what cannot be met is a :class:`UserError`."""
-    check_tolerance(min(atol, rtol), "--tol", dtype)
-    check_tolerance(max(atol, rtol), "--tol")
+    check_tolerance(min(atol, rtol), "tol", dtype)
+    check_tolerance(max(atol, rtol), "tol")
     try:
         return odeint(f, y0, times, method=ADAPTIVE_METHODS[method], atol=atol, rtol=rtol,
                       options={"max_num_steps": MAX_ADAPTIVE_STEPS, **options})
     except AssertionError as e:  # torchdiffeq's "max_num_steps exceeded" and "underflow in dt"
         if "max_num_steps" not in str(e) and "underflow" not in str(e):
             raise
-        raise UserError(f"--tol: {method} could not meet tolerance {min(atol, rtol):g} ({e}); "
-                        "expected a larger tolerance such as 1e-5") from None
+        raise SettingError("tol", f"{method} could not meet tolerance {min(atol, rtol):g} ({e}); "
+                                  "expected a larger tolerance such as 1e-5") from None
+
+
+def flow_map(u, x0: torch.Tensor, steps: int = 1, time_shift: float = 1.0, interval: bool = True,
+             trajectory: bool = False) -> SolveResult:
+    """Few-step sampling of a flow map, the sampler of MeanFlow, shortcut and distilled networks
+    beside :func:`integrate`: ``steps`` jumps ``z <- z + h u(z, t, h)`` on the grid ``t_k = k / steps``
+    (shifted by ``time_shift``), where ``u(z, t, h=h)`` is the average velocity over ``[t, t + h]``
+    (one step: ``z1 = z0 + u(z0, 0, 1)``). ``interval=False``: ``u(z, t)`` takes no interval (a
+    distilled k-step map, trained at its grid's times). ``nfe`` is ``steps``; ``trajectory``: keep
+    every grid point."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise SettingError("steps", f"expected a positive integer, got {steps!r}")
+    grid = fixed_grid("euler", steps, time_shift=time_shift, device=x0.device, dtype=torch.float64)
+    path = [x0]
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        z = path[-1]
+        t = t0.to(x0.dtype).expand(len(x0))
+        h = (t1 - t0).to(x0.dtype).expand(len(x0))
+        path.append(z + expand(h, z) * (u(z, t, h=h) if interval else u(z, t)))
+        if not trajectory:
+            path = path[-1:]
+    if trajectory:
+        return SolveResult(path[-1], steps, grid.to(x0.dtype), torch.stack(path))
+    return SolveResult(path[-1], steps)
 
 
 def guided(v_cond: Callable, label: torch.Tensor, weight: float) -> Velocity:
     """Classifier-free guidance: ``v = v(x, t, null) + w (v(x, t, label) - v(x, t, null))``.
 
-    ``v_cond(x, t, label)`` takes ``label=None`` for the null class; ``w = 1`` is plain
+    ``v_cond(x, t, label, **kw)`` takes ``label=None`` for the null class; ``w = 1`` is plain
     conditional sampling, ``w = 0`` unconditional. ``label``: class indices, or condition
-    vectors (B, cond_dim) whose null is a NaN row.
+    vectors (B, cond_dim) whose null is a NaN row. Keyword tensors (a few-step network's interval
+    ``h``) pass through, doubled with the batch.
     """
     from .models.cond import null_condition
 
     if weight == 1.0:
-        return lambda x, t: v_cond(x, t, label)
+        return lambda x, t, **kw: v_cond(x, t, label, **kw)
 
-    def v(x, t):
-        both = v_cond(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null_condition(label)]))
+    def v(x, t, **kw):
+        both = v_cond(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null_condition(label)]),
+                      **{k: torch.cat([a, a]) for k, a in kw.items()})
         cond, uncond = both.chunk(2)
         return uncond + weight * (cond - uncond)
 

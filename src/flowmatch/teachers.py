@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import SettingError
 from .solvers import ADAPTIVE_METHODS, check_method, integrate
 
 
@@ -34,7 +34,7 @@ class FlowTeacher:
 
         check_method(solver, nfe if solver not in ADAPTIVE_METHODS else None)
         if solver not in ADAPTIVE_METHODS and nfe is None:
-            raise UserError(f"--teacher-nfe: {solver} needs a number of evaluations")
+            raise SettingError("teacher_nfe", f"{solver} needs a number of evaluations")
         self.run = load_run(run_dir, device=device)
         self.solver, self.nfe, self.tol = solver, nfe, tol
         self.shape, self.device = self.run.shape, self.run.device
@@ -49,7 +49,7 @@ class FlowTeacher:
     @torch.inference_mode()
     def __call__(self, z0: torch.Tensor, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
         v = self.run.field(None if label is None else label.to(self.device), guidance)
-        res = integrate(v, z0.to(self.device), self.solver, self.nfe, atol=self.tol, rtol=self.tol)
+        res = integrate(v, z0.to(self.device), self.solver, self.nfe, tol=self.tol)
         return res.x.to(z0.device)
 
 
@@ -78,24 +78,25 @@ class DiffusersTeacher:
         try:
             from diffusers import DDIMScheduler, UNet2DModel
         except ImportError:
-            raise UserError("--teacher: diffusers teachers need the diffusers package (pip install 'flowmatch[images]')") from None
+            raise SettingError("teacher", "diffusers teachers need the diffusers package (pip install diffusers)") from None
         d = Path(directory)
         if not d.is_dir():
-            raise UserError(f"--teacher: {d} is not a directory holding a diffusers pipeline")
+            raise SettingError("teacher", f"{d} is not a directory holding a diffusers pipeline")
         unet_dir = d / "unet" if (d / "unet" / "config.json").is_file() else d
         sched_dir = d / "scheduler" if (d / "scheduler" / "scheduler_config.json").is_file() else d
         if not (unet_dir / "config.json").is_file() or not (sched_dir / "scheduler_config.json").is_file():
-            raise UserError(f"--teacher: {d} holds no diffusers UNet (unet/config.json) and scheduler (scheduler/scheduler_config.json)")
+            raise SettingError("teacher", f"{d} holds no diffusers UNet (unet/config.json) and scheduler "
+                                          "(scheduler/scheduler_config.json)")
         if steps < 1:
-            raise UserError(f"--teacher-nfe: expected a positive number of DDIM steps, got {steps}")
+            raise SettingError("teacher_nfe", f"expected a positive number of DDIM steps, got {steps}")
         try:
             config = json.loads((unet_dir / "config.json").read_text())
             if config.get("_class_name") not in (None, "UNet2DModel"):
-                raise UserError(f"--teacher: {unet_dir} holds a {config.get('_class_name')}, expected a UNet2DModel")
+                raise SettingError("teacher", f"{unet_dir} holds a {config.get('_class_name')}, expected a UNet2DModel")
             self.unet = UNet2DModel.from_pretrained(str(unet_dir))
             self.scheduler = DDIMScheduler.from_pretrained(str(sched_dir), timestep_spacing="trailing")
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"--teacher: could not load the diffusers pipeline in {d} ({str(e).splitlines()[0][:100]})") from None
+            raise SettingError("teacher", f"could not load the diffusers pipeline in {d} ({str(e).splitlines()[0][:100]})") from None
         self.directory, self.steps, self.clipped_eps = d, int(steps), bool(clipped_eps)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.unet.to(self.device).eval().requires_grad_(False)
@@ -107,7 +108,7 @@ class DiffusersTeacher:
         embeds = int(self.unet.config.num_class_embeds or 0)
         if null_class is not None and not 0 <= null_class < embeds:
             what = f"has class indices 0 .. {embeds - 1}" if embeds else "takes no class labels"
-            raise UserError(f"--teacher-null-class: the UNet in {d} {what}, got {null_class}")
+            raise SettingError("teacher_null_class", f"the UNet in {d} {what}, got {null_class}")
         self.embeds, self.null_class = embeds, null_class
         self.num_classes = embeds - (null_class is not None)
 
@@ -122,8 +123,8 @@ class DiffusersTeacher:
             return None
         if label is None:
             if self.null_class is None:
-                raise UserError(f"--teacher-null-class: the UNet in {self.directory} is class-conditional; name its null "
-                                "class for unconditional pairs, or give --guidance for pairs with classes")
+                raise SettingError("teacher_null_class", f"the UNet in {self.directory} is class-conditional; name its null "
+                                                         "class for unconditional pairs, or give `guidance` for pairs with classes")
             return torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
         label = label.to(self.device, torch.long)
         return label + (label >= self.null_class).long() if self.null_class is not None else label
@@ -163,9 +164,9 @@ def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = 
     if spec.startswith("diffusers:"):
         return DiffusersTeacher(spec.split(":", 1)[1], steps=nfe or 50, device=device, null_class=null_class)
     if null_class is not None:
-        raise UserError("--teacher-null-class: applies to diffusers teachers; a flowmatch run knows its null class")
+        raise SettingError("teacher_null_class", "applies to diffusers teachers; a flowmatch run knows its null class")
     if not Path(spec).is_dir():
-        raise UserError(f"--teacher: {spec} is not a run directory (or diffusers:DIR)")
+        raise SettingError("teacher", f"{spec} is not a run directory (or diffusers:DIR)")
     if nfe is not None and solver in ADAPTIVE_METHODS:
         solver = "euler"  # an NFE budget asks for a fixed-step teacher
     return FlowTeacher(spec, solver=solver, nfe=nfe, tol=tol, device=device)

@@ -1,4 +1,8 @@
-"""Time samplers for training: ``t`` of shape (B,) in [0, 1] (0 = noise, 1 = data)."""
+"""Time samplers for training: ``t`` of shape (B,) in [0, 1] (0 = noise, 1 = data).
+
+A sampler is anything with ``sample(n, generator=None, device=None) -> Tensor`` (:class:`~flowmatch.protocols.TimeSampler`):
+the draws come from ``generator`` when given, else from torch's global generator, on ``device``
+(by default the generator's)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,12 @@ import math
 
 import torch
 
-from .errors import UserError
+from .errors import SettingError
+
+
+def _device(generator: torch.Generator | None, device):
+    """Where draws land: ``device`` if given, else the generator's device (the CPU without one)."""
+    return device if device is not None else (generator.device if generator is not None else "cpu")
 
 
 class UniformTime:
@@ -14,7 +23,8 @@ class UniformTime:
 
     name = "uniform"
 
-    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        device = _device(generator, device)
         return torch.rand(n, generator=generator, device=device)
 
     def config(self) -> dict:
@@ -30,12 +40,13 @@ class LogitNormalTime:
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, uniform: float = 0.0):
         if not std > 0:
-            raise UserError(f"--time-std: expected a positive value, got {std}")
+            raise SettingError("time_std", f"expected a positive value, got {std}")
         if not 0 <= uniform <= 1:
-            raise UserError(f"--time-uniform: expected a share in [0, 1], got {uniform}")
+            raise SettingError("time_uniform", f"expected a share in [0, 1], got {uniform}")
         self.mean, self.std, self.uniform = float(mean), float(std), float(uniform)
 
-    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        device = _device(generator, device)
         t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=device))
         if self.uniform > 0:
             pick = torch.rand(n, generator=generator, device=device) < self.uniform
@@ -56,14 +67,15 @@ class UShapedTime:
 
     def __init__(self, a: float = 4.0):
         if not a > 0:
-            raise UserError(f"u-shaped time distribution: expected a positive a, got {a}")
+            raise SettingError("a", f"the u-shaped density's a: expected a positive value, got {a}")
         self.a = float(a)
 
     def density(self, t: torch.Tensor) -> torch.Tensor:
         a = self.a
         return a * (torch.exp(a * t) + torch.exp(a * (1 - t))) / (2 * math.expm1(a))
 
-    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        device = _device(generator, device)
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         t = torch.log1p(u * math.expm1(self.a)) / self.a  # density a e^(a t) / (e^a - 1)
         mirror = torch.rand(n, generator=generator, device=device) < 0.5
@@ -81,10 +93,11 @@ class GridTime:
 
     def __init__(self, k: int = 1):
         if not (isinstance(k, int) and k >= 1):
-            raise UserError(f"--k: expected a positive integer number of steps, got {k}")
+            raise SettingError("k", f"expected a positive integer number of steps, got {k}")
         self.k = k
 
-    def sample(self, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        device = _device(generator, device)
         return torch.randint(self.k, (n,), generator=generator, device=device).float() / self.k
 
     def config(self) -> dict:
@@ -96,7 +109,7 @@ TIME_SAMPLERS = {"uniform": UniformTime, "logit-normal": LogitNormalTime, "u-sha
 
 def make_time_sampler(name: str, **kwargs):
     if name not in TIME_SAMPLERS:
-        raise UserError(f"--time-dist: unknown time distribution {name!r}; expected one of {', '.join(TIME_SAMPLERS)}")
+        raise SettingError("time_dist", f"unknown time distribution {name!r}; expected one of {', '.join(TIME_SAMPLERS)}")
     return TIME_SAMPLERS[name](**kwargs)
 
 
@@ -106,5 +119,5 @@ def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
     Written in this package's convention (t = 1 is data), it keeps 0 and 1 fixed.
     """
     if not shift > 0:
-        raise UserError(f"--time-shift: expected a positive value, got {shift}")
+        raise SettingError("time_shift", f"expected a positive value, got {shift}")
     return t / (shift - (shift - 1) * t)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Parts, TrainConfig, ema_decay_at, lr_at
-from .errors import UserError
+from .errors import SettingError, UserError
 from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
 from .runs import (
     FORMAT_VERSION,
@@ -63,7 +63,7 @@ def check_run_dir(out, resume: bool) -> None:
 def check_new_run_dir(out: Path, allow_existing=()) -> None:
     """A new run goes into a missing or empty folder (``allow_existing`` names entries it may hold)."""
     if out.exists() and (not out.is_dir() or any(p.name not in allow_existing for p in out.iterdir())):
-        raise UserError(f"--out: {out} already exists; choose a new directory or pass --resume to continue it")
+        raise SettingError("out", f"{out} already exists; choose a new directory, or `resume` to continue it")
 
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
@@ -87,14 +87,16 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
         if cfg.init_from:
             _init_from(parts.model, cfg.init_from)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        raise SettingError("precision", "fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     if cfg.precision == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
-        warnings.warn("--precision bf16: this CPU has no bfloat16 units (AMX or AVX512-BF16), so autocast emulates them; "
+        warnings.warn("precision bf16: this CPU has no bfloat16 units (AMX or AVX512-BF16), so autocast emulates them; "
                       "expect training many times slower than fp32 (measured: 20x on an AVX2 CPU)", stacklevel=2)
     # Mixed precision is torch.autocast (+ a GradScaler for fp16) rather than accelerate's
     # process-wide setting, so runs of different precision can follow each other in one process.
     tracking = {"log_with": cfg.log_with, "project_dir": str(out)} if cfg.log_with else {}
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(), **tracking)
+    if resume:  # the run's global batch, shared among however many processes resume it
+        saved = _share_global_batch(cfg, saved, accelerator.num_processes)
     trainer = Trainer(cfg, parts, accelerator, out, progress, on_checkpoint)
     if state is not None:
         trainer.load(state)
@@ -108,7 +110,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
             if main:
                 if not resume:
                     write_json(out / "config.json", _config_doc(cfg, parts, accelerator))
-                elif cfg.steps != saved["train"]["steps"]:
+                elif saved["train"] != cfg.to_dict():  # a new total of steps, another process count
                     write_json(out / "config.json", saved | {"train": cfg.to_dict()})
                 if resume:
                     _remove_stale_temporaries(out)
@@ -135,16 +137,28 @@ def _resumed(out, steps: int | None):
     """A run to continue: its settings (``steps``: the new total), parts, directory, saved
     config.json and trainer state; a damaged log is refused before anything is rewritten."""
     if out is None:
-        raise UserError("--resume: needs --out RUN, the run to continue")
+        raise SettingError("resume", "needs `out`, the run directory to continue")
     out = Path(out)
     saved = read_config(out)
     cfg = TrainConfig.from_dict(saved["train"])
     state = load_state(out / "trainer_state.pt")
     read_metrics(out / "metrics.jsonl")
     if steps is not None:
-        cfg.steps = resumed_steps(steps, int(state["step"]), out)
+        check_new_total(steps, int(state["step"]), out)
+        cfg.steps = steps
     parts = cfg.build(saved["data"], dataset=dataset_from_doc(saved, str(out / "config.json")))
     return cfg, parts, out, saved, state
+
+
+def _share_global_batch(cfg: TrainConfig, saved: dict, processes: int) -> dict:
+    """A run resumed on ``processes`` processes keeps its global batch (a step's draws depend on it,
+    not on how it is shared): each process takes its share. Returns config.json's new contents."""
+    total = saved.get("global_batch_size", cfg.batch_size * saved.get("num_processes", 1) * cfg.grad_accum)
+    if total % (processes * cfg.grad_accum):
+        raise SettingError("processes", f"the run's global batch of {total} does not split into {processes} processes "
+                                        f"x {cfg.grad_accum} micro-batches; resume it on a process count that divides it")
+    cfg.batch_size, cfg.processes = total // (processes * cfg.grad_accum), processes
+    return saved | {"num_processes": processes, "global_batch_size": total}
 
 
 def _config_doc(cfg: TrainConfig, parts: Parts, accelerator) -> dict:
@@ -194,8 +208,11 @@ class Trainer:
         # fused AdamW: one kernel for all parameters (about 1.5x the steps/s of foreach on 2 CPU cores)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                      weight_decay=cfg.weight_decay, fused=True)
-        # One generator per process draws data, noise and times: no global random state.
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+        # A step's draws (data rows, noise, times, pairing) are those of the whole global batch, from the
+        # step's own generator (seed, step): every process draws them alike and keeps its parts, so the
+        # same seed and global batch train the same run on any number of processes and micro-batches.
+        self.parts = accelerator.num_processes * cfg.grad_accum
+        self.global_batch = cfg.batch_size * self.parts
         self.precision = cfg.amp(self.device)  # --precision auto: bf16 on CUDA devices that support it, else fp32
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -206,17 +223,15 @@ class Trainer:
         self.last_log, self.progress = 0, progress
 
     def load(self, state: dict) -> None:
-        """Continue from a checkpoint (:meth:`checkpoint`) exactly."""
-        procs = len(state["generator"])
-        if procs != self.accelerator.num_processes:
-            raise UserError(f"--resume: {self.out} was trained with {procs} process(es); resume it with --processes {procs}")
+        """Continue from a checkpoint (:meth:`checkpoint`) exactly, on any number of processes: a
+        step's draws depend on the seed, the step and the global batch only."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"][self.accelerator.process_index].to("cpu"))
         self.step = self.last_log = int(state["step"])
         if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
+        self.objective.load_state_dict(state.get("objective", {}))
 
     def prepare(self) -> None:
         """What the loop needs before its first :meth:`optimisation_step` (``run`` calls it;
@@ -240,7 +255,7 @@ class Trainer:
                 bar.update(1)
                 done = self.step
                 if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    _check_finite(self.bad_step, self.out)  # one host sync per log, not per step
+                    _check_finite(self.reduced(self.bad_step, "max"), self.out)  # one host sync per log, not per step
                     if done % cfg.log_every == 0 or done == cfg.steps:
                         self.log_line(lr, bar)
                     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -252,33 +267,37 @@ class Trainer:
         bar.close()
 
     def batch_source(self):
-        """Where micro-batches come from. Images: the dataset's DataLoader, whose draw ``k`` is a
-        pure function of (seed, process, k) (data/loader.py); micro-batch ``m`` of step ``s`` is draw
-        ``s * grad_accum + m``, so a resumed run restarts the stream at its checkpoint's draw and
-        workers prefetch ahead. Other data: drawn from the trainer's generator as each step comes."""
-        cfg = self.cfg
+        """Where a step's global batch comes from (``next_batch(generator)``). Images: the dataset's
+        DataLoader, whose draw ``s`` (step ``s``'s batch) is a pure function of (seed, s)
+        (data/loader.py), so a resumed run restarts the stream at its checkpoint's step and workers
+        prefetch ahead. Other data: drawn from the step's generator, first of its draws."""
         if not hasattr(self.dataset, "loader"):
-            return lambda: self.dataset.sample(cfg.batch_size, self.gen)
-        stream = self.dataset.loader(cfg.batch_size, seed=cfg.seed * 1000 + self.accelerator.process_index,
-                                     start=self.step * cfg.grad_accum, hflip=cfg.hflip, workers=cfg.workers)
-        return lambda: next(stream)
+            return lambda gen: self.dataset.sample(self.global_batch, gen)
+        stream = self.dataset.loader(self.global_batch, seed=self.cfg.seed, start=self.step, hflip=self.cfg.hflip,
+                                     workers=self.cfg.workers)
+        return lambda gen: next(stream)
 
     def optimisation_step(self) -> tuple[torch.Tensor, float]:
-        """One step: the learning rate, ``grad_accum`` micro-batches (gradients all-reduced on
-        the last only), clipping, AdamW, the EMA. Returns the step's mean loss (on the device:
-        no host sync) and its learning rate."""
-        cfg, distributed = self.cfg, self.accelerator.num_processes > 1
+        """One step: the learning rate, the global batch's draws, this process's ``grad_accum``
+        parts of it (gradients all-reduced on the last only), clipping, AdamW, the EMA. Returns
+        the step's mean loss over this process's parts (on the device: no host sync) and its
+        learning rate."""
+        from .seeding import generator
+
+        cfg, processes = self.cfg, self.accelerator.num_processes
         lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         step_loss = 0.0
-        self.objective.refresh(self.ema, self.step, cfg.steps, self.dataset, self.gen)  # MeanFlow --meanflow-distill
+        self.objective.refresh(self.ema, self.step, cfg.steps, self.dataset, cfg.seed, self.device)  # MeanFlow's own rows
+        gen = generator(cfg.seed, "train", self.step, device=self.device)
+        drawn = self.objective.draw(self.next_batch(gen), gen, self.parts)
         for micro in range(cfg.grad_accum):
-            drawn = self.objective.draw(self.next_batch(), self.gen)
+            part = drawn.part(micro * processes + self.accelerator.process_index, self.parts)
             last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if last or not distributed else self.accelerator.no_sync(self.model):
+            with contextlib.nullcontext() if last or processes == 1 else self.accelerator.no_sync(self.model):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.objective.loss(self.forward, drawn)
+                    loss = self.objective.loss(self.forward, part)
                 self.scaler.scale(loss / cfg.grad_accum).backward()  # / 1 is exact
             step_loss = step_loss + loss.detach()
         if cfg.grad_clip is not None or cfg.log_with:
@@ -297,10 +316,18 @@ class Trainer:
         self.step += 1
         return loss, lr
 
+    def reduced(self, x: torch.Tensor, how: str) -> torch.Tensor:
+        """``x`` reduced over the processes (``how``: mean or max), or ``x`` on one process."""
+        if self.accelerator.num_processes == 1:
+            return x
+        return self.accelerator.reduce(x, how) if how != "max" else self.accelerator.gather(x[None]).amax(0)
+
     def log_line(self, lr: float, bar=None) -> None:
-        """The mean loss since the last line, into metrics.jsonl (main process) and the bar."""
+        """The mean loss since the last line over every process's parts (the whole global batch's
+        loss), into metrics.jsonl (main process) and the bar."""
         steps = max(1, self.step - self.last_log)
-        mean_loss, mean_norm = (self.running / steps).item(), (self.running_norm / steps).item()
+        running = self.reduced(self.running, "mean")
+        mean_loss, mean_norm = (running / steps).item(), (self.running_norm / steps).item()
         self.running.zero_(), self.running_norm.zero_()
         self.last_log = self.step
         if self.cfg.log_with:
@@ -331,7 +358,7 @@ class Trainer:
     def checkpoint(self) -> None:
         """Trainer state and weights (atomically), the image progress grid, the callback (whose
         time is left out of the logged training time)."""
-        _save_checkpoint(self.accelerator, self.raw, self.ema, self.opt, self.gen, self.step, self.out, self.dataset)
+        _save_checkpoint(self, self.step)
         if self.main and len(self.dataset.shape) == 3 and self.cfg.plots:
             _progress_grid(self.ema, self.cfg, self.dataset, self.out, self.step, self.device)
         if self.main and self.cfg.log_with:
@@ -350,18 +377,17 @@ def _check_finite(bad_step, out):
         kept = (f"the last good checkpoint in {out} is kept" if (out / "trainer_state.pt").exists()
                 else "no checkpoint was written, so nothing is kept")
         raise UserError(f"training diverged: the loss was NaN or Inf at step {b}; {kept} "
-                        "(lower --lr or --grad-clip)")
+                        "(lower `lr` or `grad_clip`)")
 
 
-def resumed_steps(steps: int, done: int, out: Path) -> int:
+def check_new_total(steps: int, done: int, out: Path) -> None:
     """``train --resume --steps N``: N is the run's new total number of steps. The learning
     rate is a pure function of (step, total) (:func:`~flowmatch.config.lr_at`), so the
     schedule after warm-up is stretched (or shrunk) over the new total from the step resumed
     at: a cosine run resumed with a larger N continues at the higher rate its longer schedule
     has at that step, and still reaches 0 at step N."""
     if steps < done:
-        raise UserError(f"--steps: {out} has already trained {done} steps; expected a total of at least {done}, got {steps}")
-    return steps
+        raise SettingError("steps", f"{out} has already trained {done} steps; expected a total of at least {done}, got {steps}")
 
 
 def _remove_unfinished(out: Path, fresh: bool) -> None:
@@ -383,18 +409,18 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _save_checkpoint(accelerator, raw, ema, opt, gen, step, out, dataset):
-    gens = accelerator.gather(gen.get_state().to(accelerator.device)[None]) if accelerator.num_processes > 1 \
-        else gen.get_state()[None]
-    if not accelerator.is_main_process:
+def _save_checkpoint(trainer: Trainer, step: int) -> None:
+    """The trainer state (weights, optimizer, the data set's and the objective's state: no
+    generator, a step's draws are a function of the seed and the step), then the weights files."""
+    if not trainer.main:
         return
-    state = {"step": step, "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "generator": gens.cpu()}
-    if hasattr(dataset, "state_dict"):
-        state["dataset"] = dataset.state_dict()
-    save_state(out / "trainer_state.pt", state)
-    save_weights(out / "model.safetensors", raw.state_dict(), {"step": step})
-    save_weights(out / "ema.safetensors", ema.state_dict(), {"step": step})
+    state = {"step": step, "model": trainer.raw.state_dict(), "ema": trainer.ema.state_dict(),
+             "optimizer": trainer.opt.state_dict(), "objective": trainer.objective.state_dict()}
+    if hasattr(trainer.dataset, "state_dict"):
+        state["dataset"] = trainer.dataset.state_dict()
+    save_state(trainer.out / "trainer_state.pt", state)
+    save_weights(trainer.out / "model.safetensors", trainer.raw.state_dict(), {"step": step})
+    save_weights(trainer.out / "ema.safetensors", trainer.ema.state_dict(), {"step": step})
 
 
 @torch.inference_mode()
@@ -423,9 +449,9 @@ class TrainingEval:
         """The measures of ``sample(x0)`` (noise in model space -> samples in data units, ``nfe``
         Euler steps), flat: ``{"w2": .., "ratio": ..}``."""
         from .metrics import sharpness, toy_name, w2
-        from .noise import batch_noise
+        from .seeding import generator
 
-        x = sample(batch_noise(self.seed, 0, self.n, self.dataset.shape, device)).float().cpu()
+        x = sample(_fixed_noise(self.n, self.dataset, device, self.seed)).float().cpu()
         if self.data_name is not None:  # the embedded digit sets: the measures their evaluation uses
             from .image_metrics import image_scores
 
@@ -433,7 +459,7 @@ class TrainingEval:
             return {"fd_ratio": s["classifier"]["ratio"], "pca_fd_ratio": s["pca"]["ratio"],
                     "precision": s["prdc"]["precision"]["value"], "recall": s["prdc"]["recall"]["value"]}
         if self.refs is None:
-            g = torch.Generator(device=device).manual_seed(self.seed + 1)
+            g = generator(self.seed, "reference", 0, device=device)
             self.refs = [self.dataset.reference(self.n, g).float().cpu() for _ in range(2)]
             self.floor = w2(*self.refs)
         images = len(self.dataset.shape) == 3
@@ -449,20 +475,20 @@ def _ema_samples(ema, cfg: TrainConfig, dataset, x0: torch.Tensor, nfe: int) -> 
     """The EMA network's samples (data units) from noise ``x0`` by ``nfe`` Euler steps of its field,
     or, for a one-step objective, of its average velocity over each step (as :class:`~flowmatch.runs.Run`
     samples them): the progress grids, the trackers' pictures and ``--eval-every`` all draw here."""
-    from .config import ONE_STEP
-    from .solvers import fixed_grid, integrate
+    from .objectives import objective_class
+    from .solvers import flow_map, integrate
 
-    v = lambda x, t: ema(x, t)  # noqa: E731
-    if cfg.objective in ONE_STEP:
-        from .runs import _average_velocity
-
-        v = _average_velocity(ema, fixed_grid("euler", nfe, device=x0.device, dtype=torch.float64))
-    return dataset.decode(integrate(v, x0, "euler", nfe).x).float()
+    if objective_class(cfg.objective).interval:  # a few-step network: its own sampler
+        return dataset.decode(flow_map(lambda x, t, h: ema(x, t, h=h), x0, nfe).x).float()
+    return dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", nfe).x).float()
 
 
-def _fixed_noise(n: int, dataset, device) -> torch.Tensor:
-    """The same noise at every checkpoint, so pictures over training show one set of samples change."""
-    return torch.randn(n, *dataset.shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
+def _fixed_noise(n: int, dataset, device, seed: int = 0) -> torch.Tensor:
+    """The same noise at every checkpoint (the sampling noise of ``seed``'s first batch), so pictures
+    and measures over training show one set of samples change."""
+    from .seeding import noise
+
+    return noise(seed, 0, n, dataset.shape, device)
 
 
 def _hparams(cfg: TrainConfig) -> dict:

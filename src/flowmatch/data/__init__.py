@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .arrays import ARRAY_SUFFIXES, load_table, parse_columns
 from .toy2d import TOY2D
 
@@ -80,9 +80,9 @@ class ToyDataset(Dataset):
     def __init__(self, name: str, n_points: int | None = None, seed: int = 0):
         super().__init__()
         if name not in TOY2D:
-            raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
+            raise SettingError("data", f"unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
         if n_points is not None and n_points < 2:
-            raise UserError(f"--n-points: expected an integer >= 2, got {n_points}")
+            raise SettingError("n_points", f"expected an integer >= 2, got {n_points}")
         self.name, self.n_points, self.seed = name, n_points, int(seed)
         self.sampler = TOY2D[name]
         self.points = None
@@ -362,12 +362,12 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
 
     columns = parse_columns(cond_columns)
     if columns and not (os.path.splitext(data)[1].lower() in (".npy", ".csv", ".pt") and not is_image_array(data)):
-        raise UserError(f"--cond-columns: only applies to tables (.npy, .csv, .pt files), not --data {data!r}")
+        raise SettingError("cond_columns", f"only applies to tables (.npy, .csv, .pt files), not {data!r}")
 
     if data in TOY2D:
         return {"name": data, "n_points": n_points, "seed": seed}
     if n_points is not None:
-        raise UserError(f"--n-points: only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
+        raise SettingError("n_points", f"only applies to the 2-D toy data sets ({', '.join(TOY2D)}), not {data!r}")
     if data in EMBEDDED_IMAGES:
         return {"name": data}
     if data.startswith("cifar10:"):
@@ -382,8 +382,8 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
     if os.path.splitext(data)[1].lower() in ARRAY_SUFFIXES or os.path.exists(data):
         return {"name": "array", "path": os.path.abspath(data), "holdout": holdout} | (
             {"cond_columns": columns} if columns else {})
-    raise UserError(f"--data: unknown data set {data!r}; expected one of {', '.join(valid_names())}, "
-                    "cifar10:DIR, a .npy/.csv/.pt/.npz file or an image folder")
+    raise SettingError("data", f"unknown data set {data!r}; expected one of {', '.join(valid_names())}, "
+                               "cifar10:DIR, a .npy/.csv/.pt/.npz file or an image folder")
 
 
 def make_dataset(spec: dict) -> Dataset:
@@ -400,7 +400,7 @@ def make_dataset(spec: dict) -> Dataset:
         from .pairs import PairsDataset
 
         return PairsDataset(**spec)
-    raise UserError(f"--data: unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
+    raise SettingError("data", f"unknown data set {name!r}; expected one of {', '.join(valid_names())} or a file")
 
 
 __all__ = ["is_image_spec",

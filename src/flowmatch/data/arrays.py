@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 
 ARRAY_SUFFIXES = (".npy", ".csv", ".pt", ".npz")
 
@@ -118,9 +118,9 @@ def parse_columns(text: str | None) -> list[int] | None:
     try:
         cols = [int(c) for c in str(text).split(",")]
     except ValueError:
-        raise UserError(f"--cond-columns: expected column indices from 0 separated by commas (e.g. 2,3), got {text!r}") from None
+        raise SettingError("cond_columns", f"expected column indices from 0 separated by commas (e.g. 2,3), got {text!r}") from None
     if any(c < 0 for c in cols) or len(set(cols)) != len(cols):
-        raise UserError(f"--cond-columns: expected distinct column indices >= 0, got {text!r}")
+        raise SettingError("cond_columns", f"expected distinct column indices >= 0, got {text!r}")
     return cols
 
 
@@ -130,8 +130,8 @@ def load_table(path: str, cond_columns: list[int] | None = None) -> tuple[torch.
     (N, K), beside its ``x``)."""
     npz = path.lower().endswith(".npz")
     if npz and cond_columns:
-        raise UserError(f"--cond-columns: {path} is an .npz file, whose conditions are its array 'cond'; "
-                        "the option is for tables")
+        raise SettingError("cond_columns", f"{path} is an .npz file, whose conditions are its array 'cond'; "
+                                           "condition columns are for tables")
     rows = load_array(path)
     if npz:
         with np.load(path, allow_pickle=False) as f:
@@ -146,7 +146,7 @@ def load_table(path: str, cond_columns: list[int] | None = None) -> tuple[torch.
         return rows, None
     width = rows.shape[1]
     if max(cond_columns) >= width or len(cond_columns) >= width:
-        raise UserError(f"--cond-columns: {path} has {width} columns (0..{width - 1}); expected condition columns among "
-                        f"them that leave at least one data column, got {','.join(map(str, cond_columns))}")
+        raise SettingError("cond_columns", f"{path} has {width} columns (0..{width - 1}); expected condition columns "
+                                           f"among them that leave at least one data column, got {','.join(map(str, cond_columns))}")
     keep = [c for c in range(width) if c not in cond_columns]
     return rows[:, keep].contiguous(), rows[:, cond_columns].contiguous()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 
 RECORD = 1 + 3 * 32 * 32
 TRAIN_FILES = tuple(f"data_batch_{k}.bin" for k in range(1, 6))
@@ -29,7 +29,7 @@ def cifar10_dir(path: str) -> Path:
     if (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
     if not root.is_dir():
-        raise UserError(f"--data cifar10:{path}: {root} is not a folder; expected the CIFAR-10 binary "
+        raise SettingError("data", f"cifar10:{path}: {root} is not a folder; expected the CIFAR-10 binary "
                         f"distribution (cifar-10-batches-bin/ with {TRAIN_FILES[0]} .. {TEST_FILE})")
     return root
 

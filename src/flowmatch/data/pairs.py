@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..files import load_weights
+from ..seeding import generator
 from . import Batch, Dataset, make_dataset
 
 
@@ -23,7 +24,7 @@ def check_pairs(pairs_dir) -> dict:
     meta = json.loads(meta_file.read_text())
     missing = [k for k in range(meta["num_shards"]) if not (pairs_dir / f"shard-{k:05d}.safetensors").is_file()]
     if missing:
-        raise UserError(f"{pairs_dir}: {len(missing)} of {meta['num_shards']} shards missing; run again with --resume")
+        raise UserError(f"{pairs_dir}: {len(missing)} of {meta['num_shards']} shards missing; finish them by resuming (`resume`)")
     return meta
 
 
@@ -69,7 +70,7 @@ class PairsDataset(Dataset):
         n = self.meta["num_shards"]
         per_epoch = -(-n // self.window)
         epoch, pos = divmod(w, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.meta["seed"] + 7919 * epoch)).tolist()
+        order = torch.randperm(n, generator=generator(self.meta["seed"], "pairs-order", epoch)).tolist()
         return order[pos * self.window:(pos + 1) * self.window]
 
     def _ensure(self, batch: int):

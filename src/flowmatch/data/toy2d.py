@@ -1,6 +1,6 @@
 """Two-dimensional toy distributions. Each sampler is ``f(n, generator) -> (n, 2)`` float32.
 
-All take a ``torch.Generator`` (no global random state); the tensor lands on the
+All take an optional ``torch.Generator`` (None: torch's global one); the tensor lands on the
 generator's device. Scales are chosen so that each fits roughly in [-4, 4]^2, like the
 article notebook's checkerboard.
 """
@@ -13,14 +13,14 @@ import torch
 
 
 def _rand(n, generator, *shape):
-    return torch.rand(n, *shape, generator=generator, device=generator.device)
+    return torch.rand(n, *shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
 def _randn(n, generator, *shape):
-    return torch.randn(n, *shape, generator=generator, device=generator.device)
+    return torch.randn(n, *shape, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
-def checkerboard(n: int, generator: torch.Generator) -> torch.Tensor:
+def checkerboard(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform on the 8 cells of a 4x4 board of 2x2 cells on [-4, 4]^2 with ``(i + j)`` odd.
 
     ``i`` indexes columns (x), ``j`` rows (y), both from -4: the notebook's
@@ -35,12 +35,7 @@ def checkerboard(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([x, y], dim=1)
 
 
-def checkerboard_points(n: int, generator: torch.Generator) -> torch.Tensor:
-    """The notebook's finite training set: ``n`` points drawn once from :func:`checkerboard`."""
-    return checkerboard(n, generator)
-
-
-def moons(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.Tensor:
+def moons(n: int, generator: torch.Generator | None = None, noise: float = 0.08) -> torch.Tensor:
     """Two interleaving half circles (as scikit-learn's ``make_moons``), scaled by 2.5."""
     upper = _rand(n, generator) < 0.5
     theta = math.pi * _rand(n, generator)
@@ -50,7 +45,7 @@ def moons(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.Tens
     return pts + noise * 2.5 * _randn(n, generator, 2)
 
 
-def eight_gaussians(n: int, generator: torch.Generator, radius: float = 3.0, std: float = 0.35) -> torch.Tensor:
+def eight_gaussians(n: int, generator: torch.Generator | None = None, radius: float = 3.0, std: float = 0.35) -> torch.Tensor:
     """A mixture of 8 equal Gaussians on a circle of ``radius``."""
     k = torch.floor(8 * _rand(n, generator))
     angle = k * (2 * math.pi / 8)
@@ -58,7 +53,7 @@ def eight_gaussians(n: int, generator: torch.Generator, radius: float = 3.0, std
     return centers + std * _randn(n, generator, 2)
 
 
-def spirals(n: int, generator: torch.Generator, noise: float = 0.1) -> torch.Tensor:
+def spirals(n: int, generator: torch.Generator | None = None, noise: float = 0.1) -> torch.Tensor:
     """Two interleaved Archimedean spirals."""
     u = torch.sqrt(_rand(n, generator))
     theta = 3 * math.pi * u
@@ -68,7 +63,7 @@ def spirals(n: int, generator: torch.Generator, noise: float = 0.1) -> torch.Ten
     return pts + noise * _randn(n, generator, 2)
 
 
-def rings(n: int, generator: torch.Generator, noise: float = 0.08) -> torch.Tensor:
+def rings(n: int, generator: torch.Generator | None = None, noise: float = 0.08) -> torch.Tensor:
     """Four concentric circles of radii 1..4, points spread in proportion to circumference."""
     r = torch.floor(torch.sqrt(16 * _rand(n, generator))).clamp(0, 3) + 1  # P(r) ∝ r
     theta = 2 * math.pi * _rand(n, generator)

@@ -6,27 +6,26 @@ import math
 
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SettingError
+from .cond import Condition
 from .mlp import MLP
 
 
-def _mlp(shape, num_classes=0, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, interval=False,
-         unet=None, cond_dim=0, film=False):
+def _mlp(shape, condition: Condition, width=512, depth=5, time_scale=10000.0, fourier=0, fourier_scale=1.0, **spec):
     # images and other arrays are flattened: fine for small ones (8x8 digits), a UNet is better beyond
-    return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, num_classes=num_classes,
-               fourier=fourier, fourier_scale=fourier_scale, interval=interval, cond_dim=cond_dim, film=film)
+    return MLP(math.prod(shape), width=width, depth=depth, time_scale=time_scale, fourier=(fourier, fourier_scale),
+               interval=spec.get("interval", False), film=spec.get("film", False), condition=condition)
 
 
-def _unet(shape, num_classes=0, width=None, depth=None, time_scale=None, fourier=None, fourier_scale=None, interval=False,
-          unet="auto", cond_dim=0, film=False):
+def _unet(shape, condition: Condition, time_scale=None, interval=False, unet="auto", film=False, **mlp_only):
     from .unet import UNet, unet_settings
 
     if film:
-        raise UserError("--film: FiLM time conditioning is the MLP's; the UNet's blocks already take the time")
+        raise SettingError("film", "FiLM time conditioning is the MLP's; the UNet's blocks already take the time")
     # width/depth are the MLP's; the UNet's size is its preset's (--unet), per image size
     if len(shape) != 3:
-        raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
-    return UNet(tuple(shape), num_classes=num_classes, interval=interval, cond_dim=cond_dim,
+        raise SettingError("model", f"unet takes images (C, H, W), got samples of shape {tuple(shape)}")
+    return UNet(tuple(shape), condition=condition, interval=interval,
                 time_scale=1000.0 if time_scale is None else time_scale, **unet_settings(unet, min(shape[1:])))
 
 
@@ -38,8 +37,8 @@ def network(name: str, shape: tuple | None) -> str:
     return name
 
 
-def _auto(shape, num_classes=0, **kw):
-    return MODELS[network("auto", shape)](shape, num_classes=num_classes, **kw)
+def _auto(shape, condition: Condition, **spec):
+    return MODELS[network("auto", shape)](shape, condition, **spec)
 
 
 MODELS = {"mlp": _mlp, "unet": _unet, "auto": _auto}
@@ -62,8 +61,7 @@ class DataPrediction(nn.Module):
             d = self.net(x, t, label, h=h)
         else:
             d = self.net(x, t, label) if label is not None else self.net(x, t)
-        a, s, da, ds = (w.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1)) for w in self.path.schedule(t))
-        return da * d + ds * (x - a * d) / s.clamp_min(self.min_sigma)
+        return self.path.x1_to_velocity(d, x, t, self.min_sigma)
 
 
 def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None, cond_dim: int = 0):
@@ -74,10 +72,10 @@ def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None, cond_d
     name = spec.pop("name")
     prediction = spec.pop("prediction", "velocity")
     if name not in MODELS:
-        raise UserError(f"--model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise SettingError("model", f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if prediction not in PREDICTIONS:
-        raise UserError(f"--prediction: expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
-    net = MODELS[name](tuple(shape), num_classes=num_classes, **spec, **({"cond_dim": cond_dim} if cond_dim else {}))
+        raise SettingError("prediction", f"expected one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    net = MODELS[name](tuple(shape), Condition(classes=num_classes, dim=cond_dim), **spec)
     if prediction == "data":
         from ..paths import LinearPath
 
@@ -85,4 +83,4 @@ def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None, cond_d
     return net
 
 
-__all__ = ["MLP", "MODELS", "make_model"]
+__all__ = ["MLP", "Condition", "DataPrediction", "MODELS", "make_model"]

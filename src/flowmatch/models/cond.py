@@ -7,8 +7,24 @@ writes -1 for class labels), or ``c = None`` for the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a network's ``label`` input carries: ``classes`` class indices (with one more, the
+    *null* class, for classifier-free guidance), or a condition vector of ``dim`` numbers per row;
+    neither (the default): the network is unconditional."""
+
+    classes: int = 0
+    dim: int = 0
+
+    def __post_init__(self):
+        if self.classes < 0 or self.dim < 0 or (self.classes and self.dim):
+            raise ValueError(f"a condition is classes or a vector of dim numbers, not both; got {self}")
 
 
 class CondEmbedding(nn.Module):
@@ -27,6 +43,13 @@ class CondEmbedding(nn.Module):
         cond = cond.to(dtype).reshape(n, self.cond_dim)
         missing = torch.isnan(cond).any(1, keepdim=True)
         return torch.where(missing, null, self.proj(cond.nan_to_num(0.0)))
+
+
+def as_condition(condition: Condition | int | None) -> Condition:
+    """``None`` or 0: unconditional; an int: that many classes."""
+    if isinstance(condition, Condition):
+        return condition
+    return Condition(classes=int(condition or 0))
 
 
 def null_condition(label: torch.Tensor) -> torch.Tensor:

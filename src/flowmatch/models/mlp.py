@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .cond import CondEmbedding
+from .cond import CondEmbedding, Condition, as_condition
 
 #: FiLM's time sinusoid and hidden layer: 64 wide (+0.34 M parameters at width 512, depth 5)
 FILM_DIM = 64
@@ -38,17 +38,22 @@ class MLP(nn.Module):
     """``v(x, t[, label])`` for data ``x`` of shape (B, *shape) (flattened to ``dim`` inside);
     ``t`` of shape (B,).
 
-    ``num_classes > 0`` adds a label embedding with one extra *null* class (index
-    ``num_classes``) for classifier-free guidance; ``cond_dim > 0`` instead takes a continuous
-    condition vector per row as ``label`` (:class:`~flowmatch.models.cond.CondEmbedding`).
+    ``fourier``: that many random Fourier features of ``x`` beside it, or ``(features, scale)``
+    with their frequencies' scale (default 1). ``condition``: class labels (an int: that many
+    classes; a label embedding with one extra *null* class, index ``classes``, for
+    classifier-free guidance) or a :class:`~flowmatch.models.cond.Condition` with ``dim``: a
+    continuous condition vector per row as ``label`` (:class:`~flowmatch.models.cond.CondEmbedding`).
     """
 
-    def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0, num_classes: int = 0,
-                 fourier: int = 0, fourier_scale: float = 1.0, interval: bool = False, cond_dim: int = 0,
-                 film: bool = False):
+    def __init__(self, dim: int, width: int = 512, depth: int = 5, time_scale: float = 10000.0,
+                 fourier: int | tuple[int, float] = 0, interval: bool = False, film: bool = False,
+                 condition: Condition | int | None = None):
         super().__init__()
         if width < 2 or width % 2:
             raise ValueError(f"width must be an even integer >= 2, got {width}")
+        fourier, fourier_scale = fourier if isinstance(fourier, tuple) else (fourier, 1.0)
+        condition = as_condition(condition)
+        num_classes, cond_dim = condition.classes, condition.dim
         self.dim, self.width, self.time_scale, self.num_classes = dim, width, time_scale, num_classes
         self.fourier = fourier
         if fourier:

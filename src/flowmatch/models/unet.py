@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .cond import CondEmbedding
+from ..errors import SettingError
+from .cond import CondEmbedding, Condition, as_condition
 
 
 def default_channels(size: int) -> tuple[int, ...]:
@@ -52,7 +52,7 @@ def unet_settings(preset: str, size: int) -> dict:
     """The UNet a preset builds for images whose smaller side is ``size``; levels that do not
     halve ``size`` evenly are dropped."""
     if preset not in UNET_PRESETS:
-        raise UserError(f"--unet: unknown preset {preset!r}; expected one of {', '.join(UNET_PRESETS)}")
+        raise SettingError("unet", f"unknown preset {preset!r}; expected one of {', '.join(UNET_PRESETS)}")
     if preset == "tiny":
         channels = _levels((16, 32, 64), size)
         return {"channels": channels, "layers_per_block": 1, "attention": (len(channels) - 1,), "dropout": 0.0}
@@ -63,21 +63,23 @@ def unet_settings(preset: str, size: int) -> dict:
 
 
 class UNet(nn.Module):
-    def __init__(self, shape, num_classes: int = 0, channels: tuple[int, ...] | None = None, layers_per_block: int = 1,
-                 attention: bool | tuple[int, ...] = False, interval: bool = False, dropout: float = 0.0,
-                 cond_dim: int = 0, time_scale: float = 1000.0):
+    def __init__(self, shape, condition: Condition | int | None = None, channels: tuple[int, ...] | None = None,
+                 layers_per_block: int = 1, attention: bool | tuple[int, ...] = False, interval: bool = False,
+                 dropout: float = 0.0, time_scale: float = 1000.0):
         super().__init__()
+        condition = as_condition(condition)
+        num_classes, cond_dim = condition.classes, condition.dim
         self.time_scale = time_scale
         try:
             from diffusers import UNet2DModel
         except ImportError:
-            raise UserError("--model: unet needs the diffusers package (pip install 'flowmatch[images]')") from None
+            raise SettingError("model", "unet needs the diffusers package (pip install diffusers)") from None
         if len(shape) != 3:
-            raise UserError(f"--model: unet takes images (C, H, W), got samples of shape {tuple(shape)}")
+            raise SettingError("model", f"unet takes images (C, H, W), got samples of shape {tuple(shape)}")
         c, h, w = shape
         channels = tuple(channels or default_channels(min(h, w)))
         if min(h, w) % 2 ** (len(channels) - 1):
-            raise UserError(f"--image-size: {h}x{w} must be divisible by {2 ** (len(channels) - 1)} for this UNet")
+            raise SettingError("image_size", f"{h}x{w} must be divisible by {2 ** (len(channels) - 1)} for this UNet")
         down = ["DownBlock2D"] * len(channels)
         up = ["UpBlock2D"] * len(channels)
         if attention is True:  # at the lowest level
