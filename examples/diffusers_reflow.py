@@ -18,7 +18,7 @@ ap.add_argument("--ddim-steps", type=int, default=20)
 args = ap.parse_args()
 
 teacher = fm.DiffusersTeacher(args.pipeline, steps=args.ddim_steps)  # DDIM, eta = 0: noise -> image
-run_dir = fm.reflow(teacher, args.out, pairs=args.pairs, steps=args.steps, unet="tiny", progress=False)
+run_dir = fm.reflow.reflow(teacher, args.out, pairs=args.pairs, steps=args.steps, unet="tiny", progress=False)
 student = fm.load(run_dir)
 x = student.sample(16, nfe=1)  # one Euler step of the rectified student
 print(f"student: {run_dir}; one-step samples {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}]")

@@ -23,6 +23,9 @@ def test_every_exported_name_resolves_and_star_import_works():
     assert {"CFM", "MeanFlow", "integrate", "flow_map", "log_prob", "load", "OTCoupling", "MLP"} <= set(namespace)
     with pytest.raises(AttributeError):
         fm.no_such_name  # noqa: B018
+    import importlib
+
+    assert fm.reflow is importlib.import_module("flowmatch.reflow") and callable(fm.reflow.reflow)  # the module
 
 
 def test_cfm_sample_is_the_straight_path_of_its_draws():

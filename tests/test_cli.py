@@ -314,14 +314,14 @@ def test_time_shift_moves_the_sampling_grid(cli, tiny_run, tmp_path):
 
 def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
     """Every TrainConfig field offered on the command line is a train option with the field's
-    default (steps, batch size and the stable target: chosen by the data; the time distribution: by
-    the objective; the learning rate: by the UNet preset); a new field, --adam-beta2, reaches AdamW."""
+    default (the recipe's settings are unset: config.RECIPES chooses them by the data's kind and the
+    objective); a new field, --adam-beta2, reaches AdamW."""
     import dataclasses
 
     import typer.main
 
     from flowmatch.cli import app
-    from flowmatch.config import StudentOptions, TrainConfig
+    from flowmatch.config import RECIPE_SETTINGS, StudentOptions, TrainConfig
 
     def options(name):
         command = typer.main.get_command(app).commands[name]
@@ -330,8 +330,7 @@ def test_train_options_are_made_from_the_config_fields(cli, tmp_path):
     train = options("train")
     for f in dataclasses.fields(TrainConfig):
         if f.metadata["cli"]:
-            by_data = ("steps", "batch_size", "stf", "time_dist", "time_mean", "lr")
-            assert train[f.name] == (None if f.name in by_data else getattr(TrainConfig(), f.name)), f.name
+            assert train[f.name] == (None if f.name in RECIPE_SETTINGS else getattr(TrainConfig(), f.name)), f.name
         else:
             assert f.name not in train
     for name in ("reflow", "distill"):

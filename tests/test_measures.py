@@ -191,7 +191,7 @@ def test_eval_reports_memorisation_for_tables_and_not_for_the_toys(cli, tiny_run
 
     import numpy as np
 
-    from flowmatch.metrics import memorisation
+    from flowmatch.metrics import data_w2, finite_rows, memorisation
     from flowmatch.runs import load_run
 
     from helpers import TINY
@@ -205,8 +205,15 @@ def test_eval_reports_memorisation_for_tables_and_not_for_the_toys(cli, tiny_run
     r = load_run(tmp_path / "run")
     g = torch.Generator().manual_seed(0)
     held = r.dataset.distinct_rows("held-out", 300, g)
-    expected = memorisation(r.sample(300, nfe=4, seed=0), r.dataset.distinct_rows("train", len(held), g), held)
-    assert len(held) == 40 and row["train_nearer"] == expected["train_nearer"]
+    x = r.sample(40, nfe=4, seed=0)  # as many samples as held-out rows
+    expected = memorisation(x, r.dataset.distinct_rows("train", len(held), g), held)
+    assert len(held) == 40 and json.loads(out)["n"] == 40 and row["train_nearer"] == expected["train_nearer"]
+    # the other measures against the 40 different held-out rows, each once (drawn with replacement, repeated
+    # rows had k-NN balls of radius 0: precision 0 and C2ST 1 for any model)
+    ref, train = finite_rows(r.dataset, 300)
+    assert len(torch.unique(ref, dim=0)) == len(ref) == 40
+    assert row["precision"] == sharpness(x, ref)["precision"] > 0.5 and row["c2st"] == sharpness(x, ref)["c2st"]
+    assert row["floor"] == pytest.approx(data_w2(ref, train))
     rc, out, err = cli("eval", tiny_run, "--nfe", "1", "--n", "200", "--repeats", "1", "--tol", "1e-2", "--json")
     assert rc == 0, err
     assert "train_nearer" not in json.loads(out)["nfe"]["1"]  # the checkerboard draws fresh points: nothing to memorise

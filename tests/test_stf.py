@@ -171,13 +171,14 @@ def test_what_it_cannot_average_is_refused_before_anything_is_written(cli, tmp_p
     (["--objective", "shortcut"], 0, 4000),
     (["--coupling", "ot"], 0, 4000),
     (["--data", "digits"], 0, 9000),  # images: their own defaults, the plain target
-    (["--data", "TABLE"], 4096, 3500),
+    (["--data", "TABLE"], 0, 4000),  # a user's table: the plain target (its references would be the table's rows)
+    (["--data", "TABLE", "--stf", "256"], 256, 4000),  # unless asked for
     (["--data", "TABLE", "--cond-columns", "2"], 0, 4000),  # continuous conditions
 ])
-def test_train_defaults_to_the_stable_target_where_it_applies(cli, tmp_path, argv, stf, steps):
-    """flowmatch train trains flow matching on vectors with --stf 4096 for 3500 steps (the plain
-    target's 4000 steps' minutes, README "The stable target"); elsewhere, or with a stable target
-    of the user's own size, the plain target's steps."""
+def test_train_defaults_to_the_stable_target_on_the_toys(cli, tmp_path, argv, stf, steps):
+    """flowmatch train trains flow matching on the 2-D toys with --stf 4096 for 3500 steps (the plain
+    target's 4000 steps' minutes); on tables, images, with conditions or a stable target of the
+    user's own size, the plain target's steps."""
     table = tmp_path / "t.npy"
     np.save(table, np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32))
     argv = [str(table) if a == "TABLE" else a for a in argv]

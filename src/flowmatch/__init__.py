@@ -47,8 +47,9 @@ _EXPORTS = {
     # runs, training, teachers, reflow
     "TrainConfig": "config", "StudentOptions": "config", "train": "training",
     "Run": "runs", "load": "runs", "load_run": "runs", "save_pretrained": "runs",
-    "FlowTeacher": "teachers", "DiffusersTeacher": "teachers", "reflow": "reflow", "distill": "reflow",
-    "seeding": None, "UserError": "errors", "SettingError": "errors",
+    "FlowTeacher": "teachers", "DiffusersTeacher": "teachers", "distill": "reflow",
+    # modules (``flowmatch.reflow`` stays the module: its ``reflow`` function is ``flowmatch.reflow.reflow``)
+    "reflow": None, "seeding": None, "UserError": "errors", "SettingError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

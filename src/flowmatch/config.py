@@ -514,7 +514,10 @@ _SHORTCUT_VECTORS = {**_FLOW, "steps": 4000, "batch_size": 512, "lr": 2e-3, "fou
 _IMAGES = {"steps": 9000, "batch_size": 64, "lr": 2e-3, "fourier": 64, "prediction": "velocity", "stf": 0}
 RECIPES = {
     ("toy", "cfm"): {**_FLOW, "steps": 3500, "batch_size": 512, "lr": 2e-3, "fourier": 64, "prediction": "data", "stf": 4096},
-    ("table", "cfm"): {**_FLOW, "steps": 3500, "batch_size": 512, "lr": 2e-3, "fourier": 64, "prediction": "data", "stf": 4096},
+    # a smooth table's density has no edges to sharpen: Fourier features with data prediction left holes where
+    # held-out rows fall (a 2-D Gaussian: held-out NLL 0.17 nats above its entropy, against 0.03 with these),
+    # and the stable target's references are the table's own rows (docs/results/defaults.md)
+    ("table", "cfm"): {**_FLOW, "steps": 4000, "batch_size": 512, "lr": 2e-3, "fourier": 0, "prediction": "velocity", "stf": 0},
     ("image", "cfm"): {**_FLOW, **_IMAGES},
     ("toy", "meanflow"): _MEANFLOW_VECTORS,
     ("table", "meanflow"): _MEANFLOW_VECTORS,

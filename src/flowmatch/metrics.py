@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
@@ -163,6 +164,21 @@ def run_memorisation(run, x: torch.Tensor, n: int, seed: int = 0) -> dict | None
     return memorisation(x, train[:m], held[:m])
 
 
+def finite_rows(dataset, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A table's reference for :func:`evaluate`: up to ``n`` different held-out rows and as many
+    different training rows (what a model that returned its training rows would score: the floor),
+    in the data's units; None for data drawn fresh. Drawing a few held-out rows with replacement
+    would repeat them, and repeated rows have k-NN balls of radius 0 (precision 0) and are told
+    from samples by position alone (C2ST 1)."""
+    if toy_name(dataset) is not None or not hasattr(dataset, "held"):
+        return None
+    g = seeding.generator(seed, "reference", 0)
+    held = dataset.distinct_rows("held-out", n, g)
+    train = dataset.distinct_rows("train", len(held), g)
+    m = min(len(held), len(train))
+    return held[:m], train[:m]
+
+
 def toy_name(dataset) -> str | None:
     """The 2-D toy a dataset draws from (whose density is known), else None."""
     from .data.toy2d import TOY2D
@@ -219,7 +235,9 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, prog
     W2 between two ``n``-point clouds is noisy (in 2-D, mostly the counts per region), so
     each number is the mean over ``repeats`` fresh reference draws: the floor averages
     ``repeats`` pairs of independent data draws, and each model W2 compares one ``n``-sample
-    set against each of the ``repeats`` references. ``ratio`` = W2 / floor. The sharpness
+    set against each of the ``repeats`` references. ``ratio`` = W2 / floor. A table is measured
+    against its different held-out rows instead (at most ``n``, as many samples; :func:`finite_rows`),
+    with as many training rows for the floor. The sharpness
     measures compare against the first reference; ``result["data"]`` holds the same measures
     for a fresh draw of the data itself (what a perfect model would score). Tables and images
     with held-out rows also get :func:`memorisation` (``train_nearer``, ``distance_ratio``).
@@ -229,9 +247,14 @@ def evaluate(run, nfes=(1, 2, 4, 8, 16, 100), n: int = 4000, seed: int = 0, prog
     from .sampling import SampleOptions
 
     o = options or EvalOptions(**settings)
-    g = seeding.generator(seed, "reference", 0, device=run.device)
-    refs = [run.dataset.reference(n, g).cpu() for _ in range(o.repeats)]
-    fresh = [run.dataset.reference(n, g).cpu() for _ in refs]
+    rows = finite_rows(run.dataset, n, seed)
+    if rows is None:  # data drawn fresh (the 2-D toys): fresh reference draws
+        g = seeding.generator(seed, "reference", 0, device=run.device)
+        refs = [run.dataset.reference(n, g).cpu() for _ in range(o.repeats)]
+        fresh = [run.dataset.reference(n, g).cpu() for _ in refs]
+    else:  # a table: its different held-out rows, once; the floor's partner is as many training rows
+        (held, train), o = rows, dataclasses.replace(o, repeats=1)
+        n, refs, fresh = len(held), [held], [train]
     floors = [data_w2(a, b) for a, b in zip(refs, fresh)]
     floor = sum(floors) / o.repeats
     toy = toy_name(run.dataset)
