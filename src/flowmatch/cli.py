@@ -1,26 +1,33 @@
 """The ``flowmatch`` command line (a user-facing contract; see README).
 
 Bad input prints one line ``flowmatch: error: ...`` on stderr and exits with status 2;
-``--json`` output goes to stdout, human text to stderr.
+``--json`` output goes to stdout, human text to stderr. A fault of the environment (a full disk:
+:class:`~flowmatch.errors.EnvironmentFault`, or any ``OSError`` or ``MemoryError`` that escapes a
+command) prints one line and exits with status 1. SIGTERM stops a command at a safe point (train,
+reflow and distill after a checkpoint, sample between batches, writing nothing), or at once
+elsewhere, temporary files removed: one line, status 143. Ctrl-C: status 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import typing
 from pathlib import Path
 
 import typer
 
 from .config import TrainConfig, read_settings_file, settings_toml
-from .errors import SettingError, UserError
+from .errors import EnvironmentFault, SettingError, Stopped, UserError, first_sentence, sigterm_stops, stop_requested
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich", help="Flow-matching generative models: train, sample, evaluate, plot.")
@@ -48,9 +55,30 @@ def _finite_float_options(fn):
             value = kwargs.get(name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{name.replace('_', '-')}: expected a finite number, got {value}")
-        return fn(**kwargs)
+        try:
+            return fn(**kwargs)
+        except EOFError as e:  # a reader met the end of a file early: bad input, not an interrupt (click's Abort)
+            raise UserError(_eof_message(e)) from None
 
     return checked
+
+
+def _eof_message(e: EOFError) -> str:
+    """One line for an ``EOFError`` that escaped a reader, naming the file it was reading where a
+    frame of flowmatch's holds it (its ``path``)."""
+    path, tb = None, e.__traceback__
+    while tb is not None:  # the innermost flowmatch frame with a path to an existing file
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__", "").startswith("flowmatch"):
+            for name in ("path", "file"):
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                    path = value
+                    break
+        tb = tb.tb_next
+    detail = f"EOFError: {e}" if str(e) else "EOFError"
+    where = f"{path}: the file" if path is not None else "a file"
+    return f"{where} ended before its contents did ({detail}); expected a complete file"
 
 
 def command(*args, **kwargs):
@@ -264,12 +292,16 @@ def _launch(processes: int, out) -> None:
            "-m", "flowmatch", *argv]
     with tempfile.TemporaryDirectory(prefix="flowmatch-errors-") as errors:
         rc, report = _torchrun(cmd, env={**os.environ, ERROR_DIR: errors})
-        reported = sorted(Path(errors).iterdir())
-        message = reported[0].read_text(encoding="utf-8").strip() if reported else None
+        said = {p.name: p.read_text(encoding="utf-8").strip() for p in sorted(Path(errors).iterdir())}
     if rc == 0:
         return
-    if message:  # a process refused the input: the one line it printed, and status 2
-        raise UserError(message)
+    first = lambda kind: next((m for name, m in said.items() if name.startswith(kind + "-") and m), None)  # noqa: E731
+    if first("fault"):  # a process met a full disk (or the like): its line, and status 1
+        raise EnvironmentFault(first("fault"))
+    if first("stopped") or rc == Stopped.exit_code:  # SIGTERM: the processes stopped at a safe point
+        raise Stopped(first("stopped") or "stopped by SIGTERM")
+    if first("rank"):  # a process refused the input: the one line it printed, and status 2
+        raise UserError(first("rank"))
     # anything else is an internal failure of a process (a crash, a signal): status 1, with
     # torchrun's own report, which may help
     sys.stderr.write(report)
@@ -287,13 +319,32 @@ def _torchrun(cmd: list[str], env: dict) -> tuple[int, str]:
     warnings, a crashing process's traceback), and torchrun's own log lines and failure report
     held back: bad input then stays one line. Returns (exit status, what was held back)."""
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    terminated = []
+
+    def forward(signum, frame):  # SIGTERM to the launcher: torchrun passes it on to every process
+        terminated.append(signum)
+        p.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    try:
+        held = _relay(p, hold=lambda: bool(terminated))  # after SIGTERM: torchrun's own traceback
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    rc = p.wait()
+    return (Stopped.exit_code if terminated and rc != 0 else rc), held
+
+
+def _relay(p, hold=lambda: False) -> str:
+    """Pass torchrun's stderr through as it comes, holding back its own log lines and everything
+    while ``hold()`` (see :func:`_torchrun`)."""
     held, failing, rest = [], False, b""
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
 
     def emit(segment: bytes) -> None:
         nonlocal failing
         failing = failing or segment.startswith(b"E") and bool(_TORCHRUN_LOG.match(segment))
-        if failing or _TORCHRUN_LOG.match(segment):
+        if failing or hold() or _TORCHRUN_LOG.match(segment):
             held.append(segment)
         elif out is not None:
             out.write(segment)
@@ -307,11 +358,12 @@ def _torchrun(cmd: list[str], env: dict) -> tuple[int, str]:
             emit(segment)
     if rest:
         emit(rest)
-    return p.wait(), b"".join(held).decode(errors="replace")
+    return b"".join(held).decode(errors="replace")
 
 
-#: under ``_launch``, each process writes the message of a UserError here (rank-R), so that the
-#: launcher can tell bad input (status 2) from a crash (status 1)
+#: under ``_launch``, each process writes its one line here instead of printing it: ``rank-R`` (bad
+#: input, status 2), ``fault-R`` (the environment, status 1), ``stopped-R`` (SIGTERM, status 143), so
+#: that the launcher says it once and tells them from a crash (status 1)
 ERROR_DIR = "FLOWMATCH_ERROR_DIR"
 
 
@@ -386,31 +438,47 @@ def sample(
     sampling.check(r, options, n)
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(processes, out)
-    if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
-        x = sampling.sample_distributed(r, n, options, seed, progress)
-        if x is None:  # not process 0, which writes --out
+    # SIGTERM: stop after the current batch, writing nothing. --out is never replaced without --overwrite,
+    # even a file another process wrote meanwhile (under torchrun too: the launcher found none)
+    replace = overwrite
+    with sigterm_stops():
+        if "WORLD_SIZE" in os.environ:  # under torchrun: every process draws its share of the batches
+            x = sampling.sample_distributed(r, n, options, seed, progress)
+            if x is None:  # not process 0, which writes --out
+                return
+        elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
+            _stream_npy(sampling.sample_batches(r, n, options, seed, progress), out, (n, *r.shape),
+                        images=len(r.shape) == 3, overwrite=replace)
+            _say(f"wrote {n} samples to {out}")
             return
-    elif out.suffix.lower() == ".npy":  # streamed to disk batch by batch: memory does not grow with --n
-        _stream_npy(sampling.sample_batches(r, n, options, seed, progress), out, (n, *r.shape), images=len(r.shape) == 3)
-        _say(f"wrote {n} samples to {out}")
-        return
-    else:
-        x = sampling.sample(r, n, options, seed, progress)
-    _write_samples(x, out, images=len(r.shape) == 3,
-                   title=f"{solver}, NFE {nfe or r.default_nfe}" + (f", label {label}" if label is not None else ""))
+        else:
+            x = sampling.sample(r, n, options, seed, progress)
+        _stop_if_asked(out, n, n)
+        _write_samples(x, out, images=len(r.shape) == 3, overwrite=replace,
+                       title=f"{solver}, NFE {nfe or r.default_nfe}" + (f", label {label}" if label is not None else ""))
     _say(f"wrote {n} samples to {out}")
+
+
+def _stop_if_asked(out: Path, done: int, n: int) -> None:
+    """SIGTERM asked ``sample`` to stop: nothing is written (``--out`` stays as it was)."""
+    if stop_requested():
+        raise Stopped(f"stopped by SIGTERM after {done} of {n} samples; nothing was written to {out} "
+                      "(run the command again to sample)")
 
 
 def _load_cond(path: Path):
     """``sample --cond FILE.npy``: one condition vector (K,) or one per sample (N, K)."""
     import numpy as np
 
-    from .data.arrays import check_finite
+    from .data.arrays import check_finite, check_npy
 
     if path.suffix.lower() != ".npy" or not path.is_file():
         raise UserError(f"--cond: {path}: expected an existing .npy file of condition vectors")
     try:
+        check_npy(path)  # its header against its size, before anything is allocated
         c = np.load(path, allow_pickle=False)
+    except UserError as e:
+        raise UserError(f"--cond: {e}") from None
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"--cond: {path}: not a readable numeric .npy file ({e})") from None
     if c.dtype.kind not in "fiub" or c.ndim not in (1, 2) or c.size == 0:
@@ -421,39 +489,46 @@ def _load_cond(path: Path):
     return c
 
 
-def _stream_npy(batches, out: Path, shape: tuple, images: bool) -> None:
+def _stream_npy(batches, out: Path, shape: tuple, images: bool, overwrite: bool = True) -> None:
     """The .npy header, then the ``(start, x)`` batches in order (appended: no mapped pages stay
-    resident), written atomically; pixels clamped to [0, 1]."""
+    resident), written atomically; pixels clamped to [0, 1]. SIGTERM stops it between batches,
+    writing nothing."""
     import numpy as np
 
-    from .files import atomic_path
+    from .files import atomic_file
 
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+    with atomic_file(out, overwrite) as f:
         np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
                                                  "fortran_order": False, "shape": shape})
+        done = 0
         for _, xb in batches:
             f.write((xb.clamp(0, 1) if images else xb).numpy().astype("<f4").tobytes())
+            done += len(xb)
+            if done < shape[0]:
+                _stop_if_asked(out, done, shape[0])
 
 
-def _write_samples(x, out: Path, images: bool, title: str) -> None:
+def _write_samples(x, out: Path, images: bool, title: str, overwrite: bool = True) -> None:
     """Samples into ``out``: a float32 .npy, or a picture (an image grid, or a scatter plot)."""
     import numpy as np
 
-    from .files import atomic_path
+    from .files import atomic_file, atomic_path
 
     if images:
         x = x.clamp(0, 1)  # pixels in [0, 1] at the border
     if out.suffix.lower() == ".npy":
-        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        with atomic_file(out, overwrite) as f:
             np.save(f, x.numpy().astype(np.float32))
-    elif images:
-        from .plots import image_grid
+        return
+    with atomic_path(out, overwrite) as tmp:  # the picture is drawn into the temporary file
+        if images:
+            from .plots import image_grid
 
-        image_grid(x, out, title=title)
-    else:
-        from .plots import scatter
+            image_grid(x, Path(tmp), title=title)
+        else:
+            from .plots import scatter
 
-        scatter(x, out, title=title)
+            scatter(x, Path(tmp), title=title)
 
 
 @command("eval")
@@ -529,7 +604,10 @@ def evaluate(
 
 
 def _student_command(kind: str, run: Path | None, teacher: str | None, out: Path, resume: bool, progress: bool, options: dict):
-    from . import reflow as rf
+    import importlib
+
+    # the module, not the package's `reflow` function of the same name (`from . import reflow` may give either)
+    rf = importlib.import_module(f"{__package__}.reflow")
     from .config import StudentOptions
     from .teachers import make_teacher
 
@@ -745,23 +823,25 @@ def option_name(command: str, setting: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the app and return its exit status; bad input becomes one line and status 2."""
+    """Run the app and return its exit status; bad input becomes one line and status 2, a fault of
+    the environment one line and status 1, a stop asked for by SIGTERM one line and status 143."""
     global _ARGV
     _ARGV = list(argv) if argv is not None else None
     try:
-        try:
-            rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
-        except SettingError as e:  # the library names its setting; the command line, the option
-            raise UserError(f"{option_name(_command(argv), e.setting)}: {e.detail}") from None
+        with _sigterm_raises():
+            try:
+                rc = app(args=argv, prog_name="flowmatch", standalone_mode=False)
+            except SettingError as e:  # the library names its setting; the command line, the option
+                raise UserError(f"{option_name(_command(argv), e.setting)}: {e.detail}") from None
+    except EnvironmentFault as e:  # a full disk, a read-only folder: not the input's fault
+        return _report("fault", _options_named(str(e), argv), 1)
     except UserError as e:
-        # the library writes other settings `name`: the command line names their options
-        e = UserError(re.sub(r"`([a-z_]+)`", lambda m: option_name(_command(argv), m.group(1)), str(e)))
-        if os.environ.get(ERROR_DIR):  # a process under _launch: the launcher says it, once
-            Path(os.environ[ERROR_DIR], f"rank-{os.environ.get('RANK', '0')}").write_text(str(e), encoding="utf-8")
-        else:
-            _say(f"flowmatch: error: {e}")
-        return 2
-    except typer.Abort:
+        return _report("rank", _options_named(str(e), argv), 2)
+    except Stopped as e:
+        return _report("stopped", _options_named(str(e), argv), Stopped.exit_code, prefix="flowmatch: ")
+    except typer.Abort as e:
+        if isinstance(e.__cause__ or e.__context__, EOFError):  # click's name for an EOFError: bad input
+            return _report("rank", _eof_message(e.__cause__ or e.__context__), 2)
         _say("flowmatch: aborted")
         return 130
     except typer.TyperException as e:  # usage errors: unknown option, value of the wrong type
@@ -771,9 +851,51 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("flowmatch: interrupted")
         return 130
+    except OSError as e:  # a fault of the environment that no writer reported by name
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _report("fault", f"{where}{e.strerror or e} ({type(e).__name__})", 1)
+    except MemoryError as e:
+        return _report("fault", f"out of memory ({str(e)[:160] or 'MemoryError'})", 1)
+    except RuntimeError as e:  # torch reports a failed allocation so
+        if not re.search(r"can't allocate memory|out of memory", str(e), re.IGNORECASE):
+            raise
+        return _report("fault", f"out of memory ({first_sentence(e)[:160]})", 1)
     finally:
         _close_process_group()
     return rc if isinstance(rc, int) else 0
+
+
+def _options_named(message: str, argv) -> str:
+    """The library writes settings `name`: the command line names their options."""
+    return re.sub(r"`([a-z_]+)`", lambda m: option_name(_command(argv), m.group(1)), message)
+
+
+def _report(kind: str, message: str, status: int, prefix: str = "flowmatch: error: ") -> int:
+    """Print the one line (under ``_launch``, a process leaves it to the launcher, which says it
+    once: in ERROR_DIR, as KIND-RANK) and return ``status``."""
+    if os.environ.get(ERROR_DIR):
+        Path(os.environ[ERROR_DIR], f"{kind}-{os.environ.get('RANK', '0')}").write_text(message, encoding="utf-8")
+    else:
+        _say(f"{prefix}{message}")
+    return status
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises :class:`Stopped` where no safe point is waiting for it
+    (:func:`~flowmatch.errors.sigterm_stops` takes over there): ``finally`` blocks run, so no
+    temporary file is left behind, and the command exits with status 143 after one line."""
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM; what the command was writing was not written")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _close_process_group() -> None:

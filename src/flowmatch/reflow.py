@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SHARD_SIZE, StudentOptions, TrainConfig, interval_objective
-from .data.pairs import PairsDataset, check_pairs
-from .errors import SettingError, UserError
+from .data.pairs import PairsDataset, check_pairs, read_pairs_meta
+from .errors import EnvironmentFault, SettingError, Stopped, UserError, sigterm_stops, stop_requested
+from .files import waiting_lock
 from .runs import save_weights, write_json
 from .seeding import generator
 
@@ -74,30 +74,39 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
     meta = _pairs_meta(teacher, n, shard_size, seed, guidance)
     meta_file = pairs_dir / "pairs.json"
     keys = ("n", "shard_size", "seed", "shape", "teacher", "guidance")
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in keys} != {k: meta[k] for k in keys}:
-            raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings; choose a new directory")
-    else:
-        pairs_dir.mkdir(parents=True, exist_ok=True)
-        write_json(meta_file, meta)
+    # one process at a time writes the metadata: two commands that start the same folder at once share
+    # its (identical) shards, or the second is refused when its teacher or settings differ
+    if not meta_file.exists():
+        with waiting_lock(pairs_dir / ".lock"):
+            if not meta_file.exists():
+                write_json(meta_file, meta)
+    old = read_pairs_meta(meta_file)
+    if {k: old.get(k) for k in keys} != {k: meta[k] for k in keys}:
+        raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings; choose a new directory")
     todo = range(meta["num_shards"]) if shards is None else shards
     shard_file = {k: pairs_dir / f"shard-{k:05d}.safetensors" for k in todo}
     todo = [k for k in todo if not shard_file[k].exists()]  # written atomically, so an existing shard is complete
     sizes = {k: min(shard_size, n - k * shard_size) for k in todo}
     # a teacher that maps each sample alone (DDIM) takes a shard in pieces: the same pairs, a moving bar
     piece = getattr(teacher, "batch_size", None) or shard_size
-    with tqdm(total=sum(sizes.values()), disable=not progress, desc="pairs", unit="pair") as bar:
-        for k in todo:
+    with tqdm(total=sum(sizes.values()), disable=not progress, desc="pairs", unit="pair") as bar, sigterm_stops():
+        for done, k in enumerate(todo):
+            if stop_requested():  # SIGTERM: the finished shards are kept, the rest made on resuming
+                raise Stopped(f"stopped by SIGTERM: {done} more pair shard(s) written to {pairs_dir}, {len(todo) - done} "
+                              "to go; run the same command with `resume` to finish them and train")
             z0, label = shard_draws(k, sizes[k], teacher.shape, seed, classes if guidance is not None else 0)
             z1 = []
             for i in range(0, sizes[k], piece):
                 z, y = z0[i:i + piece], None if label is None else label[i:i + piece]
                 z1.append((teacher(z) if y is None else teacher(z, y, guidance)).float().cpu())
                 bar.update(len(z))
-            save_weights(shard_file[k],
-                         {"z0": z0, "z1": torch.cat(z1), **({} if label is None else {"label": label})},
-                         {"index": k, "seed": seed})
+            try:
+                save_weights(shard_file[k],
+                             {"z0": z0, "z1": torch.cat(z1), **({} if label is None else {"label": label})},
+                             {"index": k, "seed": seed})
+            except EnvironmentFault as e:
+                raise EnvironmentFault(f"{e}; the {done} shard(s) written before it are kept: make room, then run the "
+                                       "same command with `resume`") from None
     return pairs_dir
 
 
@@ -188,10 +197,11 @@ def student(teacher, out, kind: str, opts: StudentOptions | None = None, resume:
         if (out / "pairs").exists():
             raise SettingError("out", f"{out} already holds pairs; `resume` to finish them, or choose a new directory")
     cfg, data_spec = student_config(teacher, out, kind, opts)
-    pairs_job(teacher, out / "pairs", opts, progress)
-    # resumed before the first checkpoint: training starts over beside the finished pairs
-    allow = ("pairs", "config.json", "metrics.jsonl", ".lock") if resume else ("pairs",)
-    return train(cfg, out=out, progress=progress, parts=cfg.build(data_spec), allow_existing=allow)
+    with sigterm_stops():  # one SIGTERM request across the pairs and the training: each stops at its next safe point
+        pairs_job(teacher, out / "pairs", opts, progress)
+        # resumed before the first checkpoint: training starts over beside the finished pairs
+        allow = ("pairs", "config.json", "metrics.jsonl", ".lock") if resume else ("pairs",)
+        return train(cfg, out=out, progress=progress, parts=cfg.build(data_spec), allow_existing=allow)
 
 
 def reflow(teacher, out, resume: bool = False, progress: bool = True, **options) -> Path:

@@ -111,20 +111,35 @@ def dataset_from_doc(doc: dict, where: str, build=None):
 
 
 class RunLock:
-    """An exclusive lock on ``RUN/.lock`` held while a trainer writes the run directory."""
+    """An exclusive lock on ``RUN/.lock`` held while a trainer writes the run directory; a second
+    trainer is refused at once. ``new_run`` (the entries a new run's directory may already hold):
+    checked again once the lock is held, so that of two commands starting the same new run at
+    once, the one that comes second never writes into the first's finished run."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, new_run: tuple | None = None):
         self.path = Path(run_dir) / ".lock"
+        self.new_run = new_run
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from .files import write_fault
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_fault(self.path, e) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
             raise UserError(f"{self.path.parent}: another trainer is writing this run directory") from None
+        if self.new_run is not None:
+            allowed = {*self.new_run, ".lock"}
+            if any(p.name not in allowed for p in self.path.parent.iterdir()):
+                self.__exit__()
+                raise SettingError("out", f"{self.path.parent} already exists (another command wrote it meanwhile); "
+                                          "choose a new directory, or `resume` to continue it")
         return self
 
     def __exit__(self, *exc):

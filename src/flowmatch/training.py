@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import Parts, TrainConfig, ema_decay_at, lr_at
-from .errors import SettingError, UserError
+from .errors import EnvironmentFault, SettingError, Stopped, UserError, sigterm_stops, stop_requested
+from .files import append_line
 from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
 from .runs import (
     FORMAT_VERSION,
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    with RunLock(out) if main else contextlib.nullcontext():
+    with RunLock(out, new_run=None if resume else allow_existing) if main else contextlib.nullcontext():
         try:
             if main:
                 if not resume:
@@ -121,9 +122,13 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
             trainer.run()
             if cfg.log_with:
                 accelerator.end_training()
-        except BaseException:
+        except BaseException as e:
             if main and not resume and not (out / "trainer_state.pt").exists():
                 _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
+            if isinstance(e, EnvironmentFault):  # a full disk: what is kept, and how to go on
+                kept = (f"the checkpoint {out} held is intact: make room, then run the same command with `resume`"
+                        if (out / "trainer_state.pt").exists() else "no checkpoint was written, so nothing is kept")
+                raise EnvironmentFault(f"{e}; {kept}") from None
             raise
     if main and cfg.plots:
         from .plots import plot_run
@@ -221,6 +226,8 @@ class Trainer:
         self.running_norm = torch.zeros((), device=self.device)  # summed gradient norms (before clipping), the same
         self.bad_step = torch.full((), -1, device=self.device, dtype=torch.long)  # first non-finite step, or -1
         self.last_log, self.progress = 0, progress
+        self.checkpointed = None  # the step of the last checkpoint written or resumed from
+        self.stop_group = None  # several processes: where they agree on a SIGTERM (prepare)
 
     def load(self, state: dict) -> None:
         """Continue from a checkpoint (:meth:`checkpoint`) exactly, on any number of processes: a
@@ -228,7 +235,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
-        self.step = self.last_log = int(state["step"])
+        self.step = self.last_log = self.checkpointed = int(state["step"])
+        if "log" in state:  # the losses summed since the last log line (a checkpoint between two lines)
+            self.last_log = int(state["log"]["last_log"])
+            self.running.fill_(float(state["log"]["running"]))
+            self.running_norm.fill_(float(state["log"]["running_norm"]))
         if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
         self.objective.load_state_dict(state.get("objective", {}))
@@ -241,9 +252,20 @@ class Trainer:
         self.raw = self.accelerator.unwrap_model(self.model)
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model  # the loss only
         self.params, self.ema_params = list(self.raw.parameters()), list(self.ema.parameters())
+        if self.accelerator.num_processes > 1 and self.stop_group is None:
+            import torch.distributed as dist
+
+            # the per-step SIGTERM agreement is a CPU all-reduce (gloo): no wait on the device's queue
+            self.stop_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.next_batch = self.batch_source()
 
     def run(self) -> None:
+        """The loop. SIGTERM (a scheduler's preemption) is honoured between two steps: a checkpoint
+        at the current step, then :class:`~flowmatch.errors.Stopped` (``resume`` continues exactly)."""
+        with sigterm_stops():  # before prepare: DataLoader workers forked later inherit the handler
+            self._run()
+
+    def _run(self) -> None:
         cfg = self.cfg
         self.prepare()
         self.t_start = time.perf_counter()
@@ -251,6 +273,9 @@ class Trainer:
                    dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
+                if self.stop_agreed():
+                    bar.close()
+                    self.stop()
                 loss, lr = self.optimisation_step()
                 bar.update(1)
                 done = self.step
@@ -265,6 +290,26 @@ class Trainer:
         finally:
             self.next_batch = None  # stops the DataLoader's workers
         bar.close()
+
+    def stop_agreed(self) -> bool:
+        """Whether SIGTERM asked the run to stop, agreed by every process: one asked, all stop at this
+        step (and checkpoint it together)."""
+        asked = stop_requested()
+        if self.accelerator.num_processes == 1:
+            return asked
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(asked)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
+        return bool(flag.item())
+
+    def stop(self) -> None:
+        """SIGTERM: a checkpoint at the current step (unless one was just written), then :class:`Stopped`."""
+        if self.checkpointed != self.step:
+            _check_finite(self.reduced(self.bad_step, "max"), self.out)
+            _save_checkpoint(self, self.step)
+        raise Stopped(f"stopped by SIGTERM at step {self.step} of {self.cfg.steps}; {self.out} holds its checkpoint: "
+                      "run the same command with `resume` to continue")
 
     def batch_source(self):
         """Where a step's global batch comes from (``next_batch(generator)``). Images: the dataset's
@@ -410,17 +455,23 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _save_checkpoint(trainer: Trainer, step: int) -> None:
-    """The trainer state (weights, optimizer, the data set's and the objective's state: no
-    generator, a step's draws are a function of the seed and the step), then the weights files."""
+    """The trainer state (weights, optimizer, the data set's and the objective's state, the losses
+    summed since the last log line: no generator, a step's draws are a function of the seed and the
+    step), then the weights files. Every process calls it (the summed loss is reduced over them);
+    the main process writes."""
+    log = {"last_log": trainer.last_log, "running": trainer.reduced(trainer.running, "mean").item(),
+           "running_norm": trainer.running_norm.item()}
     if not trainer.main:
+        trainer.checkpointed = step
         return
     state = {"step": step, "model": trainer.raw.state_dict(), "ema": trainer.ema.state_dict(),
-             "optimizer": trainer.opt.state_dict(), "objective": trainer.objective.state_dict()}
+             "optimizer": trainer.opt.state_dict(), "objective": trainer.objective.state_dict(), "log": log}
     if hasattr(trainer.dataset, "state_dict"):
         state["dataset"] = trainer.dataset.state_dict()
     save_state(trainer.out / "trainer_state.pt", state)
     save_weights(trainer.out / "model.safetensors", trainer.raw.state_dict(), {"step": step})
     save_weights(trainer.out / "ema.safetensors", trainer.ema.state_dict(), {"step": step})
+    trainer.checkpointed = step
 
 
 @torch.inference_mode()
@@ -518,8 +569,7 @@ def _track_samples(accelerator, ema, cfg, dataset, step: int, device) -> None:
 
 
 def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    append_line(path, json.dumps(row) + "\n")  # a line that does not fit (a full disk) is taken back whole
 
 
 def _truncate_metrics(path: Path, step: int, value: str | None = "loss") -> None:

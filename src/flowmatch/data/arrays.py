@@ -6,24 +6,100 @@ Real numbers of any precision (integers, booleans, float16, bfloat16, float64) a
 to float32; complex numbers, strings and objects are refused. Values are checked after the
 conversion, so a float64 value beyond float32's range (1e300) is refused, not turned into Inf.
 
-Every problem is reported as a :class:`~flowmatch.errors.UserError` naming the file.
+Every problem is reported as a :class:`~flowmatch.errors.UserError` naming the file, and a file
+is checked against what its header claims before anything is allocated: an ``.npy`` header's
+shape against the bytes that follow it, each ``.npz`` member's against its size in the archive,
+a ``.pt`` archive's entries against the file (:func:`~flowmatch.files.check_torch_file`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 
-from ..errors import SettingError, UserError
+from ..errors import SettingError, UserError, first_sentence
+from ..files import check_torch_file
 
 ARRAY_SUFFIXES = (".npy", ".csv", ".pt", ".npz")
+
+
+def npy_header(f, path, size: int) -> tuple[tuple, np.dtype, int]:
+    """The header of the .npy array that starts at ``f``'s position and takes ``size`` bytes (a
+    file, or a member of an .npz archive): (shape, dtype, header length), checked against the
+    bytes after the header, so that nothing is allocated for an array the file cannot hold."""
+    start = f.tell()
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, UnicodeDecodeError, zipfile.BadZipFile,
+            zlib.error) as e:
+        detail = "the file is empty" if size == 0 else f"its header: {first_sentence(e)}"
+        raise UserError(f"{path}: not a readable .npy array ({detail})") from None
+    header = f.tell() - start
+    if dtype.hasobject:
+        raise UserError(f"{path}: expected a numeric .npy array, found Python objects (reading them needs pickle, "
+                        "which is refused)")
+    need, held = math.prod(shape) * dtype.itemsize, size - header
+    if need > held:
+        raise UserError(f"{path}: its header claims an array of shape {tuple(shape)} ({dtype}, {need:,} bytes) but "
+                        f"only {max(held, 0):,} bytes follow it; expected a complete .npy file")
+    return tuple(shape), dtype, header
+
+
+def check_npy(path) -> tuple[tuple, np.dtype]:
+    """An .npy file's shape and dtype, read from its header and checked against its size."""
+    try:
+        with open(path, "rb") as f:
+            shape, dtype, _ = npy_header(f, path, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        raise UserError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
+    return shape, dtype
+
+
+#: the most a deflated member can expand (zlib's limit is about 1032:1)
+_DEFLATE_RATIO = 1100
+
+
+def check_npz(path) -> list[str]:
+    """Check an .npz archive's members against the archive before numpy reads any: each entry lies
+    within the file, stored or deflated (as ``np.savez`` and ``np.savez_compressed`` write them)
+    with a size its compressed bytes can hold, and each ``.npy`` header's array fits its entry.
+    Returns the array names."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = []
+            for info in z.infolist():
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise UserError(f"{path}: member {info.filename} is compressed with method {info.compress_type}; "
+                                    "expected stored or deflated members, as numpy writes them")
+                holds = info.compress_size if info.compress_type == zipfile.ZIP_STORED else \
+                    info.compress_size * _DEFLATE_RATIO + 1024
+                if info.header_offset + info.compress_size > size or info.file_size > holds:
+                    raise UserError(f"{path}: member {info.filename} claims {info.file_size:,} bytes that the "
+                                    f"{size:,}-byte archive cannot hold; expected a complete .npz file")
+                if info.filename.endswith(".npy"):
+                    with z.open(info) as member:
+                        npy_header(member, f"{path}: member {info.filename}", info.file_size)
+                    names.append(info.filename[:-len(".npy")])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as e:
+        if isinstance(e, UserError):
+            raise
+        detail = "the file is empty" if size == 0 else first_sentence(e)
+        raise UserError(f"{path}: not a readable .npz file ({detail})") from None
+    return names
 
 
 def _read(path: str, key: str = "x") -> np.ndarray:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
+        check_npz(path)
         try:
             with np.load(path, allow_pickle=False) as npz:
                 if key not in npz.files:
@@ -31,12 +107,10 @@ def _read(path: str, key: str = "x") -> np.ndarray:
                 return npz[key]
         except ValueError as e:  # object arrays need pickle: refused
             raise UserError(f"{path}: expected numeric arrays in the .npz file ({e})") from None
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path}: not a readable .npz file ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"{path}: not a readable .npz file ({first_sentence(e)})") from None
     if suffix == ".npy":
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise UserError(f"{path}: not a readable .npy file (no NumPy header)")
+        check_npy(path)
         try:
             return np.load(path, allow_pickle=False)
         except ValueError as e:  # object arrays need pickle: refused
@@ -61,10 +135,12 @@ def _read(path: str, key: str = "x") -> np.ndarray:
                 raise UserError(f"{path}: row {k + 1} is not numeric: {','.join(row)[:60]!r}")
         return np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
     if suffix == ".pt":
+        check_torch_file(path, "a tensor saved with torch.save (read with weights_only=True)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
-            raise UserError(f"{path}: not a tensor file readable with weights_only=True ({type(e).__name__})") from None
+            raise UserError(f"{path}: not a tensor file readable with weights_only=True ({type(e).__name__}: "
+                            f"{first_sentence(e)[:120]})") from None
         if not isinstance(obj, torch.Tensor):
             raise UserError(f"{path}: expected a saved tensor, found {type(obj).__name__}")
         if obj.is_complex() or obj.is_quantized or obj.is_sparse:
@@ -134,8 +210,7 @@ def load_table(path: str, cond_columns: list[int] | None = None) -> tuple[torch.
                                            "condition columns are for tables")
     rows = load_array(path)
     if npz:
-        with np.load(path, allow_pickle=False) as f:
-            has_cond = "cond" in f.files
+        has_cond = "cond" in check_npz(path)
         if not has_cond:
             return rows, None
         cond = load_array(path, key="cond")

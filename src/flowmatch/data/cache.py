@@ -17,7 +17,7 @@ killed half-way leaves no entry that could be read.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import glob
 import hashlib
 import json
@@ -69,8 +69,9 @@ def cached_images(source: dict, files: list[Path], root: Path, shape: tuple, fil
     entry = _open(base, key)
     if entry is not None:
         return entry
-    base.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(_file(base, ".lock")):  # another process decoding the same source: wait, then read its entry
+    from ..files import waiting_lock
+
+    with waiting_lock(_file(base, ".lock")):  # another process decoding the same source: wait, then read its entry
         entry = _open(base, key)
         if entry is None:
             _write(base, key, source, shape() if callable(shape) else shape, fill, meta)
@@ -84,10 +85,15 @@ def _file(base: Path, suffix: str) -> Path:
 
 
 def _open(base: Path, key: str) -> CachedImages | None:
+    from .arrays import check_npy
+
     try:
         meta = json.loads(_file(base, ".json").read_text())
         pixels = np.load(_file(base, ".npy"), mmap_mode="r")
-        labels = np.load(_file(base, ".labels.npy")) if meta["labelled"] else None
+        labels = None
+        if meta["labelled"]:
+            check_npy(_file(base, ".labels.npy"))  # its header against its size (a UserError is a ValueError)
+            labels = np.load(_file(base, ".labels.npy"), allow_pickle=False)
         if meta["key"] != key or list(pixels.shape) != meta["shape"] or pixels.dtype != np.uint8:
             return None
         return CachedImages(pixels, labels, meta, _file(base, ".npy"))
@@ -96,32 +102,51 @@ def _open(base: Path, key: str) -> CachedImages | None:
 
 
 def _write(base: Path, key: str, source: dict, shape: tuple, fill, meta: dict) -> None:
+    from ..files import atomic_file, write_fault, write_text
+
     tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp.npy")
+    trim = Path(f"{tmp}.trim")
     try:
-        pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=tuple(shape))
+        pixels = _allocated(tmp, tuple(shape))
         labels = np.full(shape[0], -1, dtype=np.int64)
         n = fill(pixels, labels)
         pixels.flush()
         if n < shape[0]:  # skipped files: a copy of the rows written, in chunks (the pixels stay on disk)
-            trimmed = np.lib.format.open_memmap(f"{tmp}.trim", mode="w+", dtype=np.uint8, shape=(n, *shape[1:]))
+            trimmed = _allocated(trim, (n, *shape[1:]))
             for i in range(0, n, 4096):
-                trimmed[i:i + 4096] = pixels[i:i + 4096]
+                trimmed[i:i + 4096] = pixels[i:min(i + 4096, n)]
             trimmed.flush()
             del pixels, trimmed
-            os.replace(f"{tmp}.trim", tmp)
+            os.replace(trim, tmp)
         else:
             del pixels
         os.replace(tmp, _file(base, ".npy"))
         labelled = bool((labels[:n] >= 0).all())
         if labelled:
-            np.save(tmp, labels[:n])
-            os.replace(tmp, _file(base, ".labels.npy"))
+            with atomic_file(_file(base, ".labels.npy")) as f:
+                np.save(f, labels[:n])
         doc = {**meta, "key": key, "source": source, "shape": [n, *shape[1:]], "labelled": labelled}
-        Path(f"{tmp}.json").write_text(json.dumps(doc, indent=1))
-        os.replace(f"{tmp}.json", _file(base, ".json"))
+        write_text(_file(base, ".json"), json.dumps(doc, indent=1))  # last: the entry is complete
+    except OSError as e:
+        raise write_fault(_file(base, ".npy"), e) from None
     finally:
-        for leftover in (tmp, Path(f"{tmp}.trim"), Path(f"{tmp}.json")):
-            Path(leftover).unlink(missing_ok=True)
+        for leftover in (tmp, trim):
+            leftover.unlink(missing_ok=True)
+
+
+def _allocated(path: Path, shape: tuple) -> np.memmap:
+    """A uint8 .npy file of ``shape``, its blocks reserved on disk before it is mapped: a disk too
+    small for it is an ``OSError`` here, not a SIGBUS when a mapped page is first written."""
+    pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # a file system without it: written as it comes
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+    return pixels
 
 
 def _remove_older(base: Path, source: dict) -> None:
@@ -134,13 +159,3 @@ def _remove_older(base: Path, source: dict) -> None:
             if json.loads(_file(other, ".json").read_text()).get("source") == source:
                 for suffix in (".json", ".npy", ".labels.npy", ".lock"):
                     _file(other, suffix).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

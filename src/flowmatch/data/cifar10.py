@@ -28,6 +28,11 @@ def cifar10_dir(path: str) -> Path:
     root = Path(path).expanduser().absolute()
     if (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
+    pickled = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if (pickled / "data_batch_1").is_file() and not (root / TRAIN_FILES[0]).is_file():
+        raise SettingError("data", f"cifar10:{path}: {pickled} holds CIFAR-10's Python version, pickled batches, "
+                                   "which flowmatch never unpickles (unpickling a file runs the code it holds); "
+                                   "download the binary version (cifar-10-binary.tar.gz, cifar-10-batches-bin/)")
     if not root.is_dir():
         raise SettingError("data", f"cifar10:{path}: {root} is not a folder; expected the CIFAR-10 binary "
                         f"distribution (cifar-10-batches-bin/ with {TRAIN_FILES[0]} .. {TEST_FILE})")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import SettingError, UserError
+from ..errors import SettingError, UserError, first_sentence
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -70,10 +70,16 @@ def _load_image(path: Path, size: int, mode: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with warnings.catch_warnings():  # Pillow warns of sizes up to twice its limit: refused alike
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = im.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: the image claims more pixels than Pillow decodes (Image.MAX_IMAGE_PIXELS, "
+                        f"{Image.MAX_IMAGE_PIXELS:,}): {first_sentence(e)}; remove it or skip unreadable files "
+                        "(`skip_bad`)") from None
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}); remove it or skip unreadable files (`skip_bad`)") from None
     w, h = im.size
     scale = size / min(w, h)
@@ -89,13 +95,15 @@ def _image_mode(files) -> str:
     """RGB if any image has colour, else grayscale ("L"); unreadable files are judged later."""
     from PIL import Image
 
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                if im.mode not in ("1", "L", "LA", "I", "I;16", "F"):
-                    return "RGB"
-        except Exception:  # noqa: BLE001 - reported when the file is loaded
-            continue
+    with warnings.catch_warnings():  # a decompression bomb is reported when the file is loaded
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    if im.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                        return "RGB"
+            except Exception:  # noqa: BLE001 - reported when the file is loaded
+                continue
     return "L"
 
 
@@ -211,14 +219,17 @@ def cached_cifar10(path: str):
 def open_image_array(path: str) -> np.ndarray:
     """A ``.npy`` of images (N, C, H, W) with C = 1 or 3 and values in [0, 1], memory-mapped: checked
     in chunks of rows, never loaded whole (training converts the rows it draws to float32)."""
+    from .arrays import check_npy
+
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
+    check_npy(path)  # the header against the file's size, before it is mapped
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused
-        raise UserError(f"{path}: expected a numeric .npy array ({e})") from None
+        raise UserError(f"{path}: expected a numeric .npy array ({first_sentence(e)})") from None
     except (OSError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        raise UserError(f"{path}: not a readable .npy file ({first_sentence(e)})") from None
     if x.dtype.kind not in "fiub":
         raise UserError(f"{path}: expected real numbers, found dtype {x.dtype}")
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 2:
@@ -239,9 +250,11 @@ def open_image_array(path: str) -> np.ndarray:
 
 def is_image_array(path: str) -> bool:
     """Whether an .npy file holds a 4-D array (images) rather than a table."""
+    from .arrays import check_npy
+
     if not path.lower().endswith(".npy") or not os.path.isfile(path):
         return False
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
-    except (ValueError, OSError):
+        return len(check_npy(path)[0]) == 4  # the header only: a damaged file is reported by its reader
+    except UserError:
         return False

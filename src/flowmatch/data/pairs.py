@@ -15,17 +15,67 @@ from ..seeding import generator
 from . import Batch, Dataset, make_dataset
 
 
+def read_pairs_meta(meta_file) -> dict:
+    """``PAIRS/pairs.json``, checked: the counts and the shape it claims are positive integers that
+    agree (``num_shards`` shards of ``shard_size`` pairs hold ``n``), so that nothing is sized from
+    a number the folder cannot hold."""
+    meta_file = Path(meta_file)
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_file}: not readable as JSON ({type(e).__name__}); expected the pairs' metadata that "
+                        "reflow and distill write") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_file}: expected a JSON object (the pairs' metadata)")
+
+    def count(key, minimum=1):
+        value = meta.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise UserError(f"{meta_file}: '{key}' should be an integer >= {minimum}, got {value!r}")
+        return value
+
+    n, size, shards = count("n"), count("shard_size"), count("num_shards")
+    count("seed", minimum=-(2**63))
+    if shards != -(-n // size):
+        raise UserError(f"{meta_file}: {shards} shards of {size} pairs do not hold {n} pairs; expected {-(-n // size)}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) in (1, 3)
+            and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shape)):
+        raise UserError(f"{meta_file}: 'shape' should be a list of 1 or 3 positive integers, got {shape!r}")
+    return meta
+
+
 def check_pairs(pairs_dir) -> dict:
     """Read and check a pairs folder's metadata: complete, and the shapes it claims."""
     pairs_dir = Path(pairs_dir)
     meta_file = pairs_dir / "pairs.json"
     if not meta_file.is_file():
         raise UserError(f"{pairs_dir}: no pairs.json; not a folder of teacher pairs")
-    meta = json.loads(meta_file.read_text())
-    missing = [k for k in range(meta["num_shards"]) if not (pairs_dir / f"shard-{k:05d}.safetensors").is_file()]
+    meta = read_pairs_meta(meta_file)
+    # counted from the folder's files, never by going through the number of shards pairs.json claims
+    have = set()
+    for f in pairs_dir.glob("shard-*.safetensors"):
+        stem = f.name[len("shard-"):-len(".safetensors")]
+        if stem.isdigit() and f"{int(stem):05d}" == stem and int(stem) < meta["num_shards"]:
+            have.add(int(stem))
+    missing = meta["num_shards"] - len(have)
     if missing:
-        raise UserError(f"{pairs_dir}: {len(missing)} of {meta['num_shards']} shards missing; finish them by resuming (`resume`)")
+        raise UserError(f"{pairs_dir}: {missing} of {meta['num_shards']} shards missing; finish them by resuming (`resume`)")
     return meta
+
+
+def shard_shapes(path) -> dict:
+    """The tensors a shard holds and their shapes, from its safetensors header (checked against the
+    file's size by safetensors), without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file; expected a shard of teacher pairs")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
 
 
 class PairsDataset(Dataset):
@@ -59,11 +109,15 @@ class PairsDataset(Dataset):
         self.served, self.device, self._resident = 0, torch.device("cpu"), None
 
     def _load(self, k):
-        t = load_weights(self.dir / f"shard-{k:05d}.safetensors")
-        if tuple(t["z0"].shape[1:]) != self.shape or t["z0"].shape != t["z1"].shape:
-            raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs of shape {tuple(t['z0'].shape)}, expected {self.shape}")
-        if self.labelled and ("label" not in t or t["label"].shape != (len(t["z0"]),)):
-            raise UserError(f"{self.dir}/shard-{k:05d}.safetensors: pairs with classes need one label per pair")
+        path = self.dir / f"shard-{k:05d}.safetensors"
+        m = min(self.meta["shard_size"], self.meta["n"] - k * self.meta["shard_size"])
+        expected = {"z0": (m, *self.shape), "z1": (m, *self.shape), **({"label": (m,)} if self.labelled else {})}
+        shapes = shard_shapes(path)  # the header only: a shard is loaded once it is known to hold its pairs
+        for name, shape in expected.items():
+            if shapes.get(name) != shape:
+                found = "none" if name not in shapes else f"shape {shapes[name]}"
+                raise UserError(f"{path}: expected '{name}' of shape {shape} ({m} pairs, as pairs.json says), found {found}")
+        t = load_weights(path)
         return t["z0"], t["z1"], t.get("label") if self.labelled else None
 
     def _window_shards(self, w: int) -> list[int]:
