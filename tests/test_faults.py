@@ -758,3 +758,19 @@ def test_trust_guide_names_what_executes():
     text = (Path(__file__).parents[1] / "docs" / "guides" / "trust.md").read_text()
     for word in ("safetensors", "weights_only=True", "TorchScript", "--perceptual", "--fid-weights", "allow_pickle=False"):
         assert word in text
+
+
+def test_a_config_json_claiming_a_huge_sample_is_bad_input(cli, tiny_run, tmp_path):
+    """A run whose config.json claims samples too large for any network is refused naming the file,
+    before a network is built (it ended as 'out of memory', exit 1)."""
+    import json
+
+    from helpers import copy_run, one_line_error
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    doc = json.loads((run / "config.json").read_text())
+    doc["shape"] = [3, 100000, 100000]
+    (run / "config.json").write_text(json.dumps(doc))
+    rc, _, err = cli("sample", run, "--n", "4", "--out", tmp_path / "x.npy")
+    assert "config.json" in one_line_error(rc, err) and "shape" in err
+    assert not (tmp_path / "x.npy").exists()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import SettingError, UserError
+from .files import atomic_path
 from .seeding import noise
 
 SOLVERS = {"euler": 1, "midpoint": 2}
@@ -92,12 +93,8 @@ def export_onnx(run, out, nfe: int, solver: str = "euler", label: int | None = N
         # optimize=False: onnxscript's constant folding fails on some graphs (a split in the interval MLP)
         program = torch.onnx.export(sampler, (z,), dynamo=True, optimize=False, input_names=["noise"], output_names=["sample"],
                                     dynamic_shapes={"z": {0: torch.export.Dim.DYNAMIC}}, verbose=False)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out) as tmp:  # a temporary file of its own: two exports never share one
         program.save(str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     zc = noise(seed, 0, check, run.shape)
     with torch.no_grad():

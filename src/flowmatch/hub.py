@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .errors import SettingError, UserError
-from .files import read_metrics, save_weights, write_json, write_text
+from .files import read_metrics, save_weights, waiting_lock, write_json, write_text
 
 #: the files a Hub folder holds (and the only ones downloaded)
 FILES = ("config.json", "model.safetensors", "README.md")
@@ -94,9 +94,11 @@ def save_pretrained(run, folder, weights: str | None = None, overwrite: bool = F
         raise SettingError("out", f"folder {folder.parent} does not exist")
     folder.mkdir(exist_ok=True)
     doc = {**run.doc, "pretrained": {"weights": "model.safetensors", "from": weights, "run": str(run.dir.resolve())}}
-    save_weights(folder / "model.safetensors", run.model.state_dict(), {"format": "flowmatch", "weights": weights})
-    write_json(folder / "config.json", doc)
-    write_text(folder / "README.md", _card(run, _measures(run), weights))
+    # two writers of one folder write one after the other (a lock file beside it): never a mix of two runs' files
+    with waiting_lock(folder.parent / f".{folder.name}.lock"):
+        save_weights(folder / "model.safetensors", run.model.state_dict(), {"format": "flowmatch", "weights": weights})
+        write_json(folder / "config.json", doc)
+        write_text(folder / "README.md", _card(run, _measures(run), weights))
     return folder
 
 

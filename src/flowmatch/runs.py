@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,10 @@ def read_config(run_dir) -> dict:
     return cfg
 
 
+#: the most numbers one sample may hold (a 3 x 1024 x 1024 image is 3.1 M)
+MAX_SAMPLE_SIZE = 2**24
+
+
 def _check_doc(doc: dict, where: str) -> None:
     from .config import TrainConfig
 
@@ -79,6 +84,9 @@ def _check_doc(doc: dict, where: str) -> None:
     if not (isinstance(shape, list) and len(shape) in (1, 3)
             and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shape)):
         raise UserError(f"{where}: 'shape' should be a list of 1 (vectors) or 3 (images) positive integers, got {shape!r}")
+    if math.prod(shape) > MAX_SAMPLE_SIZE:  # a network for it would not fit: refuse before building one
+        raise UserError(f"{where}: 'shape' {shape} holds {math.prod(shape):,} numbers per sample; expected at most "
+                        f"{MAX_SAMPLE_SIZE:,}")
     classes = doc.get("num_classes", 0)
     if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0):
         raise UserError(f"{where}: 'num_classes' should be an integer >= 0, got {classes!r}")
