@@ -503,7 +503,7 @@ def interval_objective(name: str) -> bool:
 
     return objective_class(name).interval
 #: Every default that depends on the data and the objective, measured on that kind of data
-#: (docs/results/defaults.md): "toy" the 2-D toys, "table" a user's table (.npy, .csv, .pt, .npz),
+#: (docs/results/defaults.md, docs/results/tables.md): "toy" the 2-D toys, "table" a user's table (.npy, .csv, .pt, .npz),
 #: "image" image sets. Where the stable target cannot apply (a coupling other than independent,
 #: continuous conditions, streamed images) flow matching trains on the plain target: WITHOUT_STF.
 _FLOW = {"coupling": "independent", "time_dist": "uniform", "time_mean": 0.0, "meanflow_share": 0.25, "meanflow_distill": 0.0}
@@ -516,7 +516,7 @@ RECIPES = {
     ("toy", "cfm"): {**_FLOW, "steps": 3500, "batch_size": 512, "lr": 2e-3, "fourier": 64, "prediction": "data", "stf": 4096},
     # a smooth table's density has no edges to sharpen: Fourier features with data prediction left holes where
     # held-out rows fall (a 2-D Gaussian: held-out NLL 0.17 nats above its entropy, against 0.03 with these),
-    # and the stable target's references are the table's own rows (docs/results/defaults.md)
+    # and the stable target's references are the table's own rows (docs/results/tables.md)
     ("table", "cfm"): {**_FLOW, "steps": 4000, "batch_size": 512, "lr": 2e-3, "fourier": 0, "prediction": "velocity", "stf": 0},
     ("image", "cfm"): {**_FLOW, **_IMAGES},
     ("toy", "meanflow"): _MEANFLOW_VECTORS,
