@@ -30,4 +30,4 @@ print(f"dopri5 in {fm.integrate.__name__}: mean {run.dataset.decode(z).mean(0).t
 
 # exact log-likelihood (instantaneous change of variables), nats per sample in data units
 lp = run.log_prob(x[:200])
-print(f"log p of 200 of its own samples: {lp.mean().item():.3f} nats (sd {lp.std().item():.3f})")
+print(f"log p of {len(lp)} of its own samples: {lp.mean().item():.3f} nats (sd {lp.std().item():.3f})")

@@ -95,8 +95,8 @@ def test_the_same_global_batch_trains_the_same_run_with_gradient_accumulation(on
 
 
 @pytest.mark.xdist_group("same-run")
-def test_the_same_global_batch_trains_the_same_run_on_two_and_four_processes(one_process, tmp_path):
-    """The same seed and global batch on 2 processes (and on 4, on two cores) give the loss of the
+def test_the_same_global_batch_trains_the_same_run_on_two_processes(one_process, tmp_path):
+    """The same seed and global batch on 2 processes (4: the next test, in the full tier) give the loss of the
     1-process run at every step and its weights, up to the reduction order of floats; only the
     main process writes the run directory, and a run resumes on another number of processes."""
     two = tmp_path / "two"
@@ -107,7 +107,6 @@ def test_the_same_global_batch_trains_the_same_run_on_two_and_four_processes(one
     writes = _writes(tmp_path)
     assert list(writes) == ["0"], list(writes)  # rank 1 (and the launcher) never touched the run directory
     assert {"config.json", "trainer_state.pt", "model.safetensors", "ema.safetensors"} <= _names(writes["0"])
-    _same(one_process, _train(tmp_path / "four", 4, 16), "4 processes")
     # a 2-process run stopped at its step-3 checkpoint and resumed on one process ends where it would have
     half = tmp_path / "half"
     _train(half, 2, 32, 1, "--steps", "3")
@@ -118,6 +117,12 @@ def test_the_same_global_batch_trains_the_same_run_on_two_and_four_processes(one
     assert resumed["num_processes"] == 1 and resumed["train"]["batch_size"] == 64 and resumed["global_batch_size"] == 64
     _same(one_process, ([json.loads(line)["loss"] for line in (half / "metrics.jsonl").read_text().splitlines()],
                         load_file(half / "model.safetensors")), "2 processes, resumed on 1")
+
+
+@pytest.mark.full  # four processes on two cores: 40 s, in the full tier (python -m pytest -m full -n 0)
+@pytest.mark.xdist_group("same-run")
+def test_the_same_global_batch_trains_the_same_run_on_four_processes(one_process, tmp_path):
+    _same(one_process, _train(tmp_path / "four", 4, 16), "4 processes")
 
 
 def test_meanflow_with_ot_pairs_is_the_same_run_on_two_processes(tmp_path):

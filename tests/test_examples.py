@@ -29,9 +29,9 @@ def test_the_meanflow_loop_puts_one_step_samples_on_the_cells(script):
 
 
 def test_the_saved_run_example_samples_and_scores_a_run(script, tiny_run):
-    rc, out, err = script(EXAMPLES / "saved_run.py", tiny_run, "--n", "300")
+    rc, out, err = script(EXAMPLES / "saved_run.py", tiny_run, "--n", "100")
     assert rc == 0, err
-    assert "300 samples" in out and "nats" in out
+    assert "100 samples" in out and "nats" in out
 
 
 def test_the_diffusers_example_reflows_a_ddpm_pipeline(script, ddpm_dir, tmp_path):
