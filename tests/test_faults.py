@@ -49,22 +49,23 @@ def _lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.strip()]
 
 
-def fault_line(rc, err) -> str:
-    """A fault of the environment: status 1 and exactly one line, no traceback; returns the line."""
-    assert rc == 1, err
+def _only_line(rc, err, status: int, start: str) -> str:
+    """Exit ``status`` and exactly one line on stderr, starting with ``start``, no traceback; returns the line."""
+    assert rc == status, err
     assert "Traceback" not in err, err
     lines = _lines(err)
-    assert len(lines) == 1 and lines[0].startswith("flowmatch: error:"), err
+    assert len(lines) == 1 and lines[0].startswith(start), err
     return lines[0]
+
+
+def fault_line(rc, err) -> str:
+    """A fault of the environment: status 1 and one line."""
+    return _only_line(rc, err, 1, "flowmatch: error:")
 
 
 def stop_line(rc, err) -> str:
-    """A stop asked for by SIGTERM: status 143 and exactly one line; returns the line."""
-    assert rc == 143, err
-    assert "Traceback" not in err, err
-    lines = _lines(err)
-    assert len(lines) == 1 and lines[0].startswith("flowmatch: stopped by SIGTERM"), err
-    return lines[0]
+    """A stop asked for by SIGTERM: status 143 and one line."""
+    return _only_line(rc, err, 143, "flowmatch: stopped by SIGTERM")
 
 
 def _temporaries(folder: Path) -> list[str]:

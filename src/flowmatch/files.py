@@ -128,7 +128,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
         writer = _Writer(fd)
         try:
             yield writer
-        except Exception:
+        except (OSError, RuntimeError, ValueError):  # what torch.save, np.save and safetensors make of a failed write
             if writer.error is not None:
                 raise write_fault(path, writer.error) from None
             raise
