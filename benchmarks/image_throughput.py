@@ -50,7 +50,7 @@ def to_channels_last(model: torch.nn.Module) -> None:
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def flowmatch_step(path: str, preset: str, batch: int, setting: dict, device: torch.device, out: str):
+def flowmatch_step(path: str, preset: str, batch: int, setting: dict, device: torch.device):
     """flowmatch's own Trainer on the .npy images: (``Trainer.optimisation_step``, parameter count)."""
     from accelerate import Accelerator
 
@@ -63,7 +63,7 @@ def flowmatch_step(path: str, preset: str, batch: int, setting: dict, device: to
     parts = cfg.build()
     if setting["channels_last"]:
         to_channels_last(parts.model)
-    trainer = Trainer(cfg, parts, Accelerator(cpu=device.type == "cpu"), Path(out), progress=False)
+    trainer = Trainer(cfg, parts, Accelerator(cpu=device.type == "cpu"), progress=False)
     trainer.prepare()  # what Trainer.run sets up before its loop
     return trainer.optimisation_step, sum(p.numel() for p in parts.model.parameters())
 
@@ -111,7 +111,7 @@ def build(kind: str, args, setting: str, tmp: str):
     x, device = np.random.default_rng(SEED).random((N_IMAGES, *SHAPE), dtype=np.float32), torch.device(args.device)
     if kind == "flowmatch":
         np.save(f"{tmp}/images.npy", x)
-        return flowmatch_step(f"{tmp}/images.npy", args.preset, args.batch, parse_setting(setting), device, f"{tmp}/run")
+        return flowmatch_step(f"{tmp}/images.npy", args.preset, args.batch, parse_setting(setting), device)
     return torchcfm_step(torch.from_numpy(x), args.preset, args.batch, parse_setting("fp32" if kind == "as written" else setting), device)
 
 

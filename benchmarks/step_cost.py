@@ -10,9 +10,7 @@ AMX or AVX512-BF16 bf16 is emulated); ``notebook``: peers.py's task (batch 256, 
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +34,7 @@ def rows_of(name: str, objectives: list[str]) -> list[tuple[str, dict, str]]:
             for o in objectives for b in (512, 2048) for p in ("fp32", "bf16")]
 
 
-def make_step(out: Path, **settings):
+def make_step(**settings):
     """A prepared Trainer of the defaults with ``settings``: ``optimisation_step()`` is one training step."""
     from accelerate import Accelerator
 
@@ -44,7 +42,7 @@ def make_step(out: Path, **settings):
     from flowmatch.training import Trainer
 
     cfg = TrainConfig(steps=10**9, checkpoint_every=10**9, log_every=10**9, plots=False, **settings)
-    tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), out, progress=False)
+    tr = Trainer(cfg, cfg.build(), Accelerator(cpu=True), progress=False)
     tr.prepare()  # what Trainer.run sets up before its loop
     return tr
 
@@ -52,18 +50,17 @@ def make_step(out: Path, **settings):
 def compare_steps(settings: dict, rounds: int, steps: int) -> dict:
     """Median ms per step of each named set of settings; 3 warm-up steps each (oneDNN picks its kernels), then
     the rows interleaved, a block of ``steps`` steps each per round."""
-    with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: make_step(Path(tmp) / str(i), **over) for i, (name, over) in enumerate(settings.items())}
-        times = {key: [] for key in trainers}
-        for tr in trainers.values():
-            for _ in range(3):
+    trainers = {name: make_step(**over) for name, over in settings.items()}
+    times = {key: [] for key in trainers}
+    for tr in trainers.values():
+        for _ in range(3):
+            tr.optimisation_step()
+    for _ in range(rounds):
+        for key, tr in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
                 tr.optimisation_step()
-        for _ in range(rounds):
-            for key, tr in trainers.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    tr.optimisation_step()
-                times[key].append((time.perf_counter() - t0) / steps * 1e3)
+            times[key].append((time.perf_counter() - t0) / steps * 1e3)
     return {key: statistics.median(ts) for key, ts in times.items()}
 
 
@@ -87,11 +84,10 @@ def main() -> None:
             batch = over.get("batch_size", 512)  # TrainConfig's
             print(f"| {label} | {ms[label]:.1f} | {batch / ms[label] * 1e3:,.0f} | {ms[label] / ms[base]:.2f}x ({base}) |")
         for label, over, _ in rows if args.profile else []:  # where a step's time goes
-            with tempfile.TemporaryDirectory() as tmp:
-                tr = make_step(Path(tmp), **over)
-                with torch.profiler.profile() as prof:
-                    for _ in range(args.profile):
-                        tr.optimisation_step()
+            tr = make_step(**over)
+            with torch.profiler.profile() as prof:
+                for _ in range(args.profile):
+                    tr.optimisation_step()
             print(f"\n{label}, {args.profile} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -450,20 +450,20 @@ FULL_ARGS = ["--steps", "40", "--batch-size", "32", "--width", "64", "--depth", 
 
 
 def test_disk_full_at_a_checkpoint_keeps_the_last_and_resume_continues_exactly(cli, tmp_path, small_disk, monkeypatch):
-    training = importlib.import_module("flowmatch.training")
+    monitoring = importlib.import_module("flowmatch.monitoring")
     with one_thread():
         ref = tmp_path / "ref"
         rc, _, err = cli("train", "--out", ref, *FULL_ARGS)
         assert rc == 0, err
         disk = small_disk(1 << 20)
-        save = training._save_checkpoint
+        save = monitoring.RunMonitor.save
 
-        def fills_after_the_first(trainer, step):  # then the disk fills up (another program's files, say)
-            save(trainer, step)
-            if step == 20:
+        def fills_after_the_first(monitor, state):  # then the disk fills up (another program's files, say)
+            save(monitor, state)
+            if state["step"] == 20:
                 fill(disk, leave_pages=1)  # room for a log line, not for a checkpoint
 
-        monkeypatch.setattr(training, "_save_checkpoint", fills_after_the_first)
+        monkeypatch.setattr(monitoring.RunMonitor, "save", fills_after_the_first)
         run = disk / "run"
         rc, _, err = cli("train", "--out", run, *FULL_ARGS)
         line = fault_line(rc, err)
@@ -471,7 +471,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_and_resume_continues_exactly(c
         assert not _temporaries(run)
         assert torch.load(run / "trainer_state.pt", weights_only=True)["step"] == 20
         assert load_file(run / "ema.safetensors").keys() == load_file(ref / "ema.safetensors").keys()
-        monkeypatch.setattr(training, "_save_checkpoint", save)
+        monkeypatch.setattr(monitoring.RunMonitor, "save", save)
         (disk / "ballast").unlink()  # room again
         rc, _, err = cli("train", "--resume", "--out", run, "--no-progress")
         assert rc == 0, err

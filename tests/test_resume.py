@@ -84,13 +84,13 @@ import os, signal, sys
 kind, name, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 seen = [0]
 if kind == "after-log":
-    from flowmatch import training
-    append = training._append_metrics
+    from flowmatch import monitoring
+    append = monitoring._append_metrics
     def _append(path, row):
         append(path, row)
         if row["step"] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
-    training._append_metrics = _append
+    monitoring._append_metrics = _append
 else:
     rename = os.replace
     def _replace(src, dst, **kw):

@@ -4,17 +4,15 @@ Reads top to bottom: build data, path, time sampler, coupling and network from a
 :class:`~flowmatch.config.TrainConfig`; each step draws data ``x1``, noise ``x0`` and times
 ``t``, pairs them, and regresses the path's velocity ``u_t`` at ``x_t`` with MSE; AdamW,
 warm-up and schedule, optional clipping, EMA; a checkpoint every ``checkpoint_every``
-steps that resumes bit-exactly on the CPU.
+steps that resumes bit-exactly on the CPU. :class:`Trainer` optimises; what watches the run (its
+directory's files, evaluation, trackers) is :class:`~flowmatch.monitoring.RunMonitor`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
 import os
-import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -25,21 +23,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import Parts, TrainConfig, ema_decay_at, lr_at
 from .errors import EnvironmentFault, SettingError, Stopped, UserError, sigterm_stops, stop_requested
-from .files import append_line
+from .monitoring import RunMonitor, TrainingEval, _ema_samples  # noqa: F401 (TrainingEval, _ema_samples: imported from here too)
 from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
-from .runs import (
-    FORMAT_VERSION,
-    RunLock,
-    dataset_from_doc,
-    load_state,
-    load_weights,
-    read_config,
-    read_metrics,
-    save_state,
-    save_weights,
-    write_json,
-    write_text,
-)
+from .runs import FORMAT_VERSION, RunLock, dataset_from_doc, load_state, load_weights, read_config, read_metrics, write_json
 
 
 def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
@@ -98,7 +84,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(), **tracking)
     if resume:  # the run's global batch, shared among however many processes resume it
         saved = _share_global_batch(cfg, saved, accelerator.num_processes)
-    trainer = Trainer(cfg, parts, accelerator, out, progress, on_checkpoint)
+    monitor = RunMonitor(cfg, out, accelerator, on_checkpoint)
+    trainer = Trainer(cfg, parts, accelerator, monitor, progress)
     if state is not None:
         trainer.load(state)
     main = accelerator.is_main_process
@@ -115,13 +102,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
                     write_json(out / "config.json", saved | {"train": cfg.to_dict()})
                 if resume:
                     _remove_stale_temporaries(out)
-                _truncate_metrics(out / "metrics.jsonl", trainer.step)
-                _truncate_metrics(out / "eval.jsonl", trainer.step, value=None)
-            if cfg.log_with:  # accelerate's trackers log from the main process only
-                accelerator.init_trackers("tracking", config=_hparams(cfg))
+            monitor.open(trainer.step)
             trainer.run()
-            if cfg.log_with:
-                accelerator.end_training()
+            monitor.close()
         except BaseException as e:
             if main and not resume and not (out / "trainer_state.pt").exists():
                 _remove_unfinished(out, fresh)  # no checkpoint yet: leave nothing behind that blocks --out
@@ -199,12 +182,18 @@ def _init_from(model, weights_file: str) -> None:
 
 
 class Trainer:
-    """The training loop's state and its named steps: :meth:`optimisation_step`, :meth:`log_line`,
+    """The optimisation: the network, its EMA, AdamW (and the fp16 scaler), the step's draws and
+    loss, and the loop of steps. Its named steps are :meth:`optimisation_step`, :meth:`log_line`,
     :meth:`checkpoint`; :meth:`run` strings them together. On one process it is plain PyTorch
-    (AdamW, autocast, clipping, an EMA); on several, accelerate wraps the model in DDP."""
+    (AdamW, autocast, clipping, an EMA); on several, accelerate wraps the model in DDP.
 
-    def __init__(self, cfg: TrainConfig, parts: Parts, accelerator, out: Path, progress: bool = True, on_checkpoint=None):
-        self.cfg, self.accelerator, self.out, self.on_checkpoint = cfg, accelerator, Path(out), on_checkpoint
+    What watches the run is ``monitor``'s (a :class:`~flowmatch.monitoring.RunMonitor`: the run
+    directory's files, evaluation, trackers); the loop calls it at each log step, checkpoint,
+    evaluation step and a SIGTERM stop. Without one a trainer only prepares and takes steps
+    (:meth:`prepare`, :meth:`optimisation_step`: benchmarks that time them)."""
+
+    def __init__(self, cfg: TrainConfig, parts: Parts, accelerator, monitor: RunMonitor | None = None, progress: bool = True):
+        self.cfg, self.accelerator, self.monitor = cfg, accelerator, monitor
         self.device, self.main = accelerator.device, accelerator.is_main_process
         self.dataset = parts.dataset.to(self.device)
         self.objective = make_objective(cfg, parts)
@@ -229,8 +218,21 @@ class Trainer:
         self.checkpointed = None  # the step of the last checkpoint written or resumed from
         self.stop_group = None  # several processes: where they agree on a SIGTERM (prepare)
 
+    def state_dict(self) -> dict:
+        """The checkpoint of the current step: weights, EMA, optimizer, the objective's and the data
+        set's state, the losses summed since the last log line (no generator: a step's draws are a
+        function of the seed and the step). Every process calls it alike: the summed loss is reduced
+        over them."""
+        log = {"last_log": self.last_log, "running": self.reduced(self.running, "mean").item(),
+               "running_norm": self.running_norm.item()}
+        state = {"step": self.step, "model": self.raw.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "objective": self.objective.state_dict(), "log": log}
+        if hasattr(self.dataset, "state_dict"):
+            state["dataset"] = self.dataset.state_dict()
+        return state
+
     def load(self, state: dict) -> None:
-        """Continue from a checkpoint (:meth:`checkpoint`) exactly, on any number of processes: a
+        """Continue from a checkpoint (:meth:`state_dict`) exactly, on any number of processes: a
         step's draws depend on the seed, the step and the global batch only."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -266,9 +268,9 @@ class Trainer:
             self._run()
 
     def _run(self) -> None:
-        cfg = self.cfg
+        cfg, monitor = self.cfg, self.monitor
         self.prepare()
-        self.t_start = time.perf_counter()
+        monitor.start()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.main and self.progress), desc="train",
                    dynamic_ncols=True)
         try:
@@ -280,13 +282,13 @@ class Trainer:
                 bar.update(1)
                 done = self.step
                 if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    _check_finite(self.reduced(self.bad_step, "max"), self.out)  # one host sync per log, not per step
+                    _check_finite(self.reduced(self.bad_step, "max"), monitor.out)  # one host sync per log, not per step
                     if done % cfg.log_every == 0 or done == cfg.steps:
                         self.log_line(lr, bar)
                     if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                         self.checkpoint()
-                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps) and self.main:
-                    self.evaluate()
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    monitor.evaluate(self.step, self.ema, self.dataset)
         finally:
             self.next_batch = None  # stops the DataLoader's workers
         bar.close()
@@ -306,9 +308,9 @@ class Trainer:
     def stop(self) -> None:
         """SIGTERM: a checkpoint at the current step (unless one was just written), then :class:`Stopped`."""
         if self.checkpointed != self.step:
-            _check_finite(self.reduced(self.bad_step, "max"), self.out)
-            _save_checkpoint(self, self.step)
-        raise Stopped(f"stopped by SIGTERM at step {self.step} of {self.cfg.steps}; {self.out} holds its checkpoint: "
+            _check_finite(self.reduced(self.bad_step, "max"), self.monitor.out)
+            self.save()
+        raise Stopped(f"stopped by SIGTERM at step {self.step} of {self.cfg.steps}; {self.monitor.out} holds its checkpoint: "
                       "run the same command with `resume` to continue")
 
     def batch_source(self):
@@ -369,51 +371,26 @@ class Trainer:
 
     def log_line(self, lr: float, bar=None) -> None:
         """The mean loss since the last line over every process's parts (the whole global batch's
-        loss), into metrics.jsonl (main process) and the bar."""
+        loss) and gradient norm, to the monitor (metrics.jsonl, trackers) and the bar."""
         steps = max(1, self.step - self.last_log)
         running = self.reduced(self.running, "mean")
         mean_loss, mean_norm = (running / steps).item(), (self.running_norm / steps).item()
         self.running.zero_(), self.running_norm.zero_()
         self.last_log = self.step
-        if self.cfg.log_with:
-            self.accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": mean_norm}, step=self.step)
-        if self.main:
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            _append_metrics(self.out / "metrics.jsonl", {"step": self.step, "loss": mean_loss, "lr": lr,
-                                                         "time": round(time.perf_counter() - self.t_start, 3)})
+        if self.main and bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        self.monitor.log(self.step, mean_loss, lr, mean_norm)
 
-    def evaluate(self) -> None:
-        """``--eval-every``: the EMA network's measures (:class:`~flowmatch.metrics.TrainingEval`)
-        into RUN/eval.jsonl and the trackers; their time is left out of the logged training time."""
-        from .data import EMBEDDED_IMAGES
-
-        paused = time.perf_counter()
-        if not hasattr(self, "measure"):
-            name = self.cfg.data if self.cfg.data in EMBEDDED_IMAGES else None
-            self.measure = TrainingEval(self.dataset, name, self.cfg.eval_n, self.cfg.eval_nfe, self.cfg.seed)
-        sample = lambda x0: _ema_samples(self.ema, self.cfg, self.dataset, x0, self.cfg.eval_nfe)  # noqa: E731
-        measures = {k: (x if math.isfinite(x) else None) for k, x in self.measure(sample, self.device).items()}  # strict JSON
-        row = {"step": self.step, "n": self.cfg.eval_n, "nfe": self.cfg.eval_nfe, **measures}
-        _append_metrics(self.out / "eval.jsonl", row | {"seconds": round(time.perf_counter() - paused, 2)})
-        if self.cfg.log_with:
-            self.accelerator.log({f"eval/{k}": x for k, x in measures.items() if x is not None}, step=self.step)
-        self.t_start += time.perf_counter() - paused  # not training time
+    def save(self) -> None:
+        """A checkpoint of the current step: :meth:`state_dict` (every process), written by the monitor."""
+        self.monitor.save(self.state_dict())
+        self.checkpointed = self.step
 
     def checkpoint(self) -> None:
-        """Trainer state and weights (atomically), the image progress grid, the callback (whose
-        time is left out of the logged training time)."""
-        _save_checkpoint(self, self.step)
-        if self.main and len(self.dataset.shape) == 3 and self.cfg.plots:
-            _progress_grid(self.ema, self.cfg, self.dataset, self.out, self.step, self.device)
-        if self.main and self.cfg.log_with:
-            paused = time.perf_counter()
-            _track_samples(self.accelerator, self.ema, self.cfg, self.dataset, self.step, self.device)
-            self.t_start += time.perf_counter() - paused  # not training time
-        if self.main and self.on_checkpoint is not None:
-            paused = time.perf_counter()
-            self.on_checkpoint(self.step, self.ema)
-            self.t_start += time.perf_counter() - paused
+        """:meth:`save`, then what the monitor does after a checkpoint (the progress grid, the
+        trackers' picture, the ``on_checkpoint`` callback)."""
+        self.save()
+        self.monitor.after_checkpoint(self.step, self.ema, self.dataset)
 
 
 def _check_finite(bad_step, out):
@@ -452,129 +429,3 @@ def _remove_stale_temporaries(out: Path) -> None:
     for name in ("config.json", "metrics.jsonl", "trainer_state.pt", "model.safetensors", "ema.safetensors"):
         for tmp in out.glob(f".{name}.tmp.*"):
             tmp.unlink(missing_ok=True)
-
-
-def _save_checkpoint(trainer: Trainer, step: int) -> None:
-    """The trainer state (weights, optimizer, the data set's and the objective's state, the losses
-    summed since the last log line: no generator, a step's draws are a function of the seed and the
-    step), then the weights files. Every process calls it (the summed loss is reduced over them);
-    the main process writes."""
-    log = {"last_log": trainer.last_log, "running": trainer.reduced(trainer.running, "mean").item(),
-           "running_norm": trainer.running_norm.item()}
-    if not trainer.main:
-        trainer.checkpointed = step
-        return
-    state = {"step": step, "model": trainer.raw.state_dict(), "ema": trainer.ema.state_dict(),
-             "optimizer": trainer.opt.state_dict(), "objective": trainer.objective.state_dict(), "log": log}
-    if hasattr(trainer.dataset, "state_dict"):
-        state["dataset"] = trainer.dataset.state_dict()
-    save_state(trainer.out / "trainer_state.pt", state)
-    save_weights(trainer.out / "model.safetensors", trainer.raw.state_dict(), {"step": step})
-    save_weights(trainer.out / "ema.safetensors", trainer.ema.state_dict(), {"step": step})
-    trainer.checkpointed = step
-
-
-@torch.inference_mode()
-def _progress_grid(ema, cfg, dataset, out: Path, step: int, device) -> None:
-    """Images over training: 36 EMA samples (20 Euler steps, fixed noise) per checkpoint."""
-    from .plots import image_grid
-
-    x = _ema_samples(ema, cfg, dataset, _fixed_noise(36, dataset, device), 20).clamp(0, 1)
-    (out / "progress").mkdir(exist_ok=True)
-    image_grid(x, out / "progress" / f"step-{step:07d}.png", nrow=6, title=f"step {step}")
-
-
-class TrainingEval:
-    """What ``train --eval-every N`` measures of the EMA network every N steps: ``n`` samples from
-    fixed noise (``nfe`` Euler steps) against a fixed draw of real data. Digits and mnist: the
-    Fréchet distances and their floors (:func:`~flowmatch.image_metrics.image_scores`); other data:
-    W2 against the real draw, its floor (a second real draw) and the ratio, and the sharpness
-    measures (:func:`~flowmatch.metrics.sharpness`, vectors only). The real draws are made once, at the first call."""
-
-    def __init__(self, dataset, data_name: str | None, n: int = 1000, nfe: int = 20, seed: int = 0):
-        self.dataset, self.data_name, self.n, self.nfe, self.seed = dataset, data_name, n, nfe, seed
-        self.refs = None
-
-    @torch.inference_mode()
-    def __call__(self, sample, device) -> dict:
-        """The measures of ``sample(x0)`` (noise in model space -> samples in data units, ``nfe``
-        Euler steps), flat: ``{"w2": .., "ratio": ..}``."""
-        from .metrics import sharpness, toy_name, w2
-        from .seeding import generator
-
-        x = sample(_fixed_noise(self.n, self.dataset, device, self.seed)).float().cpu()
-        if self.data_name is not None:  # the embedded digit sets: the measures their evaluation uses
-            from .image_metrics import image_scores
-
-            s = image_scores(x.clamp(0, 1), self.data_name, self.seed, floor_draws=2)
-            return {"fd_ratio": s["classifier"]["ratio"], "pca_fd_ratio": s["pca"]["ratio"],
-                    "precision": s["prdc"]["precision"]["value"], "recall": s["prdc"]["recall"]["value"]}
-        if self.refs is None:
-            g = generator(self.seed, "reference", 0, device=device)
-            self.refs = [self.dataset.reference(self.n, g).float().cpu() for _ in range(2)]
-            self.floor = w2(*self.refs)
-        images = len(self.dataset.shape) == 3
-        if images:
-            x = x.clamp(0, 1)
-        d = w2(x, self.refs[0])
-        out = {"w2": d, "floor": self.floor, "ratio": d / self.floor}
-        return out if images else out | sharpness(x, self.refs[0], toy_name(self.dataset))
-
-
-@torch.inference_mode()
-def _ema_samples(ema, cfg: TrainConfig, dataset, x0: torch.Tensor, nfe: int) -> torch.Tensor:
-    """The EMA network's samples (data units) from noise ``x0`` by ``nfe`` Euler steps of its field,
-    or, for a one-step objective, of its average velocity over each step (as :class:`~flowmatch.runs.Run`
-    samples them): the progress grids, the trackers' pictures and ``--eval-every`` all draw here."""
-    from .objectives import objective_class
-    from .solvers import flow_map, integrate
-
-    if objective_class(cfg.objective).interval:  # a few-step network: its own sampler
-        return dataset.decode(flow_map(lambda x, t, h: ema(x, t, h=h), x0, nfe).x).float()
-    return dataset.decode(integrate(lambda x, t: ema(x, t), x0, "euler", nfe).x).float()
-
-
-def _fixed_noise(n: int, dataset, device, seed: int = 0) -> torch.Tensor:
-    """The same noise at every checkpoint (the sampling noise of ``seed``'s first batch), so pictures
-    and measures over training show one set of samples change."""
-    from .seeding import noise
-
-    return noise(seed, 0, n, dataset.shape, device)
-
-
-def _hparams(cfg: TrainConfig) -> dict:
-    """The settings as a tracker's run configuration (scalars and strings; None as "none")."""
-    return {k: ("none" if v is None else v) for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
-
-
-@torch.inference_mode()
-def _track_samples(accelerator, ema, cfg, dataset, step: int, device) -> None:
-    """EMA samples at a checkpoint (32 Euler steps, fixed noise) as a picture for the trackers that
-    take images: a 6x6 grid of images, or a scatter of the first two coordinates of 2000 vectors."""
-    import numpy as np
-
-    from .plots import figure_array
-
-    images = len(dataset.shape) == 3
-    x = _ema_samples(ema, cfg, dataset, _fixed_noise(36 if images else 2000, dataset, device), 32).cpu()
-    if images:
-        c, h, w = dataset.shape
-        grid = x.clamp(0, 1).reshape(6, 6, c, h, w).permute(0, 3, 1, 4, 2).reshape(6 * h, 6 * w, c).numpy()
-        picture = (grid.repeat(3, axis=2) if c == 1 else grid) * 255
-    else:
-        picture = figure_array(x, f"step {step}")
-    for tracker in accelerator.trackers:
-        if hasattr(tracker, "log_images"):
-            tracker.log_images({"samples": picture.astype(np.uint8)}, step=step, dataformats="HWC")
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    append_line(path, json.dumps(row) + "\n")  # a line that does not fit (a full disk) is taken back whole
-
-
-def _truncate_metrics(path: Path, step: int, value: str | None = "loss") -> None:
-    """On resume, drop log lines written after the checkpoint being resumed from."""
-    if not path.exists():
-        return
-    keep = [row for row in read_metrics(path, value) if row["step"] <= step]
-    write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
