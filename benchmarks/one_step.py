@@ -1,7 +1,8 @@
 """One-step generators side by side on the 2-D toys (MeanFlow and shortcut runs beside the rectified-flow
 pipeline's distilled run): the share off the cells at 1, 2, 4 steps of each run's own sampler, W2/floor,
 precision/recall and C2ST at one step (4000 samples), and the training wall-clock (a distilled or reflowed
-run's teacher's added while its run directory is there). "what": the settings that differ from the defaults.
+run's teacher's, or the run that a `train --init` run started from, added while its run directory is there).
+"what": the settings that differ from the defaults.
 
     flowmatch train --objective meanflow --out runs/meanflow
     python benchmarks/one_step.py runs/distilled runs/meanflow runs/shortcut --plot one_step.png
@@ -24,9 +25,12 @@ def train_seconds(run_dir: Path) -> float:
     """The run's training wall-clock plus its teachers' (those still on disk)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     total = float(json.loads(lines[-1])["time"]) if lines else float("nan")
-    teacher = json.loads((run_dir / "config.json").read_text())["train"].get("lineage", {}).get("teacher", {})
+    train = json.loads((run_dir / "config.json").read_text())["train"]
+    teacher = train.get("lineage", {}).get("teacher", {})
     if teacher.get("kind") == "flowmatch" and (Path(teacher["run"]) / "metrics.jsonl").exists():
         total += train_seconds(Path(teacher["run"]))
+    if train.get("init") and (Path(train["init"]) / "metrics.jsonl").exists():  # started from a run (train --init)
+        total += train_seconds(Path(train["init"]))
     return total
 
 

@@ -166,7 +166,7 @@ def _options_from(settings_class, own: dict, skip=()) -> list:
 def _recipe_help() -> dict:
     """Each recipe setting's defaults in words, from the recipes themselves: by objective, the
     values on toys, tables and images (``flowmatch train --print-config`` shows the one in use)."""
-    from .config import RECIPE_SETTINGS, RECIPES, WITHOUT_STF
+    from .config import INIT_RECIPES, RECIPE_SETTINGS, RECIPES, WITHOUT_STF
 
     kinds = ("toy", "table", "image")
     names = {"toy": "2-D toys", "table": "tables", "image": "images"}
@@ -181,6 +181,7 @@ def _recipe_help() -> dict:
             parts.append(f"{objective} {said}")
         if name in WITHOUT_STF:
             parts.append(f"{WITHOUT_STF[name]} where the stable target cannot apply")
+        parts += [f"{objective} with init {v[name]}" for objective, v in INIT_RECIPES.items() if name in v]
         out[name] = "; ".join(parts)
     out["lr"] += "; the cifar UNet preset 0.0002"
     return out
@@ -243,7 +244,9 @@ def train(ctx: typer.Context, **options):
     if resume:
         _refuse_changed_settings_on_resume(ctx, cfg, out)
     else:
-        parts = cfg.build()  # the recipe's settings for the data; bad input fails before anything is written
+        from .runs import init_run
+
+        parts = cfg.build(teacher=init_run(cfg))  # the recipe's settings for the data; bad input fails before anything is written
         if print_config:
             typer.echo(settings_toml(cfg), nl=False)
             return

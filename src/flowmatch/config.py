@@ -90,7 +90,8 @@ class TrainConfig:
                                                            "they start")
     meanflow_distill_every: int = objective_setting(250, "meanflow own trajectories: steps between refreshes")
     meanflow_distill_pairs: int = objective_setting(4096, "meanflow own trajectories: trajectories per refresh")
-    meanflow_distill_nfe: int = objective_setting(16, "meanflow own trajectories: midpoint evaluations per trajectory (even)")
+    meanflow_distill_nfe: int | None = objective_setting(None, "meanflow own trajectories: midpoint evaluations per trajectory "
+                                                               "(even)")
     shortcut_share: float = objective_setting(0.25, "shortcut: share of each batch with self-consistency targets (the rest: "
                                                     "flow matching)")
     shortcut_steps: int = objective_setting(128, "shortcut: the finest step is 1/N (a power of 2); steps 1, 1/2, ..., 1/N "
@@ -133,6 +134,10 @@ class TrainConfig:
     prediction: str | None = model_setting(None, "velocity or data (the network predicts x1); auto: data for vectors "
                                                  "(runs written before the recipes)")
     init_from: str | None = model_setting(None, "safetensors weights to start from (reflow: the teacher's)", cli=False)
+    init: str | None = model_setting(None, "start from a trained flow-matching run (its folder) on the same data: its network "
+                                           "settings and EMA weights, the interval's layers at zero so that a meanflow or "
+                                           "shortcut network begins as the run's field; meanflow's own-trajectory rows then "
+                                           "follow the run's field from the first step")
     # bookkeeping
     log_every: int = setting(50, panel="Output and processes")
     log_with: str | None = setting(None, "experiment tracker through accelerate: tensorboard, wandb or mlflow (loss, lr, "
@@ -163,7 +168,7 @@ class TrainConfig:
         Settings given keep their values."""
         # the recipe's stable target and its steps where it applies and the user has not chosen one
         own_stf = stable_target_possible(self, dataset) and self.stf is None
-        values = recipe(data_kind(dataset), self.objective, self.unet, own_stf)
+        values = recipe(data_kind(dataset), self.objective, self.unet, own_stf, init=self.init is not None)
         for name, value in values.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -280,11 +285,13 @@ class TrainConfig:
             return make_model(self.model_spec(shape), shape, num_classes, path=path if path is not None else self.build_path(),
                               cond_dim=cond_dim)
 
-    def build(self, data_spec: dict | None = None, dataset=None) -> Parts:
+    def build(self, data_spec: dict | None = None, dataset=None, teacher=None) -> Parts:
         """Everything these settings describe, each built once: the data set (from ``data_spec``,
         by default :meth:`data_spec`, unless ``dataset`` is given), then the settings left unset
         from the recipe for that data (:meth:`resolve`), the path, time sampler, coupling and
-        network. Bad input raises :class:`~flowmatch.errors.UserError` naming the setting."""
+        network. With ``init``, ``teacher`` is that run loaded (:func:`flowmatch.runs.init_run`): the
+        network takes its settings and starts from its weights. Bad input raises
+        :class:`~flowmatch.errors.UserError` naming the setting."""
         from .data import make_dataset
 
         self.validate()
@@ -293,6 +300,13 @@ class TrainConfig:
             dataset = make_dataset(data_spec)
         else:
             data_spec = data_spec if data_spec is not None else {}
+        if self.init is not None:
+            if teacher is None:
+                raise SettingError("init", "build(teacher=...) takes the run to start from, loaded (flowmatch.runs.load_run); "
+                                           "train() loads it")
+            self._adopt(dataset, teacher)
+        else:
+            teacher = None
         self.resolve(dataset).validate()
         if self.hflip and len(dataset.shape) != 3:
             raise SettingError("hflip", f"flips training images left-right; {self.data} is not image data")
@@ -302,7 +316,29 @@ class TrainConfig:
             self._check_stf(dataset)
         path, time_sampler, coupling = self.build_path(), self.build_time_sampler(), self.build_coupling()
         model = self.build_model(dataset.shape, dataset.num_classes, path, dataset.cond_dim)
-        return Parts(data_spec, dataset, path, time_sampler, coupling, model)
+        if teacher is not None:
+            from .models import start_from
+
+            start_from(model, teacher.model.state_dict(), f"init: {self.init}")
+        return Parts(data_spec, dataset, path, time_sampler, coupling, model, None if teacher is None else teacher.model)
+
+    def _adopt(self, dataset, teacher) -> None:
+        """``init``: check that ``teacher`` (the run loaded) is a flow-matching run on the same data; its
+        network's settings replace these (its weights must then fit)."""
+        where = f"{self.init}"
+        if teacher.cfg.objective != "cfm" or teacher.distilled:
+            raise SettingError("init", f"{where} is a {teacher.cfg.objective} {teacher.lineage.get('kind', 'run')}; start "
+                                       "from a flow-matching run (objective cfm), whose field the network begins as")
+        if teacher.cfg.data != self.data or tuple(teacher.shape) != tuple(dataset.shape):
+            raise SettingError("init", f"{where} was trained on {teacher.cfg.data} (samples {tuple(teacher.shape)}); "
+                                       f"this run's data is {self.data} (samples {tuple(dataset.shape)})")
+        if (teacher.num_classes, teacher.cond_dim) != (dataset.num_classes, dataset.cond_dim):
+            raise SettingError("init", f"{where} has {teacher.num_classes} classes and {teacher.cond_dim} conditions; "
+                                       f"the data has {dataset.num_classes} and {dataset.cond_dim}")
+        spec = teacher.cfg.model_spec(teacher.shape) | {"model": teacher.cfg.model}
+        for name in ("model", "unet", "width", "depth", "fourier", "fourier_scale", "time_scale", "prediction"):
+            setattr(self, name, spec[name])
+        self.film = teacher.cfg.film
 
     def _check_stf(self, dataset) -> None:
         """The stable target needs flow matching's conditional target, noise independent of the data
@@ -481,6 +517,7 @@ class Parts:
     time_sampler: typing.Any
     coupling: typing.Any
     model: typing.Any
+    teacher: typing.Any = None  # ``init``: the run's network (frozen), whose field MeanFlow's own rows follow
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -493,7 +530,7 @@ def _positive(v) -> bool:
 
 #: the settings whose default is the recipe's for the data's kind and the objective (None: unset)
 RECIPE_SETTINGS = ("steps", "batch_size", "lr", "fourier", "prediction", "stf", "coupling", "time_dist", "time_mean",
-                   "meanflow_share", "meanflow_distill")
+                   "meanflow_share", "meanflow_distill", "meanflow_distill_nfe")
 #: objectives whose network takes the step's interval and generates in a few steps (their classes say so too:
 #: :attr:`flowmatch.objectives.CFM.interval`)
 def interval_objective(name: str) -> bool:
@@ -506,10 +543,11 @@ def interval_objective(name: str) -> bool:
 #: (docs/results/defaults.md, docs/results/tables.md): "toy" the 2-D toys, "table" a user's table (.npy, .csv, .pt, .npz),
 #: "image" image sets. Where the stable target cannot apply (a coupling other than independent,
 #: continuous conditions, streamed images) flow matching trains on the plain target: WITHOUT_STF.
-_FLOW = {"coupling": "independent", "time_dist": "uniform", "time_mean": 0.0, "meanflow_share": 0.25, "meanflow_distill": 0.0}
+_FLOW = {"coupling": "independent", "time_dist": "uniform", "time_mean": 0.0, "meanflow_share": 0.25, "meanflow_distill": 0.0,
+         "meanflow_distill_nfe": 16}
 _MEANFLOW_VECTORS = {"steps": 5000, "batch_size": 256, "lr": 2e-3, "fourier": 64, "prediction": "data", "stf": 0,
                      "coupling": "ot", "time_dist": "logit-normal", "time_mean": 0.4, "meanflow_share": 0.25,
-                     "meanflow_distill": 0.5}
+                     "meanflow_distill": 0.5, "meanflow_distill_nfe": 16}
 _SHORTCUT_VECTORS = {**_FLOW, "steps": 4000, "batch_size": 512, "lr": 2e-3, "fourier": 64, "prediction": "velocity", "stf": 0}
 _IMAGES = {"steps": 9000, "batch_size": 64, "lr": 2e-3, "fourier": 64, "prediction": "velocity", "stf": 0}
 RECIPES = {
@@ -527,6 +565,11 @@ RECIPES = {
     ("image", "shortcut"): {**_FLOW, **_IMAGES},
 }
 WITHOUT_STF = {"stf": 0, "steps": 4000}
+#: ``init`` (a MeanFlow network started from a flow-matching run): what replaces the recipe. The run's field
+#: gives the average velocity over any step along its trajectories, so every interval row comes from them
+#: (no JVP: through the run's time embedding, t * 10000 on the MLP, its derivative is no target), on as many
+#: rows as the batch, each trajectory 32 midpoint steps of the field (docs/results/one-step.md)
+INIT_RECIPES = {"meanflow": {"steps": 4000, "meanflow_share": 0.0, "meanflow_distill": 1.0, "meanflow_distill_nfe": 64}}
 #: the peak learning rate of a UNet preset that trains at its own (the 36 M-parameter preset at 2e-3: its loss
 #: jumped from 0.46 to 1.05 in 200 steps on digits and stayed there)
 LR_BY_UNET = {"cifar": 2e-4}
@@ -549,12 +592,13 @@ def stable_target_possible(cfg: TrainConfig, dataset) -> bool:
             and not hasattr(dataset, "loader") and not dataset.cond_dim)
 
 
-def recipe(kind: str, objective: str, unet: str = "auto", stable_target: bool = True) -> dict:
+def recipe(kind: str, objective: str, unet: str = "auto", stable_target: bool = True, init: bool = False) -> dict:
     """The defaults of :data:`RECIPE_SETTINGS` for data of ``kind`` and ``objective`` (``unet``: the
-    UNet preset, whose learning rate may be its own; ``stable_target``: whether it can apply)."""
+    UNet preset, whose learning rate may be its own; ``stable_target``: whether it can apply; ``init``:
+    started from a flow-matching run, :data:`INIT_RECIPES`)."""
     if (kind, objective) not in RECIPES:
         raise SettingError("objective", f"expected one of {', '.join(sorted({o for _, o in RECIPES}))}, got {objective!r}")
-    values = dict(RECIPES[(kind, objective)])
+    values = dict(RECIPES[(kind, objective)]) | (INIT_RECIPES.get(objective, {}) if init else {})
     if values["stf"] and not stable_target:
         values.update(WITHOUT_STF)
     if kind == "image" and unet in LR_BY_UNET:

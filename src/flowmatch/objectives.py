@@ -273,6 +273,7 @@ class MeanFlow(CFM):
                          coupling if coupling is not None else OTCoupling(), label_dropout, stf=stf, reference=reference)
         self.options = options or MeanFlowOptions()
         self.trajectories = None  # (K + 1, N, ...) grid points of the network's own trajectories, and their labels
+        self.teacher = None  # a flow-matching network v(z, t[, label]) whose trajectories replace the network's own
 
     def draw(self, batch: Batch, generator: torch.Generator | None = None, parts: int = 1) -> Drawn:
         o, d = self.options, super().draw(batch, generator)
@@ -296,13 +297,15 @@ class MeanFlow(CFM):
         t, 0)`` (the trainer's EMA) by ``distill_nfe / 2`` midpoint steps, keeping every grid point.
         The average velocity over ``[t_i, t_j]`` is by definition ``(z_j - z_i) / (t_j - t_i)`` along
         the flow, so these trajectories give exact targets for the network's own flow, without the
-        spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries. The draws
+        spread of one draw of ``x1 - x0`` that the MeanFlow identity's target carries. With a
+        :attr:`teacher` (``init``: a trained flow-matching network), its field instead, from the first
+        step. The draws
         come from the refresh's own stream (``seed``, its step): every process refreshes alike."""
         from .seeding import generator
         from .solvers import integrate
 
         o = self.options
-        start = int(o.distill_start * steps)
+        start = 0 if self.teacher is not None else int(o.distill_start * steps)  # a teacher's field is good at once
         due = self.trajectories is None or (step - start) % o.distill_every == 0  # none yet: at once
         if o.distill <= 0 or step < start or not due:
             return
@@ -311,7 +314,11 @@ class MeanFlow(CFM):
         label = dataset.sample(o.distill_pairs, gen).label if conditioned else None
         x0 = torch.randn(o.distill_pairs, *dataset.shape, generator=gen, device=device)
         zeros = torch.zeros(o.distill_pairs, device=device, dtype=x0.dtype)
-        teacher_v = lambda z, t: teacher(z, t, label, h=zeros).to(z.dtype)  # noqa: E731
+        if self.teacher is not None:  # ``init``: the flow-matching run's own field
+            field = self.teacher.to(device)
+            teacher_v = lambda z, t: field(z, t, label).to(z.dtype)  # noqa: E731
+        else:
+            teacher_v = lambda z, t: teacher(z, t, label, h=zeros).to(z.dtype)  # noqa: E731
         path = integrate(teacher_v, x0, "midpoint", o.distill_nfe, trajectory=True).trajectory
         self.trajectories = (path, label)
 
@@ -502,8 +509,10 @@ def make_objective(cfg, parts) -> CFM:
     """The objective of a :class:`~flowmatch.config.TrainConfig` and its built parts."""
     reference = parts.dataset.sample if cfg.stf else None
     if cfg.objective == "meanflow":
-        return MeanFlow(parts.time_sampler, parts.coupling, MeanFlowOptions.from_config(cfg), cfg.label_dropout,
-                        cfg.stf, reference)
+        objective = MeanFlow(parts.time_sampler, parts.coupling, MeanFlowOptions.from_config(cfg), cfg.label_dropout,
+                             cfg.stf, reference)
+        objective.teacher = parts.teacher
+        return objective
     if cfg.objective == "shortcut":
         return Shortcut(parts.time_sampler, parts.coupling, cfg.shortcut_share, cfg.shortcut_steps, cfg.label_dropout)
     perceptual = None

@@ -127,7 +127,7 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
             # the step it samples by, u(z, 0, 1), would never see the pairs
             raise UserError(f"{teacher.run.dir}: a {base.objective} run samples in one step already (and in K steps at "
                             f"NFE K); distil a flow-matching run (objective cfm), or reflow this one")
-        cfg = TrainConfig(**{**base.to_dict(), "lineage": {}})
+        cfg = TrainConfig(**{**base.to_dict(), "lineage": {}, "init": None})
         cfg.init_from = str((teacher.run.dir / "ema.safetensors").resolve())
         if opts.unet is not None and opts.unet != cfg.unet:
             raise SettingError("unet", f"the student of a flowmatch run starts from its weights, so it keeps its network "

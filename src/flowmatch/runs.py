@@ -259,6 +259,11 @@ class Run:
         return flow(self, x0, SampleOptions(nfe=nfe, solver=solver, **options), trajectory)
 
 
+def init_run(cfg) -> Run | None:
+    """The run that settings ``cfg`` start from (``init``), loaded on the CPU; None without one."""
+    return None if cfg.init is None else load_run(cfg.init, device="cpu")
+
+
 def load_run(run_dir, device=None, weights: str = "ema") -> Run:
     """Load a run directory for sampling and evaluation."""
     return Run(run_dir, device=device, weights=weights)

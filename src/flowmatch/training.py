@@ -25,7 +25,7 @@ from .config import Parts, TrainConfig, ema_decay_at, lr_at
 from .errors import EnvironmentFault, SettingError, Stopped, UserError, sigterm_stops, stop_requested
 from .monitoring import RunMonitor, TrainingEval, _ema_samples  # noqa: F401 (TrainingEval, _ema_samples: imported from here too)
 from .objectives import cfm_loss, make_objective  # noqa: F401 (cfm_loss: public here too)
-from .runs import FORMAT_VERSION, RunLock, dataset_from_doc, load_state, load_weights, read_config, read_metrics, write_json
+from .runs import FORMAT_VERSION, RunLock, dataset_from_doc, init_run, load_state, load_weights, read_config, read_metrics, write_json
 
 
 def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
@@ -68,7 +68,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike | None = None, resume:
     if resume:
         cfg, parts, out, saved, state = _resumed(out, steps)
     else:
-        parts = parts or cfg.build()  # everything that can fail on bad input, before the run directory is touched
+        parts = parts or cfg.build(teacher=init_run(cfg))  # what can fail on bad input, before the run directory is touched
         out, saved, state = Path(out) if out is not None else default_run_dir(cfg), None, None
         check_new_run_dir(out, allow_existing)
         if cfg.init_from:
@@ -134,7 +134,7 @@ def _resumed(out, steps: int | None):
     if steps is not None:
         check_new_total(steps, int(state["step"]), out)
         cfg.steps = steps
-    parts = cfg.build(saved["data"], dataset=dataset_from_doc(saved, str(out / "config.json")))
+    parts = cfg.build(saved["data"], dataset=dataset_from_doc(saved, str(out / "config.json")), teacher=init_run(cfg))
     return cfg, parts, out, saved, state
 
 

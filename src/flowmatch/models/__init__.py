@@ -83,4 +83,34 @@ def make_model(spec: dict, shape: tuple, num_classes: int = 0, path=None, cond_d
     return net
 
 
-__all__ = ["MLP", "Condition", "DataPrediction", "MODELS", "make_model"]
+def start_from(model: nn.Module, state: dict, where: str = "weights") -> None:
+    """Start ``model`` from a flow-matching network's weights ``state`` (the same network, or its
+    interval version: MeanFlow, shortcut). The interval's embedding, which the field's network lacks,
+    has its last layer set to zero, so that at the start ``model(x, t, h=h)`` is the field ``v(x, t)``
+    for every ``h``; a class-conditional UNet's label embedding becomes the interval UNet's own.
+    Weights that do not fit raise :class:`~flowmatch.errors.UserError` naming ``where``."""
+    import torch
+
+    from ..errors import UserError
+
+    own, state = model.state_dict(), dict(state)
+    for key in [k for k in state if k.endswith("net.class_embedding.weight")]:
+        moved = key.removesuffix("net.class_embedding.weight") + "label.weight"
+        if moved in own and key not in own:
+            state[moved] = state.pop(key)
+    interval = [k for k in own if "interval" in k.split(".")]
+    unfit = sorted({k for k in own if k not in state and k not in interval} | {k for k in state if k not in own}
+                   | {k for k in own if k in state and own[k].shape != state[k].shape})
+    if unfit:
+        raise UserError(f"{where}: the run's network does not fit this one ({', '.join(unfit[:3])}"
+                        f"{', ...' if len(unfit) > 3 else ''})")
+    model.load_state_dict({k: state[k] for k in own if k not in interval}, strict=False)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] == "interval":
+                last = module if isinstance(module, nn.Linear) else module.linear_2
+                last.weight.zero_()
+                last.bias.zero_()
+
+
+__all__ = ["MLP", "Condition", "DataPrediction", "MODELS", "make_model", "start_from"]
