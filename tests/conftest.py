@@ -142,3 +142,9 @@ def pytest_terminal_summary(terminalreporter):
     for r in rows:
         terminalreporter.write_line(f"{'pass' if r['ok'] else 'FAIL'}  {r['claim']:<{width}}  {r['value']:10.4g} {r['op']} "
                                     f"{r['bound']:<8.4g}  {r['page']}")
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tier first: with two workers the long quality runs start at once and the short tests
+    fill in behind them (a long test started last keeps one worker busy while the other idles)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -3,6 +3,7 @@ the average velocity over any interval is known exactly."""
 
 import json
 
+import pytest
 import torch
 
 from flowmatch.config import TrainConfig
@@ -63,6 +64,7 @@ def test_the_model_tangent_keeps_the_mean_and_changes_the_spread_as_the_flow_doe
         torch.testing.assert_close(ratio, torch.full_like(ratio, expected), rtol=0.02, atol=0)
 
 
+@pytest.mark.full  # 3000 steps, two minutes: the full tier; CI learns the map from the exact field (test_init.py)
 def test_trained_meanflow_approaches_the_exact_one_step_map(tmp_path):
     """A small MLP trained with the MeanFlow objective: its average velocity over [0, 1]
     approaches the exact MU + (S - 1) z, and one step from noise gives the data's mean and std.
