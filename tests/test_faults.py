@@ -390,9 +390,10 @@ def test_skip_bad_holds_in_every_step_of_the_image_reader(cli, tmp_path):
     assert ds.reference(4, torch.Generator()).shape == (4, 3, 8, 8)
 
 
-def test_cifar10_batches_are_memory_mapped_and_checked(tmp_path):
+def test_cifar10_batches_are_memory_mapped_and_checked(cli, tmp_path):
     """CIFAR-10 is read in its binary version only: fixed-size records, memory-mapped, the size of
-    each file checked; no record to skip (--skip-bad applies to image folders)."""
+    each file checked; no record to skip (--skip-bad applies to image folders and is refused for
+    other data, rather than ignored)."""
     from flowmatch.data.images import cached_cifar10
     from flowmatch.errors import UserError
 
@@ -403,6 +404,10 @@ def test_cifar10_batches_are_memory_mapped_and_checked(tmp_path):
         f.write(b"\0" * 100)
     with pytest.raises(UserError, match="data_batch_3.bin"):
         cached_cifar10(str(tmp_path / "c"))
+    np.save(tmp_path / "t.npy", np.zeros((10, 2), dtype=np.float32))
+    for data in (f"cifar10:{tmp_path / 'c'}", tmp_path / "t.npy", "checkerboard"):
+        rc, _, err = cli("train", "--data", data, "--skip-bad", "--out", tmp_path / "r", "--print-config")
+        assert "--skip-bad" in _only_line(rc, err, 2, "flowmatch: error:") and not (tmp_path / "r").exists(), err
 
 
 # --- 4. a full disk ---------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def student(kind: str, teacher: Path, out: Path, *args: str, seed: int = 0) -> N
 
 def default_measures(run_dir: Path, n: int = 2000, nll_points: int = 100) -> dict:
     """The default run's share off the cells at 100 Euler steps and 8 midpoint evaluations, its W2
-    over the floor at 100 Euler steps (one reference draw), and its NLL (dopri5 at 1e-4) on fresh points."""
+    over the floor at 100 Euler steps (one reference draw), and its NLL (dopri5 at 1e-3: 7 s against 1e-4's
+    32 s, 0.06 nats apart on a 350-step run, a quarter of the standard error) on fresh points."""
     from flowmatch.metrics import data_w2, off_support, w2
 
     run = load_run(run_dir)
@@ -63,16 +64,31 @@ def default_measures(run_dir: Path, n: int = 2000, nll_points: int = 100) -> dic
     g = torch.Generator().manual_seed(124)
     ref, fresh = run.dataset.reference(n, g), run.dataset.reference(n, g)
     x = run.dataset.reference(nll_points, torch.Generator().manual_seed(5))
-    nll = nll_summary(run.log_prob(x, tol=1e-4), 2)
+    nll = nll_summary(run.log_prob(x, tol=1e-3), 2)
     return {"off_euler100": off_support("checkerboard", euler), "ratio_euler100": w2(euler, ref) / data_w2(ref, fresh),
             "off_mid8": off_support("checkerboard", mid), "nll": nll["nll"], "nll_se": nll["se"]}
 
 
-def rectified_measures(teacher: Path, rf2: Path, dist: Path, n: int = 2000) -> dict:
+def rectified_measures(teacher: Path, rf2: Path, dist: Path, n: int = 2000, quick: bool = False) -> dict:
     """Straightness of the teacher and of its 2-rectified student (on the same noise), and the one
-    step of the 2-RF and of the distilled run."""
+    step of the 2-RF and of the distilled run: ``eval``'s protocol, or with ``quick`` (the slow tier) the
+    W2 over one reference draw against one floor and the share off the cells, without eval's other
+    measures, and straightness over 500 paths instead of 2000 (the network's 400 passes over 2000 points were
+    45 of its 52 s)."""
     t = load_run(teacher)
-    s1 = straightness(t.velocity, noise(7, 0, 2000, t.shape, t.device), nfe=100)
+    z = noise(7, 0, 500 if quick else 2000, t.shape, t.device)
+    s1 = straightness(t.velocity, z, nfe=100)
+    if quick:
+        from flowmatch.metrics import data_w2, off_support, w2
+
+        r2, rd = load_run(rf2), load_run(dist)
+        g = torch.Generator().manual_seed(8)
+        ref, fresh = t.dataset.reference(n, g), t.dataset.reference(n, g)
+        floor = data_w2(ref, fresh)
+        x2, xd = r2.sample(n, nfe=1, seed=7), rd.sample(n, nfe=1, seed=7)
+        return {"straightness_1rf": s1, "straightness_2rf": straightness(r2.velocity, z, nfe=100),
+                "ratio_2rf_1step": w2(x2, ref) / floor, "off_2rf_1step": off_support("checkerboard", x2),
+                "ratio_distilled_1step": w2(xd, ref) / floor, "off_distilled_1step": off_support("checkerboard", xd)}
     r2 = evaluate(load_run(rf2), (1,), n=n, seed=7, adaptive=None, repeats=1)
     rd = evaluate(load_run(dist), (1,), n=n, seed=7, adaptive=None, straight=False, repeats=1)
     return {"straightness_1rf": s1, "straightness_2rf": r2["straightness"], "ratio_2rf_1step": r2["nfe"]["1"]["ratio"],
@@ -88,7 +104,7 @@ def one_step_measures(run_dir: Path, n: int = 2000) -> dict:
 
 # ------------------------------------------------------------------------------------ the slow tier
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": the slow tests run first, so another module's may come between these two
 def reduced_default(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality") / "default"
     train(out, *REDUCED["default"])
@@ -101,12 +117,12 @@ def test_the_default_recipe_at_a_reduced_budget(reduced_default):
     m = default_measures(reduced_default)
     # Seeds 0 / 1 / 2 at 350 steps (2000 samples): off the cells 10.95 / 10.65 / 11.45% at 100 Euler steps (mean
     # 11.0%, sd 0.4 points) and 15.45 / 19.9 / 17.0% at 8 midpoint evaluations (mean 17.45%, sd 2.3); W2/floor
-    # 2.04 / 1.84 / 1.94 (sd 0.10); NLL 4.59 / 4.72 / 4.83 (sd 0.12; se 0.22 / 0.32 / 0.30: 100 points). Bounds:
+    # 2.04 / 1.84 / 1.94 (sd 0.10); NLL 4.64 / 4.77 / 4.97 (sd 0.17; se 0.23 / 0.33 / 0.28: 100 points). Bounds:
     # the worst seed and about 2.5 sd of the spread more (the full budget: 3.65% off, NLL 3.556; noise: 49% off)
     assert m["off_euler100"] <= 0.13, m
     assert m["off_mid8"] <= 0.26, m
     assert m["ratio_euler100"] <= 2.3, m
-    assert m["nll"] <= 5.2, m  # log 32 = 3.466 is the floor
+    assert m["nll"] <= 5.4, m  # log 32 = 3.466 is the floor
 
 
 @pytest.mark.slow
@@ -115,14 +131,14 @@ def test_reflow_straightens_and_distillation_jumps_at_a_reduced_budget(reduced_d
     rf2, dist = tmp_path / "2rf", tmp_path / "distilled"
     student("reflow", reduced_default, rf2, *REDUCED["reflow"])
     student("distill", rf2, dist, *REDUCED["distill"])
-    m = rectified_measures(reduced_default, rf2, dist)
-    # Seeds 0 / 1 / 2 (1024 pairs, 200 steps each): straightness 2.17 / 2.11 / 2.21 -> 0.176 / 0.174 / 0.169
-    # (12.3 / 12.1 / 13.1x straighter); one Euler step of the 2-RF W2/floor 3.47 / 2.77 / 2.37 (sd 0.56); the
-    # distilled one step 2.15 / 2.29 / 2.27 (sd 0.08) and 19.95 / 19.05 / 20.95% off the cells (sd 1.0 points).
-    # Bounds: the worst seed with a margin of about 2.5 sd of the spread
-    assert m["straightness_2rf"] <= m["straightness_1rf"] / 10, m
-    assert m["ratio_2rf_1step"] <= 4.9, m
-    assert m["ratio_distilled_1step"] <= 2.5, m
+    m = rectified_measures(reduced_default, rf2, dist, quick=True)
+    # Seeds 0 / 1 / 2 (1024 pairs, 200 steps each; 500 paths): straightness 2.19 / 2.12 / 2.23 -> 0.214 / 0.197 /
+    # 0.191 (10.2 / 10.8 / 11.7x straighter, sd 0.75); one Euler step of the 2-RF W2/floor 3.28 / 2.53 / 2.48 (sd
+    # 0.45); the distilled one step 2.04 / 1.87 / 2.44 (sd 0.29) and 19.95 / 19.05 / 20.95% off the cells (sd 1.0
+    # points). Bounds: the worst seed with a margin of about 2.5 sd of the spread
+    assert m["straightness_2rf"] <= m["straightness_1rf"] / 8, m
+    assert m["ratio_2rf_1step"] <= 4.4, m
+    assert m["ratio_distilled_1step"] <= 3.2, m
     assert m["off_distilled_1step"] <= 0.24, m
 
 
@@ -208,6 +224,19 @@ def test_meanflow_recipe_meets_the_one_step_bar(tmp_path, claims):
     claims.verify()
 
 
+@pytest.mark.full
+def test_meanflow_started_from_the_default_run(default_run, tmp_path, claims):
+    """``--objective meanflow --init RUN`` with its defaults from the default run (seed 0 measured 4.6% off
+    the cells at one step and W2/floor 0.92 on 2000 samples during training, docs/results/one-step.md)."""
+    out = tmp_path / "init"
+    train(out, "--objective", "meanflow", "--init", str(default_run[0]))
+    res = evaluate(load_run(out), (1,), n=4000, adaptive=None, straight=False)["nfe"]["1"]
+    page = "results/one-step: MeanFlow started from a flow-matching run"
+    claims.check("MeanFlow from the default run, off the cells at one step", res["off_support"], "<=", 0.06, page)
+    claims.check("MeanFlow from the default run, W2/floor at one step", res["ratio"], "<=", 1.1, page)
+    claims.verify()
+
+
 # ----------------------------------------------------------- measuring the slow tier's bounds again
 
 def main(argv=None) -> None:
@@ -233,7 +262,7 @@ def main(argv=None) -> None:
             for kind, teacher, out in (("reflow", d, rf2), ("distill", rf2, dist)):
                 if not out.exists():
                     student(kind, teacher, out, *REDUCED[kind], seed=s)
-            row |= rectified_measures(d, rf2, dist)
+            row |= rectified_measures(d, rf2, dist, quick=True)
         if "meanflow" in only:
             mf = args.out / f"meanflow-s{s}"
             if not mf.exists():

@@ -364,6 +364,8 @@ def spec_from_arg(data: str, n_points: int | None = None, seed: int = 0, image_s
     if columns and not (os.path.splitext(data)[1].lower() in (".npy", ".csv", ".pt") and not is_image_array(data)):
         raise SettingError("cond_columns", f"only applies to tables (.npy, .csv, .pt files), not {data!r}")
 
+    if skip_bad and not os.path.isdir(data):  # other data is refused whole when damaged: nothing to skip
+        raise SettingError("skip_bad", f"skips unreadable files of an image folder; {data!r} is not one")
     if data in TOY2D:
         return {"name": data, "n_points": n_points, "seed": seed}
     if n_points is not None:
