@@ -13,6 +13,7 @@ with a table of the claims, pass or fail.
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -104,10 +105,15 @@ def one_step_measures(run_dir: Path, n: int = 2000) -> dict:
 
 # ------------------------------------------------------------------------------------ the slow tier
 
-@pytest.fixture(scope="session")  # not "module": the slow tests run first, so another module's may come between these two
+@pytest.fixture
 def reduced_default(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quality") / "default"
-    train(out, *REDUCED["default"])
+    """The reduced default run of the worker's session, trained once: kept in the worker's base folder rather
+    than by fixture scope, since a pytest-xdist worker whose queue runs dry tears down even session fixtures
+    (the slow tests go first, so that happened between these two tests and trained the run twice)."""
+    out = tmp_path_factory.getbasetemp() / "reduced-default"
+    if not (out / "ema.safetensors").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        train(out, *REDUCED["default"])
     return out
 
 
