@@ -210,7 +210,9 @@ def test_rectified_pipeline_with_the_command_lines_defaults(default_run, tmp_pat
     student("distill", rf2, dist)
     m = rectified_measures(default_run[0], rf2, dist, n=4000)
     page = "README: Rectified flow"
-    claims.check("2-RF straightness, a share of 1-RF's", m["straightness_2rf"] / m["straightness_1rf"], "<=", 1 / 1000, page)
+    # docs/results/rectified.md: 2.08 -> 0.0044, a factor of about 470 (2026-12-07: 2.13 -> 0.0043, 496); the
+    # bound of 1/1000 this check had was never the documented claim, and the full tier had not run since
+    claims.check("2-RF straightness, a share of 1-RF's", m["straightness_2rf"] / m["straightness_1rf"], "<=", 1 / 400, page)
     claims.check("2-RF, W2/floor at one step", m["ratio_2rf_1step"], "<=", 1.2, page)
     claims.check("distilled, W2/floor at one step", m["ratio_distilled_1step"], "<=", 1.1, page)
     claims.check("distilled, off the cells at one step", m["off_distilled_1step"], "<=", 0.06, page)
