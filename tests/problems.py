@@ -68,6 +68,23 @@ def exact_u(z, t, h):
     return torch.where(h_ > 0, avg, v).to(z.dtype)
 
 
+def one_step_error(cfg, run, n: int = 4000):
+    """A trained interval network of ``run`` (its EMA weights; settings ``cfg``) on ``n`` noise draws: the
+    draws ``z``, its average velocity ``u`` over [0, 1], and the RMS error and size of the exact one."""
+    from safetensors.torch import load_file
+
+    from flowmatch.models import make_model
+
+    model = make_model(cfg.model_spec((2,)), (2,))
+    model.load_state_dict(load_file(run / "ema.safetensors"))
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    zeros, ones = torch.zeros(n), torch.ones(n)
+    with torch.no_grad():
+        u = model(z, zeros, h=ones)
+    exact = exact_u(z, zeros, ones)
+    return model, z, u, (u - exact).pow(2).sum(1).mean().sqrt(), exact.pow(2).sum(1).mean().sqrt()
+
+
 def exact_model(z, t, label=None, h=None):
     return exact_u(z.double(), t.double(), h.double()).to(z.dtype)
 
