@@ -13,7 +13,6 @@ with a table of the claims, pass or fail.
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -105,22 +104,13 @@ def one_step_measures(run_dir: Path, n: int = 2000) -> dict:
 
 # ------------------------------------------------------------------------------------ the slow tier
 
-@pytest.fixture
-def reduced_default(tmp_path_factory):
-    """The reduced default run of the worker's session, trained once: kept in the worker's base folder rather
-    than by fixture scope, since a pytest-xdist worker whose queue runs dry tears down even session fixtures
-    (the slow tests go first, so that happened between these two tests and trained the run twice)."""
-    out = tmp_path_factory.getbasetemp() / "reduced-default"
-    if not (out / "ema.safetensors").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        train(out, *REDUCED["default"])
-    return out
-
-
 @pytest.mark.slow
-@pytest.mark.xdist_group("reduced-default")
-def test_the_default_recipe_at_a_reduced_budget(reduced_default):
-    m = default_measures(reduced_default)
+def test_the_default_recipe_and_its_rectified_students_at_a_reduced_budget(tmp_path):
+    """One test, since the students need the run: two tests sharing it trained it twice (the slow tests go first,
+    on both workers, and a worker whose queue runs dry tears down even session fixtures)."""
+    run = tmp_path / "default"
+    train(run, *REDUCED["default"])
+    m = default_measures(run)
     # Seeds 0 / 1 / 2 at 350 steps (2000 samples): off the cells 10.95 / 10.65 / 11.45% at 100 Euler steps (mean
     # 11.0%, sd 0.4 points) and 15.45 / 19.9 / 17.0% at 8 midpoint evaluations (mean 17.45%, sd 2.3); W2/floor
     # 2.04 / 1.84 / 1.94 (sd 0.10); NLL 4.64 / 4.77 / 4.97 (sd 0.17; se 0.23 / 0.33 / 0.28: 100 points). Bounds:
@@ -130,14 +120,10 @@ def test_the_default_recipe_at_a_reduced_budget(reduced_default):
     assert m["ratio_euler100"] <= 2.3, m
     assert m["nll"] <= 5.4, m  # log 32 = 3.466 is the floor
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("reduced-default")
-def test_reflow_straightens_and_distillation_jumps_at_a_reduced_budget(reduced_default, tmp_path):
     rf2, dist = tmp_path / "2rf", tmp_path / "distilled"
-    student("reflow", reduced_default, rf2, *REDUCED["reflow"])
+    student("reflow", run, rf2, *REDUCED["reflow"])
     student("distill", rf2, dist, *REDUCED["distill"])
-    m = rectified_measures(reduced_default, rf2, dist, quick=True)
+    m = rectified_measures(run, rf2, dist, quick=True)
     # Seeds 0 / 1 / 2 (1024 pairs, 200 steps each; 500 paths): straightness 2.19 / 2.12 / 2.23 -> 0.214 / 0.197 /
     # 0.191 (10.2 / 10.8 / 11.7x straighter, sd 0.75); one Euler step of the 2-RF W2/floor 3.28 / 2.53 / 2.48 (sd
     # 0.45); the distilled one step 2.04 / 1.87 / 2.44 (sd 0.29) and 19.95 / 19.05 / 20.95% off the cells (sd 1.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import ot
 import torch
 
 from .errors import SettingError
@@ -54,6 +53,8 @@ class OTCoupling:
         self.method, self.reg, self.by_class = method, float(reg), bool(by_class)
 
     def _plan(self, x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
+        import ot  # POT takes 3 s to import (scikit-learn, its backends): only runs that pair by OT pay it
+
         a = x0.reshape(len(x0), -1).double().cpu().numpy()
         b = x1.reshape(len(x1), -1).double().cpu().numpy()
         cost = ot.dist(a, b)  # squared Euclidean

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import ot
 import torch
 
 from . import seeding
@@ -33,6 +32,8 @@ from .solvers import integrate
 
 def w2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Exact W2 between the empirical measures of ``a`` (N, ...) and ``b`` (M, ...)."""
+    import ot  # imported when first used: 3 s that training without OT pairs does not pay
+
     a = a.reshape(len(a), -1).double().cpu().numpy()
     b = b.reshape(len(b), -1).double().cpu().numpy()
     cost = ot.dist(a, b)
