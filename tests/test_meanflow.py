@@ -431,8 +431,10 @@ def test_meanflow_with_own_trajectories_trains_from_the_command_line(cli, tmp_pa
     assert rc == 0 and (tmp_path / "s.npy").exists(), err
 
 
-def test_own_trajectories_follow_the_datas_labels():
-    """On labelled data the teacher integrates each trajectory under a label drawn with the data,
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_own_trajectories_follow_the_datas_labels(dropout):
+    """On labelled data the teacher integrates each trajectory under a label drawn with the data, dropped to
+    the null label as often as the batches' labels are (those trajectories teach the unconditional map),
     and the rows drawn from it carry that label."""
     from flowmatch.couplings import IndependentCoupling
 
@@ -450,9 +452,11 @@ def test_own_trajectories_follow_the_datas_labels():
         return label[:, None].to(z.dtype).expand_as(z)
 
     obj = MeanFlow(UniformTime(), IndependentCoupling(), MeanFlowOptions(distill=1.0, distill_start=0.0, distill_pairs=500,
-                                                                         distill_nfe=4))
+                                                                         distill_nfe=4), label_dropout=dropout)
     gen = torch.Generator().manual_seed(0)
     obj.refresh(teacher, 0, 10, Labelled(), 0)
-    assert all(s is seen[0] for s in seen) and len(set(seen[0].tolist())) == 3
+    assert all(s is seen[0] for s in seen) and set(seen[0].tolist()) == {0, 1, 2} | ({-1} if dropout else set())
+    null = (seen[0] == -1).float().mean().item()
+    assert abs(null - dropout) < 0.07, null  # 500 draws: sd 0.022
     z, t, h, label, target = obj.own_rows(300, gen)
     torch.testing.assert_close(target, label[:, None].float().expand_as(target))

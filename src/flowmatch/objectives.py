@@ -168,11 +168,17 @@ class CFM:
         x0 = batch.x0 if batch.x0 is not None else torch.randn(x1.shape, generator=generator, device=x1.device)
         t = self.time_sampler.sample(len(x1), generator, device=x1.device)
         x0, x1, label = self.coupling.pair(x0, x1, generator, batch.label)
-        if label is not None and self.label_dropout > 0:
-            drop = torch.rand(len(label), generator=generator, device=x1.device) < self.label_dropout
-            label = torch.where(expand(drop, label), null_condition(label), label)
+        label = self.drop_labels(label, generator)
         reference = self.reference(self.stf, generator) if self.stf else None
         return Drawn(x0, x1, t, label, reference=reference)
+
+    def drop_labels(self, label: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Labels (condition vectors) replaced by the null condition with probability ``label_dropout``: the
+        rows that teach the unconditional field."""
+        if label is None or self.label_dropout <= 0:
+            return label
+        drop = torch.rand(len(label), generator=generator, device=label.device) < self.label_dropout
+        return torch.where(expand(drop, label), null_condition(label), label)
 
     def sample(self, x1: torch.Tensor, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
                label: torch.Tensor | None = None) -> PathSample:
@@ -311,7 +317,8 @@ class MeanFlow(CFM):
             return
         gen = generator(seed, "refresh", step, device=device)
         conditioned = dataset.num_classes or dataset.cond_dim  # the teacher follows labels (conditions) drawn with the data
-        label = dataset.sample(o.distill_pairs, gen).label if conditioned else None
+        # labels dropped as in the batches: the null-label trajectories teach the unconditional map
+        label = self.drop_labels(dataset.sample(o.distill_pairs, gen).label, gen) if conditioned else None
         x0 = torch.randn(o.distill_pairs, *dataset.shape, generator=gen, device=device)
         zeros = torch.zeros(o.distill_pairs, device=device, dtype=x0.dtype)
         if self.teacher is not None:  # ``init``: the flow-matching run's own field
