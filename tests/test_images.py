@@ -97,6 +97,25 @@ def test_unet_adapter_shapes_and_labels():
     assert not torch.allclose(net(x[:1], t[:1], torch.tensor([0])), net(x[:1], t[:1]))
 
 
+@pytest.mark.parametrize("interval", [False, True])
+def test_the_unet_evaluates_a_large_batch_in_chunks_without_changing_a_sample(interval):
+    """Without gradients on the CPU the adapter runs CPU_CHUNK samples at a time: every sample's value
+    is the one the whole batch gives (per-sample times, labels and steps follow their samples)."""
+    from flowmatch.models import unet
+
+    torch.manual_seed(0)
+    net = make_model({"name": "unet", "interval": interval}, (1, 8, 8), num_classes=3).eval()
+    n = 2 * unet.CPU_CHUNK + 5
+    x, t, label = torch.randn(n, 1, 8, 8), torch.rand(n), torch.randint(-1, 3, (n,))
+    h = torch.rand(n) * (1 - t) if interval else None
+    whole = net(x, t, label, h).detach()  # gradients on: one pass over the batch
+    with torch.no_grad():
+        chunked = net(x, t, label, h)
+        shared = net(x, torch.tensor(0.3), label, h)  # a time shared by the batch stays whole
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared, net(x, torch.full((n,), 0.3), label, h).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_class_conditional_folder_run(cli, folder, tmp_path):
     run = tmp_path / "run"
     rc, _, err = cli("train", "--data", folder, "--image-size", "8", "--out", run, *SMALL)

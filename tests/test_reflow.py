@@ -181,6 +181,34 @@ def test_distilled_run_samples_in_one_step(cli, tiny_run, tmp_path):
     assert "map_steps" not in res and res["adaptive"]["nfe"] > 0 and "straightness" in res
 
 
+def test_students_take_the_recipe_for_their_teachers_data(cli, tiny_run, tmp_path):
+    """Pairs, steps, batch and the teacher's budget left unset come from STUDENT_RECIPES by the teacher's
+    samples (images: 2000 pairs of 16 midpoint steps, 500 steps at batch 64; vectors: 20000 dopri5 pairs,
+    4000 steps at batch 512); what is given is kept, and --teacher-nfe 0 asks for dopri5."""
+    from flowmatch.config import StudentOptions
+
+    assert StudentOptions().resolve((2,)) == StudentOptions(pairs=20000, teacher_nfe=0, steps=4000, batch_size=512)
+    assert StudentOptions(pairs=7, batch_size=8).resolve((1, 28, 28)) == StudentOptions(pairs=7, teacher_nfe=16, steps=500,
+                                                                                          batch_size=8)
+    rc, _, err = cli("train", "--data", "digits", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "img",
+                     "--no-progress", "--no-plots")
+    assert rc == 0, err
+    budgets = {(run, nfe): (t.solver, t.nfe) for run in (tiny_run, tmp_path / "img") for nfe in (None, 0, 5, 8)
+               for t in [make_teacher(run, nfe=nfe)]}
+    assert budgets == {(tiny_run, None): ("dopri5", None), (tmp_path / "img", None): ("midpoint", 16),
+                       **{(run, 0): ("dopri5", None) for run in (tiny_run, tmp_path / "img")},
+                       **{(run, 5): ("euler", 5) for run in (tiny_run, tmp_path / "img")},
+                       **{(run, 8): ("midpoint", 8) for run in (tiny_run, tmp_path / "img")}}
+    rc, _, err = cli("distill", tmp_path / "img", "--pairs", "8", "--steps", "2", "--out", tmp_path / "d", "--no-progress",
+                     "--no-plots")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())["train"]
+    assert (cfg["steps"], cfg["batch_size"], cfg["lineage"]["pairs"]) == (2, 64, 8)
+    assert (cfg["lineage"]["teacher"]["solver"], cfg["lineage"]["teacher"]["nfe"]) == ("midpoint", 16)
+    assert "a number of DDIM steps" in one_line_error(*cli("distill", "--teacher", "diffusers:x", "--teacher-nfe", "0",
+                                                           "--out", tmp_path / "dd")[::2])
+
+
 def test_bad_reflow_input(cli, tiny_run, ddpm_dir, tmp_path):
     out = tmp_path / "out"
     assert "not a run directory" in one_line_error(*cli("reflow", tmp_path / "nope", "--out", out)[::2])

@@ -620,8 +620,8 @@ def _student_command(kind: str, run: Path | None, teacher: str | None, out: Path
         raise UserError("give either RUN (a flowmatch run as teacher) or --teacher diffusers:DIR, not both or neither")
     if teacher is None and not Path(run).is_dir():
         raise UserError(f"RUN: {run} is not a run directory")
-    t = make_teacher(teacher or run, nfe=opts.teacher_nfe, solver=rf.teacher_solver(opts.teacher_nfe), tol=opts.tol,
-                     device=_distributed_device(), null_class=opts.teacher_null_class)
+    t = make_teacher(teacher or run, nfe=opts.teacher_nfe, tol=opts.tol, device=_distributed_device(),
+                     null_class=opts.teacher_null_class)
     rf.check_guidance(t, opts.guidance)
     if opts.processes > 1 and "WORLD_SIZE" not in os.environ:
         if not resume:

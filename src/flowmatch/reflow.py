@@ -110,11 +110,6 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
     return pairs_dir
 
 
-def teacher_solver(nfe: int | None) -> str:
-    """A fixed NFE budget uses midpoint (even NFE) or Euler; without one, dopri5 at the tolerance."""
-    return "dopri5" if nfe is None else ("midpoint" if nfe % 2 == 0 else "euler")
-
-
 def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple[TrainConfig, dict]:
     """The student's settings and data spec: the teacher's network (and weights, for a flowmatch
     teacher) trained on the straight path between fixed pairs; distillation at the ``k`` grid times."""
@@ -189,7 +184,7 @@ def student(teacher, out, kind: str, opts: StudentOptions | None = None, resume:
     training run on the pairs. ``resume`` finishes an interrupted job or training."""
     from .training import check_new_run_dir, train
 
-    out, opts = Path(out), (opts or StudentOptions()).validate()
+    out, opts = Path(out), (opts or StudentOptions()).validate().resolve(teacher.shape)
     if resume and (out / "trainer_state.pt").exists():
         return train(None, out=out, resume=True, progress=progress)
     if not resume:

@@ -7,7 +7,8 @@ labels) and the same batch. ``label`` (class indices ``0 .. num_classes - 1``) a
 class-conditional teacher for those classes, with classifier-free guidance ``guidance``;
 without it a class-conditional teacher samples its null class.
 
-- :class:`FlowTeacher`: a flowmatch run integrated from t = 0 to 1 (default: dopri5).
+- :class:`FlowTeacher`: a flowmatch run integrated from t = 0 to 1 (default: the recipe's budget
+  for its data, 16 midpoint steps for images, dopri5 for vectors).
 - :class:`DiffusersTeacher`: a saved diffusers pipeline directory (``UNet2DModel`` with a
   DDPM or DDIM scheduler), sampled with DDIM at eta = 0 — deterministic, so ``z0`` (the
   initial ``x_T``) fixes ``z1``. Each step heads on with the noise implied by the clipped
@@ -28,14 +29,30 @@ from .errors import SettingError
 from .solvers import ADAPTIVE_METHODS, check_method, integrate
 
 
+def teacher_solver(nfe: int | None) -> str:
+    """A fixed NFE budget uses midpoint (even NFE) or Euler; without one (None or 0), dopri5 at the tolerance."""
+    return "dopri5" if not nfe else ("midpoint" if nfe % 2 == 0 else "euler")
+
+
 class FlowTeacher:
-    def __init__(self, run_dir, solver: str = "dopri5", nfe: int | None = None, tol: float = 1e-5, device=None):
+    """A flowmatch run integrated by ``solver`` in ``nfe`` evaluations, or by dopri5 at ``tol``.
+    ``solver`` unset: :func:`teacher_solver`; ``solver`` and ``nfe`` unset: the budget of
+    :data:`~flowmatch.config.STUDENT_RECIPES` for the run's data (16 midpoint steps for images,
+    dopri5 for vectors)."""
+
+    def __init__(self, run_dir, solver: str | None = None, nfe: int | None = None, tol: float = 1e-5, device=None):
+        from .config import STUDENT_RECIPES
         from .runs import load_run
 
-        check_method(solver, nfe if solver not in ADAPTIVE_METHODS else None)
-        if solver not in ADAPTIVE_METHODS and nfe is None:
-            raise SettingError("teacher_nfe", f"{solver} needs a number of evaluations")
+        if solver is not None:
+            check_method(solver, nfe if solver not in ADAPTIVE_METHODS else None)
+            if solver not in ADAPTIVE_METHODS and nfe is None:
+                raise SettingError("teacher_nfe", f"{solver} needs a number of evaluations")
         self.run = load_run(run_dir, device=device)
+        if solver is None:
+            if nfe is None:
+                nfe = STUDENT_RECIPES["image" if len(self.run.shape) == 3 else "vector"]["teacher_nfe"]
+            solver, nfe = teacher_solver(nfe), nfe or None
         self.solver, self.nfe, self.tol = solver, nfe, tol
         self.shape, self.device = self.run.shape, self.run.device
         self.data_spec = self.run.doc["data"]
@@ -156,17 +173,20 @@ class DiffusersTeacher:
         return x.to(z0.device)
 
 
-def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str = "dopri5", tol: float = 1e-5, device=None,
+def make_teacher(spec: str | os.PathLike, nfe: int | None = None, solver: str | None = None, tol: float = 1e-5, device=None,
                  null_class: int | None = None):
-    """``RUN`` (a flowmatch run directory) or ``diffusers:DIR`` (``null_class``: its UNet's null
-    class index, when it is class-conditional)."""
+    """``RUN`` (a flowmatch run directory: a :class:`FlowTeacher`; ``nfe`` 0: dopri5 at ``tol``) or
+    ``diffusers:DIR`` (``nfe``: DDIM steps, default 50; ``null_class``: its UNet's null class index,
+    when it is class-conditional)."""
     spec = str(spec)
     if spec.startswith("diffusers:"):
+        if nfe == 0:
+            raise SettingError("teacher_nfe", "a diffusers teacher takes a number of DDIM steps >= 1, got 0")
         return DiffusersTeacher(spec.split(":", 1)[1], steps=nfe or 50, device=device, null_class=null_class)
     if null_class is not None:
         raise SettingError("teacher_null_class", "applies to diffusers teachers; a flowmatch run knows its null class")
     if not Path(spec).is_dir():
         raise SettingError("teacher", f"{spec} is not a run directory (or diffusers:DIR)")
-    if nfe is not None and solver in ADAPTIVE_METHODS:
-        solver = "euler"  # an NFE budget asks for a fixed-step teacher
+    if nfe == 0:
+        solver, nfe = "dopri5", None
     return FlowTeacher(spec, solver=solver, nfe=nfe, tol=tol, device=device)

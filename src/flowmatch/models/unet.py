@@ -47,6 +47,10 @@ def _levels(channels, size: int) -> tuple[int, ...]:
 #: dropout 0.1); ``tiny`` is the CPU-sized network of benchmarks/ddpm_teacher.py.
 UNET_PRESETS = ("auto", "tiny", "small", "cifar")
 
+#: Samples the CPU evaluates at once outside training: a small chunk's activations stay in the
+#: caches (the 28x28 default UNet sampled 500 images about 1.7x faster 32 at a time than all at once)
+CPU_CHUNK = 32
+
 
 def unet_settings(preset: str, size: int) -> dict:
     """The UNet a preset builds for images whose smaller side is ``size``; levels that do not
@@ -111,7 +115,14 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None,
                 h: torch.Tensor | None = None) -> torch.Tensor:
         """The field at ``(x, t)``; with ``h`` (an interval UNet), the average velocity over
-        ``[t, t + h]`` (``h = 0``, or None: the instantaneous velocity)."""
+        ``[t, t + h]`` (``h = 0``, or None: the instantaneous velocity). Without gradients on the
+        CPU it evaluates :data:`CPU_CHUNK` samples at a time (each sample's value is its own)."""
+        if len(x) > CPU_CHUNK and x.device.type == "cpu" and not torch.is_grad_enabled():
+            def part(a, i):  # per-sample inputs follow their samples; a shared time or none stays whole
+                return a[i:i + CPU_CHUNK] if isinstance(a, torch.Tensor) and a.dim() and len(a) == len(x) else a
+
+            return torch.cat([self(x[i:i + CPU_CHUNK], part(t, i), part(label, i), part(h, i))
+                              for i in range(0, len(x), CPU_CHUNK)])
         labels = None
         if self.cond is not None:
             labels, label = self.cond(label, len(x), x.dtype), None
