@@ -58,6 +58,10 @@ def test_diffusers_teacher_maps_classes_around_its_null_and_guides_on_the_noise(
     null = torch.zeros(4, dtype=torch.long)
     torch.testing.assert_close(teacher(x), _ddim(cond_ddpm, x, 3, null), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(teacher(x, label, 3.0), _ddim(cond_ddpm, x, 3, label + 1, null, 3.0), atol=1e-5, rtol=1e-4)
+    # label -1 is the null class: guided or not, those samples are the unconditional ones
+    mixed = torch.tensor([-1, 1, -1, 0])
+    torch.testing.assert_close(teacher(x, mixed, 3.0)[[0, 2]], teacher(x)[[0, 2]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(teacher(x, mixed, 3.0)[[1, 3]], teacher(x, label, 3.0)[[1, 3]], atol=1e-5, rtol=1e-4)
     # the classes matter, and guidance moves the sample further from the null's
     assert (teacher(x, label) - teacher(x)).abs().mean() > 1e-3
     assert not torch.allclose(teacher(x, label, 3.0), teacher(x, label), atol=1e-4)
@@ -107,6 +111,15 @@ def test_a_class_conditional_flow_teacher_gives_a_student_with_classes(cli, tmp_
     assert rc == 0, err
     student = load_run(tmp_path / "s")
     assert student.num_classes == 10 and student.lineage["kind"] == "distill"
+    # a fifth of the pairs (--null-share 0.2) is the teacher's unconditional map, under the null class -1; the
+    # student drops no label itself: the pairs teach it both the classes and the unconditional map
+    pairs = load_file(tmp_path / "s" / "pairs" / "shard-00000.safetensors")
+    null = pairs["label"] < 0
+    assert int(null.sum()) == round(0.2 * 64) and json.loads((tmp_path / "s" / "pairs" / "pairs.json").read_text())["null_share"] == 0.2
+    torch.testing.assert_close(pairs["z1"][null], integrate(run.field(None), pairs["z0"][null], "midpoint", 4).x)
+    torch.testing.assert_close(pairs["z1"][~null], integrate(run.field(pairs["label"][~null], 2.5), pairs["z0"][~null],
+                                                             "midpoint", 4).x)
+    assert student.cfg.label_dropout == 0.0
     rc, _, err = cli("sample", tmp_path / "s", "--label", "3", "--n", "8", "--out", tmp_path / "x.npy", "--no-progress")
     assert rc == 0, err
 
@@ -123,7 +136,11 @@ def test_pairs_a_teacher_cannot_make_are_refused_before_anything_is_written(cli,
     assert "diffusers" in one_line_error(*cli("reflow", tiny_run, "--teacher-null-class", "0", "--out", out)[::2])
     assert "finite" in one_line_error(*cli("distill", tiny_run, "--guidance", "nan", "--out", out)[::2])
     assert not out.exists()
-    # guidance 1 is plain conditional sampling: no null class needed
+    # guidance 1 is plain conditional sampling: no null class needed, unless some pairs are to have none
+    line = one_line_error(*cli("distill", "--teacher", teacher, "--guidance", "1", "--out", out)[::2])
+    assert "--teacher-null-class" in line and "--null-share" in line
+    assert "[0, 1)" in one_line_error(*cli("distill", tiny_run, "--null-share", "1", "--out", out)[::2])
+    assert not out.exists()
     teacher_1 = make_teacher(teacher, nfe=2, device="cpu")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(teacher_1(x, torch.tensor([2, 1]), 1.0), _ddim(cond_ddpm, x, 2, torch.tensor([2, 1])),

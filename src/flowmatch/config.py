@@ -481,6 +481,8 @@ class StudentOptions:
                                            "map its noise to that class with this classifier-free guidance weight (1: "
                                            "plain conditional); the student learns the classes. Default: unconditional "
                                            "pairs (the teacher's null class)")
+    null_share: float = setting(0.2, "with --guidance: the share of pairs made for no class (the teacher's unconditional "
+                                     "map), so that the student also samples without a label")
     teacher_null_class: int | None = setting(None, "a class-conditional diffusers teacher: the class index it was "
                                                    "trained to read as 'no class' (its other indices are the classes)")
     processes: int = setting(1, "local processes: pair shards and training are shared among them")
@@ -501,6 +503,8 @@ class StudentOptions:
         if (self.loss == "lpips-huber") != (self.perceptual is not None):
             raise (SettingError("loss", "lpips-huber needs a perceptual distance file (`perceptual`)") if self.perceptual is None
                    else SettingError("perceptual", f"used only with `loss` lpips-huber, got {self.loss}"))
+        if not 0 <= self.null_share < 1:
+            raise SettingError("null_share", f"expected a share in [0, 1), got {self.null_share!r}")
         if self.guidance is not None and not math.isfinite(self.guidance):
             raise SettingError("guidance", f"expected a finite weight, got {self.guidance!r}")
         if self.teacher_null_class is not None and self.teacher_null_class < 0:

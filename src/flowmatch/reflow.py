@@ -29,51 +29,61 @@ from .runs import save_weights, write_json
 from .seeding import generator
 
 
-def _pairs_meta(teacher, n, shard_size, seed, guidance) -> dict:
+def _pairs_meta(teacher, n, shard_size, seed, guidance, null_share) -> dict:
     return {"n": n, "shard_size": shard_size, "seed": seed, "num_shards": -(-n // shard_size),
             "shape": list(teacher.shape), "teacher": teacher.describe(), "data": teacher.data_spec,
             "num_classes": getattr(teacher, "num_classes", 0), "cond_dim": getattr(teacher, "cond_dim", 0),
-            "guidance": guidance}
+            "guidance": guidance, **({"null_share": null_share} if guidance is not None else {})}
 
 
-def shard_draws(k: int, m: int, shape, seed: int, num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shard_draws(k: int, m: int, shape, seed: int, num_classes: int = 0,
+                null_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shard ``k``'s noise (the sampling noise of batch ``k``: :func:`flowmatch.seeding.noise`) and,
     with ``num_classes``, its pairs' classes: every class equally often (up to one), in an order
-    drawn from the same generator after the noise."""
+    drawn from the same generator after the noise; then ``round(null_share * m)`` pairs, drawn
+    next, get the null class -1 instead."""
     g = generator(seed, "sample", k)
     z0 = torch.randn(m, *shape, generator=g)
-    return z0, (torch.randperm(m, generator=g) % num_classes if num_classes else None)
+    if not num_classes:
+        return z0, None
+    label = torch.randperm(m, generator=g) % num_classes
+    label[torch.randperm(m, generator=g)[:round(null_share * m)]] = -1
+    return z0, label
 
 
-def check_guidance(teacher, guidance: float | None) -> int:
+def check_guidance(teacher, guidance: float | None, null_share: float = 0.0) -> int:
     """Refuse pairs a teacher cannot make (before anything is written); returns its classes."""
     classes = getattr(teacher, "num_classes", 0)
     if guidance is not None and not classes:
         raise SettingError("guidance", "the teacher has no classes; pairs with classes need a class-conditional teacher")
-    if getattr(teacher, "embeds", 0) and teacher.null_class is None and guidance != 1.0:
-        why = "for unconditional pairs" if guidance is None else f"for `guidance` {guidance:g} (1 needs none)"
+    if getattr(teacher, "embeds", 0) and teacher.null_class is None and (guidance != 1.0 or null_share > 0):
+        why = ("for unconditional pairs" if guidance is None else f"for `guidance` {guidance:g} (1 needs none)"
+               if guidance != 1.0 else "for the share of pairs without a class (`null_share` 0: none)")
         raise SettingError("teacher_null_class", f"the diffusers UNet in {teacher.directory} is class-conditional; name "
                                                  f"the class index it reads as 'no class' {why}")
     return classes
 
 
 def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,
-                   shards: list[int] | None = None, guidance: float | None = None) -> Path:
+                   shards: list[int] | None = None, guidance: float | None = None, null_share: float = 0.0) -> Path:
     """Write ``n`` teacher pairs as shards into ``pairs_dir`` (resumable); returns the folder.
 
     ``shards`` restricts the work to those shard indices (one process's share). ``guidance``
     (a class-conditional teacher) gives each pair a class (:func:`shard_draws`, saved as the
-    shard's ``label``) and maps its noise to that class with that guidance weight.
+    shard's ``label``) and maps its noise to that class with that guidance weight; a
+    ``null_share`` of the pairs gets the null class (-1) and the teacher's unconditional map.
     """
     if n < 1:
         raise SettingError("pairs", f"expected a positive number of pairs, got {n}")
     if shard_size < 1:
         raise SettingError("shard_size", f"expected a positive integer, got {shard_size}")
-    classes = check_guidance(teacher, guidance)
+    classes = check_guidance(teacher, guidance, null_share if guidance is not None else 0.0)
     pairs_dir = Path(pairs_dir)
-    meta = _pairs_meta(teacher, n, shard_size, seed, guidance)
+    if not 0 <= null_share < 1:
+        raise SettingError("null_share", f"expected a share in [0, 1), got {null_share!r}")
+    meta = _pairs_meta(teacher, n, shard_size, seed, guidance, null_share)
     meta_file = pairs_dir / "pairs.json"
-    keys = ("n", "shard_size", "seed", "shape", "teacher", "guidance")
+    keys = ("n", "shard_size", "seed", "shape", "teacher", "guidance", "null_share")
     # one process at a time writes the metadata: two commands that start the same folder at once share
     # its (identical) shards, or the second is refused when its teacher or settings differ
     if not meta_file.exists():
@@ -81,7 +91,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
             if not meta_file.exists():
                 write_json(meta_file, meta)
     old = read_pairs_meta(meta_file)
-    if {k: old.get(k) for k in keys} != {k: meta[k] for k in keys}:
+    if {k: old.get(k) for k in keys} != {k: meta.get(k) for k in keys}:
         raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings; choose a new directory")
     todo = range(meta["num_shards"]) if shards is None else shards
     shard_file = {k: pairs_dir / f"shard-{k:05d}.safetensors" for k in todo}
@@ -94,7 +104,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
             if stop_requested():  # SIGTERM: the finished shards are kept, the rest made on resuming
                 raise Stopped(f"stopped by SIGTERM: {done} more pair shard(s) written to {pairs_dir}, {len(todo) - done} "
                               "to go; run the same command with `resume` to finish them and train")
-            z0, label = shard_draws(k, sizes[k], teacher.shape, seed, classes if guidance is not None else 0)
+            z0, label = shard_draws(k, sizes[k], teacher.shape, seed, classes if guidance is not None else 0, null_share)
             z1 = []
             for i in range(0, sizes[k], piece):
                 z, y = z0[i:i + piece], None if label is None else label[i:i + piece]
@@ -136,6 +146,8 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
     cfg.hflip = False  # a pair is one noise and the teacher's sample from it: neither side may be flipped alone
     cfg.coupling, cfg.path, cfg.sigma_min = "fixed", "linear", 0.0
     cfg.stf = 0  # a pair's target is its own: the teacher's noise and sample are not independent draws
+    if opts.guidance is not None:  # labelled pairs carry their null class (null_share): no label is dropped again
+        cfg.label_dropout = 0.0
     cfg.steps, cfg.lr, cfg.batch_size, cfg.seed = opts.steps, opts.lr, opts.batch_size, opts.seed
     cfg.loss, cfg.plots = opts.loss, opts.plots
     if opts.perceptual is not None:
@@ -161,20 +173,20 @@ def student_config(teacher, out: Path, kind: str, opts: StudentOptions) -> tuple
 def pairs_job(teacher, pairs_dir: Path, opts: StudentOptions, progress: bool = True) -> None:
     """Generate the teacher's pairs (resumable). Under torchrun each process writes every P-th
     shard, after the main process has written the folder's metadata."""
-    n, size, seed = opts.pairs, opts.shard_size, opts.seed
+    n, size = opts.pairs, opts.shard_size
+    kw = {"shard_size": size, "seed": opts.seed, "guidance": opts.guidance, "null_share": opts.null_share}
     if "WORLD_SIZE" not in os.environ:
-        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress, guidance=opts.guidance)
+        generate_pairs(teacher, n, pairs_dir, progress=progress, **kw)
         return
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     state.wait_for_everyone()  # every process has checked --out before any writes
     if state.is_main_process:  # the metadata first, from one process
-        generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=False, shards=[], guidance=opts.guidance)
+        generate_pairs(teacher, n, pairs_dir, progress=False, shards=[], **kw)
     state.wait_for_everyone()
     mine = list(range(state.process_index, -(-n // size), state.num_processes))
-    generate_pairs(teacher, n, pairs_dir, shard_size=size, seed=seed, progress=progress and state.is_main_process,
-                   shards=mine, guidance=opts.guidance)
+    generate_pairs(teacher, n, pairs_dir, progress=progress and state.is_main_process, shards=mine, **kw)
     state.wait_for_everyone()
 
 

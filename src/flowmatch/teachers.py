@@ -144,7 +144,12 @@ class DiffusersTeacher:
                                                          "class for unconditional pairs, or give `guidance` for pairs with classes")
             return torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
         label = label.to(self.device, torch.long)
-        return label + (label >= self.null_class).long() if self.null_class is not None else label
+        if self.null_class is None:
+            if (label < 0).any():
+                raise SettingError("teacher_null_class", f"the UNet in {self.directory} is class-conditional; name its "
+                                                         "null class for pairs without a class (`null_share`)")
+            return label
+        return torch.where(label < 0, self.null_class, label + (label >= self.null_class).long())
 
     def eps(self, x: torch.Tensor, t, label: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
         """The UNet's noise prediction at diffusers time ``t`` for classes ``label`` (None: the
