@@ -48,7 +48,7 @@ def _levels(channels, size: int) -> tuple[int, ...]:
 UNET_PRESETS = ("auto", "tiny", "small", "cifar")
 
 #: Samples the CPU evaluates at once outside training: a small chunk's activations stay in the
-#: caches (the 28x28 default UNet sampled 500 images about 1.7x faster 32 at a time than all at once)
+#: caches (500 images from the 28x28 default UNet at 4 steps: 22 s all at once, 13 s 32 at a time)
 CPU_CHUNK = 32
 
 
