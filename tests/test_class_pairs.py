@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from flowmatch.data.pairs import PairsDataset
 from flowmatch.errors import UserError
-from flowmatch.reflow import generate_pairs, shard_draws
+from flowmatch.reflow import Classes, generate_pairs, shard_draws
 from flowmatch.runs import load_run
 from flowmatch.solvers import integrate
 from flowmatch.teachers import FlowTeacher, make_teacher
@@ -72,8 +72,8 @@ def test_diffusers_teacher_maps_classes_around_its_null_and_guides_on_the_noise(
 
 def test_pairs_with_classes_repeat_keep_the_noise_and_balance_the_classes(cond_ddpm, tmp_path):
     teacher = make_teacher(f"diffusers:{cond_ddpm}", nfe=2, device="cpu", null_class=2)
-    one = generate_pairs(teacher, 10, tmp_path / "a", shard_size=6, seed=4, progress=False, guidance=2.0)
-    two = generate_pairs(teacher, 10, tmp_path / "b", shard_size=6, seed=4, progress=False, guidance=2.0)
+    one = generate_pairs(teacher, 10, tmp_path / "a", shard_size=6, seed=4, progress=False, classes=Classes(2.0))
+    two = generate_pairs(teacher, 10, tmp_path / "b", shard_size=6, seed=4, progress=False, classes=Classes(2.0))
     assert json.loads((one / "pairs.json").read_text())["guidance"] == 2.0
     for k, m in ((0, 6), (1, 4)):
         a, b = (load_file(d / f"shard-{k:05d}.safetensors") for d in (one, two))
@@ -92,7 +92,7 @@ def test_pairs_with_classes_repeat_keep_the_noise_and_balance_the_classes(cond_d
     assert torch.equal(batch.label, labels[idx])
     # other settings are other pairs
     with pytest.raises(UserError, match="another teacher"):
-        generate_pairs(teacher, 10, one, shard_size=6, seed=4, progress=False, guidance=3.0)
+        generate_pairs(teacher, 10, one, shard_size=6, seed=4, progress=False, classes=Classes(3.0))
 
 
 def test_a_class_conditional_flow_teacher_gives_a_student_with_classes(cli, tmp_path):
@@ -100,7 +100,7 @@ def test_a_class_conditional_flow_teacher_gives_a_student_with_classes(cli, tmp_
                      "--batch-size", "64", "--out", tmp_path / "t", "--no-progress", "--no-plots")
     assert rc == 0, err
     teacher = FlowTeacher(tmp_path / "t", solver="midpoint", nfe=4)
-    d = generate_pairs(teacher, 40, tmp_path / "p", shard_size=20, seed=0, progress=False, guidance=2.5)
+    d = generate_pairs(teacher, 40, tmp_path / "p", shard_size=20, seed=0, progress=False, classes=Classes(2.5))
     shard = load_file(d / "shard-00001.safetensors")
     run = load_run(tmp_path / "t")
     ref = integrate(run.field(shard["label"], 2.5), shard["z0"], "midpoint", 4).x

@@ -99,13 +99,13 @@ def test_unet_adapter_shapes_and_labels():
 
 @pytest.mark.parametrize("interval", [False, True])
 def test_the_unet_evaluates_a_large_batch_in_chunks_without_changing_a_sample(interval):
-    """Without gradients on the CPU the adapter runs CPU_CHUNK samples at a time: every sample's value
-    is the one the whole batch gives (per-sample times, labels and steps follow their samples)."""
+    """Without gradients on the CPU the adapter runs cpu_chunk(h, w) samples at a time: every sample's
+    value is the one the whole batch gives (per-sample times, labels and steps follow their samples)."""
     from flowmatch.models import unet
 
     torch.manual_seed(0)
     net = make_model({"name": "unet", "interval": interval}, (1, 8, 8), num_classes=3).eval()
-    n = 2 * unet.CPU_CHUNK + 5
+    n = 2 * unet.cpu_chunk(8, 8) + 5
     x, t, label = torch.randn(n, 1, 8, 8), torch.rand(n), torch.randint(-1, 3, (n,))
     h = torch.rand(n) * (1 - t) if interval else None
     whole = net(x, t, label, h).detach()  # gradients on: one pass over the batch

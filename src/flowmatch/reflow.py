@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,15 +65,25 @@ def check_guidance(teacher, guidance: float | None, null_share: float = 0.0) -> 
     return classes
 
 
+@dataclass(frozen=True)
+class Classes:
+    """Pairs with classes (a class-conditional teacher): each pair's noise mapped to its class with
+    classifier-free ``guidance``; a ``null_share`` of the pairs gets the null class (-1) and the
+    teacher's unconditional map."""
+
+    guidance: float = 1.0
+    null_share: float = 0.0
+
+
 def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, seed: int = 0, progress: bool = True,
-                   shards: list[int] | None = None, guidance: float | None = None, null_share: float = 0.0) -> Path:
+                   shards: list[int] | None = None, classes: Classes | None = None) -> Path:
     """Write ``n`` teacher pairs as shards into ``pairs_dir`` (resumable); returns the folder.
 
-    ``shards`` restricts the work to those shard indices (one process's share). ``guidance``
-    (a class-conditional teacher) gives each pair a class (:func:`shard_draws`, saved as the
-    shard's ``label``) and maps its noise to that class with that guidance weight; a
-    ``null_share`` of the pairs gets the null class (-1) and the teacher's unconditional map.
+    ``shards`` restricts the work to those shard indices (one process's share). ``classes`` gives
+    each pair a class (:func:`shard_draws`, saved as the shard's ``label``) and maps its noise to
+    that class with its guidance weight (:class:`Classes`).
     """
+    guidance, null_share = (None, 0.0) if classes is None else (classes.guidance, classes.null_share)
     if n < 1:
         raise SettingError("pairs", f"expected a positive number of pairs, got {n}")
     if shard_size < 1:
@@ -174,7 +185,8 @@ def pairs_job(teacher, pairs_dir: Path, opts: StudentOptions, progress: bool = T
     """Generate the teacher's pairs (resumable). Under torchrun each process writes every P-th
     shard, after the main process has written the folder's metadata."""
     n, size = opts.pairs, opts.shard_size
-    kw = {"shard_size": size, "seed": opts.seed, "guidance": opts.guidance, "null_share": opts.null_share}
+    classes = None if opts.guidance is None else Classes(opts.guidance, opts.null_share)
+    kw = {"shard_size": size, "seed": opts.seed, "classes": classes}
     if "WORLD_SIZE" not in os.environ:
         generate_pairs(teacher, n, pairs_dir, progress=progress, **kw)
         return
@@ -222,4 +234,4 @@ def distill(teacher, out, resume: bool = False, progress: bool = True, **options
     return student(teacher, out, "distill", StudentOptions(**options), resume, progress)
 
 
-__all__ = ["generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_draws", "check_guidance"]
+__all__ = ["Classes", "generate_pairs", "check_pairs", "PairsDataset", "reflow", "distill", "student", "shard_draws", "check_guidance"]
