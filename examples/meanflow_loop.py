@@ -15,6 +15,7 @@ ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--steps", type=int, default=4000)
 args = ap.parse_args()
 
+torch.manual_seed(0)  # the network's initial weights
 g = torch.Generator().manual_seed(0)
 data = fm.checkerboard(20000, generator=g)  # or your own (N, D) tensor
 

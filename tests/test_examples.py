@@ -21,10 +21,11 @@ def test_the_cfm_loop_trains_samples_nearer_the_data_than_noise(script, ot):
 
 
 def test_the_meanflow_loop_puts_one_step_samples_on_the_cells(script):
-    rc, out, err = script(EXAMPLES / "meanflow_loop.py", "--steps", "400")
+    rc, out, err = script(EXAMPLES / "meanflow_loop.py", "--steps", "800")
     assert rc == 0, err
     one, two, noise = [float(x) for x in re.findall(r"(\d+\.\d)%", out)]
-    # noise: half off the cells; at 400 steps one step measured 31.6%, two steps 25.8% (seed 0)
+    # noise: half off the cells; at 800 steps one step measured 29.4%, two steps 23.4% (seeded weights; at 400
+    # steps the unseeded weights gave 32-40%, at the bound)
     assert one < noise - 10 and two < noise - 10, out
 
 
