@@ -88,7 +88,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         raise SettingError("pairs", f"expected a positive number of pairs, got {n}")
     if shard_size < 1:
         raise SettingError("shard_size", f"expected a positive integer, got {shard_size}")
-    classes = check_guidance(teacher, guidance, null_share if guidance is not None else 0.0)
+    num_classes = check_guidance(teacher, guidance, null_share)
     pairs_dir = Path(pairs_dir)
     if not 0 <= null_share < 1:
         raise SettingError("null_share", f"expected a share in [0, 1), got {null_share!r}")
@@ -115,7 +115,7 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
             if stop_requested():  # SIGTERM: the finished shards are kept, the rest made on resuming
                 raise Stopped(f"stopped by SIGTERM: {done} more pair shard(s) written to {pairs_dir}, {len(todo) - done} "
                               "to go; run the same command with `resume` to finish them and train")
-            z0, label = shard_draws(k, sizes[k], teacher.shape, seed, classes if guidance is not None else 0, null_share)
+            z0, label = shard_draws(k, sizes[k], teacher.shape, seed, num_classes if guidance is not None else 0, null_share)
             z1 = []
             for i in range(0, sizes[k], piece):
                 z, y = z0[i:i + piece], None if label is None else label[i:i + piece]
