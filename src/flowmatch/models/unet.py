@@ -122,9 +122,10 @@ class UNet(nn.Module):
                 h: torch.Tensor | None = None) -> torch.Tensor:
         """The field at ``(x, t)``; with ``h`` (an interval UNet), the average velocity over
         ``[t, t + h]`` (``h = 0``, or None: the instantaneous velocity). Without gradients on the
-        CPU it evaluates :func:`cpu_chunk` samples at a time (each sample's value is its own)."""
+        CPU it evaluates :func:`cpu_chunk` samples at a time (each sample's value is its own), unless traced."""
         chunk = cpu_chunk(*x.shape[-2:])
-        if len(x) > chunk and x.device.type == "cpu" and not torch.is_grad_enabled():
+        # not while traced (ONNX export, torch.compile): a dynamic batch cannot be compared with the chunk
+        if not torch.compiler.is_compiling() and len(x) > chunk and x.device.type == "cpu" and not torch.is_grad_enabled():
             def part(a, i):  # per-sample inputs follow their samples; a shared time or none stays whole
                 return a[i:i + chunk] if isinstance(a, torch.Tensor) and a.dim() and len(a) == len(x) else a
 
