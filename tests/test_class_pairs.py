@@ -91,7 +91,7 @@ def test_pairs_with_classes_repeat_keep_the_noise_and_balance_the_classes(cond_d
     idx = (batch.x0.flatten(1)[:, None] == z0.flatten(1)[None]).all(-1).float().argmax(1)
     assert torch.equal(batch.label, labels[idx])
     # other settings are other pairs
-    with pytest.raises(UserError, match="another teacher"):
+    with pytest.raises(UserError, match=r"another teacher or settings \(guidance differ\)"):
         generate_pairs(teacher, 10, one, shard_size=6, seed=4, progress=False, classes=Classes(3.0))
 
 
@@ -129,7 +129,10 @@ def test_pairs_a_teacher_cannot_make_are_refused_before_anything_is_written(cli,
     teacher = f"diffusers:{cond_ddpm}"
     line = one_line_error(*cli("reflow", "--teacher", teacher, "--out", out, "--guidance", "2")[::2])
     assert "--teacher-null-class" in line and "--guidance 2" in line
+    # its default: pairs at guidance 1.5 (an image teacher with classes), a fifth without a class
     line = one_line_error(*cli("reflow", "--teacher", teacher, "--out", out)[::2])
+    assert "--teacher-null-class" in line and "--guidance 1.5" in line
+    line = one_line_error(*cli("reflow", "--teacher", teacher, "--null-share", "1", "--out", out)[::2])
     assert "--teacher-null-class" in line and "unconditional" in line
     assert "0 .. 2" in one_line_error(*cli("reflow", "--teacher", teacher, "--teacher-null-class", "3", "--out", out)[::2])
     assert "no classes" in one_line_error(*cli("reflow", tiny_run, "--guidance", "2", "--out", out)[::2])
@@ -139,7 +142,7 @@ def test_pairs_a_teacher_cannot_make_are_refused_before_anything_is_written(cli,
     # guidance 1 is plain conditional sampling: no null class needed, unless some pairs are to have none
     line = one_line_error(*cli("distill", "--teacher", teacher, "--guidance", "1", "--out", out)[::2])
     assert "--teacher-null-class" in line and "--null-share" in line
-    assert "[0, 1)" in one_line_error(*cli("distill", tiny_run, "--null-share", "1", "--out", out)[::2])
+    assert "[0, 1]" in one_line_error(*cli("distill", tiny_run, "--null-share", "1.5", "--out", out)[::2])
     assert not out.exists()
     teacher_1 = make_teacher(teacher, nfe=2, device="cpu")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -110,7 +110,7 @@ def test_interrupted_pair_generation_resumes_to_the_same_pairs(tiny_run, tmp_pat
 
 def test_pairs_from_another_teacher_are_refused(tiny_run, tmp_path):
     generate_pairs(FlowTeacher(tiny_run, solver="midpoint", nfe=8), 100, tmp_path / "p", shard_size=64, progress=False)
-    with pytest.raises(UserError, match="another teacher"):
+    with pytest.raises(UserError, match=r"another teacher or settings \(teacher differ\)"):
         generate_pairs(FlowTeacher(tiny_run, solver="euler", nfe=3), 100, tmp_path / "p", shard_size=64, progress=False)
 
 
@@ -183,13 +183,17 @@ def test_distilled_run_samples_in_one_step(cli, tiny_run, tmp_path):
 
 def test_students_take_the_recipe_for_their_teachers_data(cli, tiny_run, tmp_path):
     """Pairs, steps, batch and the teacher's budget left unset come from STUDENT_RECIPES by the teacher's
-    samples (images: 2000 pairs of 16 midpoint steps, 500 steps at batch 64; vectors: 20000 dopri5 pairs,
-    4000 steps at batch 512); what is given is kept, and --teacher-nfe 0 asks for dopri5."""
+    samples (images: 2000 pairs of 16 midpoint steps, 500 steps at batch 64, and a class-conditional
+    teacher's pairs at guidance 1.5, a fifth without a class; vectors: 20000 dopri5 pairs, 4000 steps at
+    batch 512, unconditional); what is given is kept, and --teacher-nfe 0 asks for dopri5."""
     from flowmatch.config import StudentOptions
 
     assert StudentOptions().resolve((2,)) == StudentOptions(pairs=20000, teacher_nfe=0, steps=4000, batch_size=512)
+    assert StudentOptions().resolve((2,), num_classes=3).guidance is None
     assert StudentOptions(pairs=7, batch_size=8).resolve((1, 28, 28)) == StudentOptions(pairs=7, teacher_nfe=16, steps=500,
                                                                                           batch_size=8)
+    assert StudentOptions().resolve((1, 28, 28), num_classes=10).guidance == 1.5
+    assert StudentOptions(guidance=2.0).resolve((1, 28, 28), num_classes=10).guidance == 2.0
     rc, _, err = cli("train", "--data", "digits", "--steps", "2", "--batch-size", "4", "--out", tmp_path / "img",
                      "--no-progress", "--no-plots")
     assert rc == 0, err
@@ -205,6 +209,17 @@ def test_students_take_the_recipe_for_their_teachers_data(cli, tiny_run, tmp_pat
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())["train"]
     assert (cfg["steps"], cfg["batch_size"], cfg["lineage"]["pairs"]) == (2, 64, 8)
     assert (cfg["lineage"]["teacher"]["solver"], cfg["lineage"]["teacher"]["nfe"]) == ("midpoint", 16)
+    # the digits have classes: the pairs have them too (guidance 1.5), two of the eight without one
+    meta = json.loads((tmp_path / "d" / "pairs" / "pairs.json").read_text())
+    labels = load_file(tmp_path / "d" / "pairs" / "shard-00000.safetensors")["label"]
+    assert (meta["guidance"], meta["null_share"], int((labels < 0).sum())) == (1.5, 0.2, 2)
+    # --null-share 1: every pair the teacher's unconditional map
+    rc, _, err = cli("distill", tmp_path / "img", "--pairs", "8", "--steps", "1", "--null-share", "1", "--out", tmp_path / "u",
+                     "--no-progress", "--no-plots")
+    assert rc == 0, err
+    pairs = load_file(tmp_path / "u" / "pairs" / "shard-00000.safetensors")
+    assert (pairs["label"] < 0).all()
+    torch.testing.assert_close(pairs["z1"], make_teacher(tmp_path / "img")(pairs["z0"]))
     assert "a number of DDIM steps" in one_line_error(*cli("distill", "--teacher", "diffusers:x", "--teacher-nfe", "0",
                                                            "--out", tmp_path / "dd")[::2])
 

@@ -167,13 +167,16 @@ def defaults_table(columns=None) -> str:
 
 
 def defaults_notes() -> str:
-    from flowmatch.config import LR_BY_UNET, WITHOUT_STF
+    from flowmatch.config import DATA_RECIPES, LR_BY_UNET, WITHOUT_STF
 
     without = ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in WITHOUT_STF.items())
     lrs = ", ".join(f"`--unet {k}`: {v:g}" for k, v in LR_BY_UNET.items())
     return (f"Where the stable target cannot apply (a coupling other than independent, continuous conditions, "
             f"images streamed from a folder), flow matching trains the plain target: {without}. "
-            f"A UNet preset with a learning rate of its own: {lrs}.")
+            f"A UNet preset with a learning rate of its own: {lrs}. "
+            + " ".join(f"`--data {data}` with `--objective {objective}`: "
+                       + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in values.items()) + "."
+                       for (data, objective), values in DATA_RECIPES.items()))
 
 
 GENERATORS = {

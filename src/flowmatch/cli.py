@@ -622,6 +622,7 @@ def _student_command(kind: str, run: Path | None, teacher: str | None, out: Path
         raise UserError(f"RUN: {run} is not a run directory")
     t = make_teacher(teacher or run, nfe=opts.teacher_nfe, tol=opts.tol, device=_distributed_device(),
                      null_class=opts.teacher_null_class)
+    opts = opts.resolve(t.shape, getattr(t, "num_classes", 0))
     rf.check_guidance(t, opts.guidance, opts.null_share if opts.guidance is not None else 0.0)
     if opts.processes > 1 and "WORLD_SIZE" not in os.environ:
         if not resume:

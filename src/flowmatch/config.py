@@ -168,7 +168,7 @@ class TrainConfig:
         Settings given keep their values."""
         # the recipe's stable target and its steps where it applies and the user has not chosen one
         own_stf = stable_target_possible(self, dataset) and self.stf is None
-        values = recipe(data_kind(dataset), self.objective, self.unet, own_stf, init=self.init is not None)
+        values = recipe(data_kind(dataset), self.objective, self.unet, own_stf, init=self.init is not None, data=self.data)
         for name, value in values.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -479,10 +479,10 @@ class StudentOptions:
     k: int = setting(1, "distill: steps of the distilled sampler (1: one-step generator)")
     guidance: float | None = setting(None, "a class-conditional teacher: give each pair a class (each class equally often) and "
                                            "map its noise to that class with this classifier-free guidance weight (1: "
-                                           "plain conditional); the student learns the classes. Default: unconditional "
-                                           "pairs (the teacher's null class)")
-    null_share: float = setting(0.2, "with --guidance: the share of pairs made for no class (the teacher's unconditional "
-                                     "map), so that the student also samples without a label")
+                                           "plain conditional); the student learns the classes. Default: 1.5 for a "
+                                           "class-conditional teacher of images; otherwise unconditional pairs")
+    null_share: float = setting(0.2, "pairs with classes: the share made for no class (the teacher's unconditional map), so "
+                                     "that the student also samples without a label; 1: unconditional pairs only")
     teacher_null_class: int | None = setting(None, "a class-conditional diffusers teacher: the class index it was "
                                                    "trained to read as 'no class' (its other indices are the classes)")
     processes: int = setting(1, "local processes: pair shards and training are shared among them")
@@ -503,8 +503,8 @@ class StudentOptions:
         if (self.loss == "lpips-huber") != (self.perceptual is not None):
             raise (SettingError("loss", "lpips-huber needs a perceptual distance file (`perceptual`)") if self.perceptual is None
                    else SettingError("perceptual", f"used only with `loss` lpips-huber, got {self.loss}"))
-        if not 0 <= self.null_share < 1:
-            raise SettingError("null_share", f"expected a share in [0, 1), got {self.null_share!r}")
+        if not 0 <= self.null_share <= 1:
+            raise SettingError("null_share", f"expected a share in [0, 1], got {self.null_share!r}")
         if self.guidance is not None and not math.isfinite(self.guidance):
             raise SettingError("guidance", f"expected a finite weight, got {self.guidance!r}")
         if self.teacher_null_class is not None and self.teacher_null_class < 0:
@@ -513,10 +513,13 @@ class StudentOptions:
             raise SettingError("unet", f"expected one of {', '.join(CHOICES['unet'])}, got {self.unet!r}")
         return self
 
-    def resolve(self, shape) -> StudentOptions:
+    def resolve(self, shape, num_classes: int = 0) -> StudentOptions:
         """A copy with the settings left unset (None) taken from :data:`STUDENT_RECIPES` for the
-        teacher's samples of ``shape`` (images (C, H, W) or vectors)."""
-        values = STUDENT_RECIPES["image" if len(shape) == 3 else "vector"]
+        teacher's samples of ``shape`` (images (C, H, W) or vectors); its guidance only for a teacher
+        with ``num_classes``."""
+        values = dict(STUDENT_RECIPES["image" if len(shape) == 3 else "vector"])
+        if not num_classes:
+            values.pop("guidance")
         return dataclasses.replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
 
@@ -578,6 +581,11 @@ RECIPES = {
     ("image", "shortcut"): {**_FLOW, **_IMAGES},
 }
 WITHOUT_STF = {"stf": 0, "steps": 4000}
+#: what a named data set changes in its kind's recipe. 28x28 digits (``mnist``): a step of the default UNet
+#: takes about 1.2 s on 2 CPU cores, so the images' 9000 steps (measured on 8x8 digits) would take 3 hours;
+#: 1500 steps (32 minutes) gave a teacher whose one-step student is within 1.06x of its 20-step Fréchet
+#: distance, with and without a label (docs/results/one-step.md). Longer teachers are not measured here.
+DATA_RECIPES = {("mnist", "cfm"): {"steps": 1500}}
 #: ``init`` (a MeanFlow network started from a flow-matching run): what replaces the recipe. The run's field
 #: gives the average velocity over any step along its trajectories, so every interval row comes from them
 #: (no JVP: through the run's time embedding, t * 10000 on the MLP, its derivative is no target), on as many
@@ -588,8 +596,11 @@ INIT_RECIPES = {"meanflow": {"steps": 4000, "meanflow_share": 0.0, "meanflow_dis
 #: of its own 20 Euler steps, in 16 minutes on 2 CPU cores (the vectors' settings would take hours there);
 #: on the checkerboard 20000 dopri5 pairs and 4000 steps at batch 512 (docs/results/rectified.md).
 #: ``teacher_nfe`` 0: dopri5 at the tolerance (a diffusers teacher's default stays its 50 DDIM steps).
-STUDENT_RECIPES = {"image": {"pairs": 2000, "teacher_nfe": 16, "steps": 500, "batch_size": 64},
-                   "vector": {"pairs": 20000, "teacher_nfe": 0, "steps": 4000, "batch_size": 512}}
+#: ``guidance`` (a class-conditional teacher): on 28x28 digits pairs at guidance 1.5, a fifth of them without a
+#: class, gave one student within 1.06x of the teacher's 20 steps unconditionally and 1.03x asked for a digit
+#: (98.2% read as asked); unconditional pairs were better without a label (0.90x) but read 92.1% asked for one.
+STUDENT_RECIPES = {"image": {"pairs": 2000, "teacher_nfe": 16, "steps": 500, "batch_size": 64, "guidance": 1.5},
+                   "vector": {"pairs": 20000, "teacher_nfe": 0, "steps": 4000, "batch_size": 512, "guidance": None}}
 #: the peak learning rate of a UNet preset that trains at its own (the 36 M-parameter preset at 2e-3: its loss
 #: jumped from 0.46 to 1.05 in 200 steps on digits and stayed there)
 LR_BY_UNET = {"cifar": 2e-4}
@@ -612,13 +623,16 @@ def stable_target_possible(cfg: TrainConfig, dataset) -> bool:
             and not hasattr(dataset, "loader") and not dataset.cond_dim)
 
 
-def recipe(kind: str, objective: str, unet: str = "auto", stable_target: bool = True, init: bool = False) -> dict:
+def recipe(kind: str, objective: str, unet: str = "auto", stable_target: bool = True, init: bool = False,
+           data: str | None = None) -> dict:
     """The defaults of :data:`RECIPE_SETTINGS` for data of ``kind`` and ``objective`` (``unet``: the
     UNet preset, whose learning rate may be its own; ``stable_target``: whether it can apply; ``init``:
-    started from a flow-matching run, :data:`INIT_RECIPES`)."""
+    started from a flow-matching run, :data:`INIT_RECIPES`; ``data``: the data set's name, whose
+    :data:`DATA_RECIPES` entry applies)."""
     if (kind, objective) not in RECIPES:
         raise SettingError("objective", f"expected one of {', '.join(sorted({o for _, o in RECIPES}))}, got {objective!r}")
-    values = dict(RECIPES[(kind, objective)]) | (INIT_RECIPES.get(objective, {}) if init else {})
+    values = (dict(RECIPES[(kind, objective)]) | DATA_RECIPES.get((data, objective), {})
+              | (INIT_RECIPES.get(objective, {}) if init else {}))
     if values["stf"] and not stable_target:
         values.update(WITHOUT_STF)
     if kind == "image" and unet in LR_BY_UNET:

@@ -58,7 +58,7 @@ def check_guidance(teacher, guidance: float | None, null_share: float = 0.0) -> 
     if guidance is not None and not classes:
         raise SettingError("guidance", "the teacher has no classes; pairs with classes need a class-conditional teacher")
     if getattr(teacher, "embeds", 0) and teacher.null_class is None and (guidance != 1.0 or null_share > 0):
-        why = ("for unconditional pairs" if guidance is None else f"for `guidance` {guidance:g} (1 needs none)"
+        why = ("for unconditional pairs" if guidance is None or null_share >= 1 else f"for `guidance` {guidance:g} (1 needs none)"
                if guidance != 1.0 else "for the share of pairs without a class (`null_share` 0: none)")
         raise SettingError("teacher_null_class", f"the diffusers UNet in {teacher.directory} is class-conditional; name "
                                                  f"the class index it reads as 'no class' {why}")
@@ -90,8 +90,8 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
         raise SettingError("shard_size", f"expected a positive integer, got {shard_size}")
     num_classes = check_guidance(teacher, guidance, null_share)
     pairs_dir = Path(pairs_dir)
-    if not 0 <= null_share < 1:
-        raise SettingError("null_share", f"expected a share in [0, 1), got {null_share!r}")
+    if not 0 <= null_share <= 1:
+        raise SettingError("null_share", f"expected a share in [0, 1], got {null_share!r}")
     meta = _pairs_meta(teacher, n, shard_size, seed, guidance, null_share)
     meta_file = pairs_dir / "pairs.json"
     keys = ("n", "shard_size", "seed", "shape", "teacher", "guidance", "null_share")
@@ -102,8 +102,10 @@ def generate_pairs(teacher, n: int, pairs_dir, shard_size: int = SHARD_SIZE, see
             if not meta_file.exists():
                 write_json(meta_file, meta)
     old = read_pairs_meta(meta_file)
-    if {k: old.get(k) for k in keys} != {k: meta.get(k) for k in keys}:
-        raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings; choose a new directory")
+    differ = [k for k in keys if old.get(k) != meta.get(k)]
+    if differ:  # e.g. unconditional pairs of a class-conditional teacher resumed with the default guidance
+        raise SettingError("out", f"{pairs_dir} holds pairs from another teacher or settings ({', '.join(differ)} differ); "
+                                  f"choose a new directory or give its settings")
     todo = range(meta["num_shards"]) if shards is None else shards
     shard_file = {k: pairs_dir / f"shard-{k:05d}.safetensors" for k in todo}
     todo = [k for k in todo if not shard_file[k].exists()]  # written atomically, so an existing shard is complete
@@ -208,7 +210,7 @@ def student(teacher, out, kind: str, opts: StudentOptions | None = None, resume:
     training run on the pairs. ``resume`` finishes an interrupted job or training."""
     from .training import check_new_run_dir, train
 
-    out, opts = Path(out), (opts or StudentOptions()).validate().resolve(teacher.shape)
+    out, opts = Path(out), (opts or StudentOptions()).validate().resolve(teacher.shape, getattr(teacher, "num_classes", 0))
     if resume and (out / "trainer_state.pt").exists():
         return train(None, out=out, resume=True, progress=progress)
     if not resume:
