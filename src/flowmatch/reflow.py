@@ -58,8 +58,12 @@ def check_guidance(teacher, guidance: float | None, null_share: float = 0.0) -> 
     if guidance is not None and not classes:
         raise SettingError("guidance", "the teacher has no classes; pairs with classes need a class-conditional teacher")
     if getattr(teacher, "embeds", 0) and teacher.null_class is None and (guidance != 1.0 or null_share > 0):
-        why = ("for unconditional pairs" if guidance is None or null_share >= 1 else f"for `guidance` {guidance:g} (1 needs none)"
-               if guidance != 1.0 else "for the share of pairs without a class (`null_share` 0: none)")
+        if guidance is None or null_share >= 1:
+            why = "for unconditional pairs"
+        elif guidance != 1.0:
+            why = f"for `guidance` {guidance:g} (1 needs none)"
+        else:
+            why = "for the share of pairs without a class (`null_share` 0: none)"
         raise SettingError("teacher_null_class", f"the diffusers UNet in {teacher.directory} is class-conditional; name "
                                                  f"the class index it reads as 'no class' {why}")
     return classes
